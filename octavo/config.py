@@ -1,0 +1,112 @@
+"""Engine configuration: what model, how much cache, how big a step.
+
+Everything a user can set on ``LLM(...)`` or ``octavo serve`` lands here, checked
+once at start-up so that later code can trust it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30  # 2 GiB: plenty for small models on a laptop
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}.")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA GPU is visible; use device='cpu'.")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, model_dtype: Optional[torch.dtype], device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU; on GPU the checkpoint's half type (bfloat16 for float32 checkpoints)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16.")
+        return dtype
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(set(_DTYPES))}, got {dtype!r}.")
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    if model_dtype in (torch.float16, torch.bfloat16):
+        return model_dtype
+    return torch.bfloat16
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: Optional[int] = None  # bytes; CPU default DEFAULT_CPU_KV_CACHE_BYTES
+    num_gpu_blocks_override: Optional[int] = None  # tests and benchmarks pin the pool size
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}.")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}."
+            )
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}.")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}.")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None  # default: max(8192, max_model_len) without chunking
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}.")
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    tokenizer: Optional[str] = None
+    dtype: str | torch.dtype = "auto"
+    device: str = "auto"
+    max_model_len: Optional[int] = None
+    seed: int = 0
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy | pt
+    allow_pickle_weights: bool = False
+    skip_tokenizer_init: bool = False
+    enforce_eager: bool = False
+    attention_backend: str = "auto"  # auto | torch | triton
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "safetensors", "gguf", "dummy", "pt"):
+            raise ValueError(
+                f"load_format must be one of auto, safetensors, gguf, dummy, pt; got {self.load_format!r}."
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")

@@ -1,0 +1,103 @@
+"""Sequence state: the unit the scheduler moves between waiting and running.
+
+A request with ``n`` samples owns ``n`` sequences; each has its own tokens,
+block table and progress counter. ``num_computed_tokens`` is how many of
+``token_ids`` have K/V in the cache; everything after it still has to run.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Optional
+
+import torch
+
+from octavo.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (
+            SequenceStatus.FINISHED_STOPPED,
+            SequenceStatus.FINISHED_LENGTH,
+            SequenceStatus.FINISHED_ABORTED,
+        )
+
+
+class Sequence:
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        sample_index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        generator: Optional[torch.Generator] = None,
+        cache_salt: Optional[str] = None,
+        arrival_time: Optional[float] = None,
+    ) -> None:
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.sample_index = sample_index
+        self.params = params
+        self.max_tokens = max_tokens  # resolved: params.max_tokens or what fits max_model_len
+        self.generator = generator
+        self.cache_salt_key: Optional[bytes] = cache_salt.encode() if cache_salt else None
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_prompt_tokens = 0  # from the prefix cache, first scheduling only
+        self.status = SequenceStatus.WAITING
+        self.stop_reason: Optional[int | str] = None
+        self.cumulative_logprob = 0.0
+        self.num_preemptions = 0
+        self.first_scheduled_time: Optional[float] = None
+        self.first_token_time: Optional[float] = None
+        # Prompt logprobs are gathered by the first sample only; entry 0 (no context) is None.
+        self.prompt_logprobs: Optional[list] = (
+            [None] if params.prompt_logprobs is not None and sample_index == 0 else None
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_token(self, token_id: int, logprob: float) -> None:
+        self.token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.seq_id}, request={self.request_id!r}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, {self.status.value})"
+        )

@@ -1,0 +1,172 @@
+"""Iteration-level scheduling: which sequences run this step, and how many tokens each.
+
+The policy, in order:
+1. Running sequences first, oldest first: a decode needs one token, an
+   unfinished prompt its next chunk. If the cache cannot hold them, the newest
+   running sequence is preempted (its blocks freed, recomputed later) until the
+   older ones fit.
+2. Then waiting sequences, first come first served, while the step's token
+   budget and ``max_num_seqs`` allow. A long prompt takes what is left of the
+   budget and continues next step (chunked prefill). A prompt that does not fit
+   in the cache waits; nothing jumps the queue.
+
+Prefill and decode are not separate phases: every sequence simply has
+``num_tokens - num_computed_tokens`` tokens left to run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from octavo.engine.request import Sequence, SequenceStatus
+from octavo.kv_cache.manager import KVCacheManager
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        kv_cache: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- queue management ---------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def finish(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Take a sequence out of the queues for good and release its blocks."""
+        seq.status = status
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv_cache.free(seq.seq_id)
+        self.kv_cache.forget(seq.seq_id)
+
+    def abort(self, seqs: Iterable[Sequence]) -> None:
+        for seq in seqs:
+            if not seq.is_finished:
+                self.finish(seq, SequenceStatus.FINISHED_ABORTED)
+
+    # ---- the policy ---------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            copies = self._allocate_or_preempt(seq, num_new, batch)
+            if copies is None:
+                break  # ``seq`` itself was preempted: it was the newest
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            batch.block_copies.extend(copies)
+            budget -= num_new
+            index += 1
+
+        # Admitting new work right after preempting would only thrash.
+        if batch.num_preempted == 0:
+            budget = self._admit_waiting(batch, budget)
+        return batch
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, batch: ScheduledBatch):
+        while True:
+            copies = self.kv_cache.allocate_slots(seq.seq_id, seq.num_computed_tokens, num_new)
+            if copies is not None:
+                return copies
+            victim = self.running.pop()
+            self._preempt(victim)
+            batch.num_preempted += 1
+            if victim is seq:
+                return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute policy: drop the K/V and put the sequence back at the head of the queue."""
+        self.kv_cache.free(seq.seq_id)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hit = self.kv_cache.find_cached_prefix(seq.seq_id, seq.token_ids, seq.cache_salt_key)
+            num_computed = hit.num_tokens
+            remaining = seq.num_tokens - num_computed
+            if remaining > budget and not self.enable_chunked_prefill:
+                break
+            num_new = min(remaining, budget)
+            copies = self.kv_cache.allocate_slots(seq.seq_id, num_computed, num_new, hit)
+            if copies is None:
+                break
+            self.waiting.popleft()
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
+                seq.num_cached_prompt_tokens = min(num_computed, seq.num_prompt_tokens)
+                self.kv_cache.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_prompt_tokens)
+            seq.num_computed_tokens = num_computed
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            batch.block_copies.extend(copies)
+            budget -= num_new
+        return budget
+
+    def on_step_done(self, batch: ScheduledBatch) -> None:
+        """Advance progress counters and index the blocks that just filled up."""
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += num_new
+            self.kv_cache.cache_full_blocks(
+                seq.seq_id, seq.token_ids, seq.num_computed_tokens, seq.cache_salt_key
+            )
+
+    def kv_waste_slots(self) -> int:
+        """Allocated-but-unfilled token slots over running sequences (PagedAttention's waste)."""
+        return sum(
+            self.kv_cache.num_allocated_slots(seq.seq_id) - seq.num_computed_tokens for seq in self.running
+        )

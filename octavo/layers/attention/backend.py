@@ -1,0 +1,42 @@
+"""The interface every attention implementation provides, and how one is chosen."""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+from octavo.layers.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 metadata: AttentionMetadata) -> None:
+        """Store the step's K/V ([num_tokens, num_kv_heads, head_dim]) at their cache slots."""
+
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+               scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+        """Causal attention of the step's queries over each sequence's cached K/V.
+
+        ``kv_cache`` is ``[2, num_blocks, block_size, num_kv_heads, head_dim]``;
+        returns ``[num_tokens, num_q_heads, head_dim]``.
+        """
+
+
+def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto`` uses the Triton kernels on CUDA when available, else the PyTorch reference."""
+    from octavo.layers.attention.torch_backend import TorchAttentionBackend
+
+    if name == "torch" or (name == "auto" and device.type != "cuda"):
+        return TorchAttentionBackend()
+    if name in ("auto", "triton"):
+        try:
+            from octavo.layers.attention.triton_backend import TritonAttentionBackend
+        except ImportError as error:
+            if name == "triton":
+                raise ValueError(f"attention backend 'triton' is unavailable: {error}") from error
+            return TorchAttentionBackend()
+        return TritonAttentionBackend()
+    raise ValueError(f"attention backend must be 'auto', 'torch' or 'triton', got {name!r}.")

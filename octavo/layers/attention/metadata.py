@@ -1,0 +1,34 @@
+"""What attention needs to know about a flat, unpadded batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Token ``t`` of the step belongs to sequence ``b`` where
+    ``query_start_loc[b] <= t < query_start_loc[b + 1]``; its K/V goes to cache slot
+    ``slot_mapping[t]``. Sequence ``b`` has ``seq_lens[b]`` tokens in the cache after
+    the write, the new ones last; its blocks are ``block_tables[b]``.
+    """
+
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    slot_mapping: torch.Tensor  # [num_tokens] int64; < 0 = padding, not written
+    max_query_len: int
+    max_seq_len: int
+    # Host copies so the reference path can loop without device syncs.
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1

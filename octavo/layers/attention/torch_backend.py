@@ -1,0 +1,97 @@
+"""Reference attention in plain PyTorch: runs on any device and is the test oracle.
+
+It reads K/V only through block tables, exactly like the GPU kernels, so a bug
+in block bookkeeping shows up here too.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from octavo.layers.attention.metadata import AttentionMetadata
+
+
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's K and V, ``[seq_len, num_kv_heads, head_dim]`` each, via its block table."""
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_table[:num_blocks].long()
+    keys = kv_cache[0, blocks].flatten(0, 1)[:seq_len]
+    values = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    return keys, values
+
+
+def causal_mask(query_len: int, seq_len: int, sliding_window: Optional[int], device) -> torch.Tensor:
+    """True where query ``i`` (absolute position ``seq_len - query_len + i``) may see key ``j``."""
+    query_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    key_pos = torch.arange(seq_len, device=device)[None, :]
+    visible = key_pos <= query_pos
+    if sliding_window is not None:
+        visible &= query_pos - key_pos < sliding_window
+    return visible
+
+
+def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """query [q, Hq, D], keys/values [k, Hkv, D] -> [q, Hq, D]; GQA by viewing heads as groups."""
+    num_q_heads, num_kv_heads = query.shape[1], keys.shape[1]
+    group = num_q_heads // num_kv_heads
+    q = query.transpose(0, 1).unflatten(0, (num_kv_heads, group))  # [Hkv, g, q, D]
+    k = keys.transpose(0, 1)[:, None]  # [Hkv, 1, k, D]
+    v = values.transpose(0, 1)[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.flatten(0, 1).transpose(0, 1)
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 metadata: AttentionMetadata) -> None:
+        slots = metadata.slot_mapping
+        valid = slots >= 0
+        if not bool(valid.all()):
+            key, value, slots = key[valid], value[valid], slots[valid]
+        kv_cache[0].view(-1, *key.shape[1:])[slots] = key.to(kv_cache.dtype)
+        kv_cache[1].view(-1, *value.shape[1:])[slots] = value.to(kv_cache.dtype)
+
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+               scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+        if metadata.is_decode_only:
+            return self._decode(query, kv_cache, metadata, scale, sliding_window)
+        out = torch.empty_like(query)
+        starts = metadata.query_start_loc_cpu
+        for index, seq_len in enumerate(metadata.seq_lens_cpu):
+            start, end = starts[index], starts[index + 1]
+            if start == end:
+                continue
+            keys, values = gather_kv(kv_cache, metadata.block_tables[index], seq_len)
+            mask = causal_mask(end - start, seq_len, sliding_window, query.device)
+            out[start:end] = _attend_one(query[start:end], keys, values, mask, scale)
+        return out
+
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+        """One query per sequence: gather every table at once, padded to the longest, one SDPA call."""
+        num_seqs = metadata.num_seqs
+        block_size = kv_cache.shape[2]
+        num_blocks = -(-metadata.max_seq_len // block_size)
+        blocks = metadata.block_tables[:num_seqs, :num_blocks].long()
+        keys = kv_cache[0, blocks].flatten(1, 2)  # [B, L, Hkv, D]
+        values = kv_cache[1, blocks].flatten(1, 2)
+        key_pos = torch.arange(keys.shape[1], device=query.device)[None, :]
+        seq_lens = metadata.seq_lens[:num_seqs, None].long()
+        visible = key_pos < seq_lens
+        if sliding_window is not None:
+            visible &= (seq_lens - 1) - key_pos < sliding_window
+        num_kv_heads = keys.shape[2]
+        group = query.shape[1] // num_kv_heads
+        q = query.unflatten(1, (num_kv_heads, group))[:, :, :, None]  # [B, Hkv, g, 1, D]
+        k = keys.transpose(1, 2)[:, :, None]  # [B, Hkv, 1, L, D]
+        v = values.transpose(1, 2)[:, :, None]
+        mask = visible[:, None, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out.squeeze(3).flatten(1, 2)

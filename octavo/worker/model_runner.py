@@ -1,0 +1,210 @@
+"""From a scheduled batch to sampled tokens: flatten, run the model, sample.
+
+The runner owns the model, the KV cache tensors and the sampler. It turns the
+scheduler's "these sequences, this many tokens each" into one flat, unpadded
+token batch with the attention metadata that says who is who.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from octavo.engine.request import Sequence
+from octavo.engine.scheduler import ScheduledBatch
+from octavo.layers.attention import AttentionMetadata, get_attention_backend
+from octavo.models.base import CausalLM
+from octavo.worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float
+    top_logprobs: Optional[dict[int, tuple[float, int]]]
+
+
+@dataclass
+class StepResult:
+    sampled: dict[int, SampledToken] = field(default_factory=dict)  # seq_id -> token
+    # seq_id -> prompt logprob entries for the prompt positions computed this step
+    prompt_logprobs: dict[int, list[dict[int, tuple[float, int]]]] = field(default_factory=dict)
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    sample_seqs: list[Sequence]
+    sample_indices: torch.Tensor  # rows of the hidden states to turn into logits
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, block_size: int,
+                 eos_token_ids: frozenset[int], attention_backend: str = "auto") -> None:
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.eos_token_ids = eos_token_ids
+        self.backend = get_attention_backend(attention_backend, device)
+        self.sampler = Sampler()
+        self.attention_layers = model.attention_layers()
+        self.kv_caches: list[torch.Tensor] = []
+        first = self.attention_layers[0]
+        self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
+        for layer in self.attention_layers:
+            layer.backend = self.backend
+
+    # ---- cache ---------------------------------------------------------------------------
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """One ``[2, num_blocks, block_size, kv_heads, head_dim]`` tensor per layer."""
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in self.attention_layers]
+        for layer, cache in zip(self.attention_layers, self.kv_caches):
+            layer.kv_cache = cache
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate shared blocks before a sequence writes into its copy."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for cache in self.kv_caches:
+            cache[:, dst] = cache[:, src]
+
+    @torch.inference_mode()
+    def profile_peak_activation_bytes(self, num_tokens: int, max_model_len: int, num_sample_rows: int) -> int:
+        """Run a worst-case step on a scratch cache and report the activation peak."""
+        seq_len = min(num_tokens, max_model_len)
+        num_seqs = -(-num_tokens // seq_len)
+        blocks_per_seq = -(-seq_len // self.block_size)
+        self.allocate_kv_cache(num_seqs * blocks_per_seq)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        lengths = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        tables = np.arange(num_seqs * blocks_per_seq, dtype=np.int32).reshape(num_seqs, blocks_per_seq)
+        positions = np.concatenate([np.arange(n) for n in lengths])
+        seq_index = np.repeat(np.arange(len(lengths)), lengths)
+        slots = tables[seq_index, positions // self.block_size] * self.block_size + positions % self.block_size
+        metadata = self._metadata(starts, np.array(lengths), tables, slots)
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, torch.from_numpy(positions).to(self.device), metadata)
+        rows = hidden[: min(num_sample_rows, num_tokens)]
+        logits = self.model.compute_logits(rows)
+        torch.softmax(logits, dim=-1).sort(dim=-1)  # the sampler's worst case: a full-vocab sort
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        self.kv_caches = []
+        for layer in self.attention_layers:
+            layer.kv_cache = None
+        torch.cuda.empty_cache()
+        return peak
+
+    # ---- one step ------------------------------------------------------------------------
+    def _metadata(self, query_start: np.ndarray, seq_lens: np.ndarray, tables: np.ndarray,
+                  slots: np.ndarray) -> AttentionMetadata:
+        query_lens = np.diff(query_start)
+        to_device = lambda array, dtype: torch.from_numpy(np.ascontiguousarray(array)).to(  # noqa: E731
+            self.device, dtype=dtype, non_blocking=True)
+        return AttentionMetadata(
+            query_start_loc=to_device(query_start, torch.int32),
+            seq_lens=to_device(seq_lens, torch.int32),
+            block_tables=to_device(tables, torch.int32),
+            slot_mapping=to_device(slots, torch.int64),
+            max_query_len=int(query_lens.max()) if len(query_lens) else 0,
+            max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
+            query_start_loc_cpu=query_start.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+        )
+
+    def prepare_inputs(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> ModelInputs:
+        num_seqs = len(batch.seqs)
+        query_lens = np.array(batch.num_new_tokens, dtype=np.int64)
+        query_start = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=query_start[1:])
+        computed = np.array([seq.num_computed_tokens for seq in batch.seqs], dtype=np.int64)
+        seq_lens = computed + query_lens
+
+        max_blocks = max(len(table) for table in block_tables)
+        tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        for row, table in enumerate(block_tables):
+            tables[row, : len(table)] = table
+
+        # positions: computed[b] + 0..query_len[b]-1, laid out flat
+        seq_index = np.repeat(np.arange(num_seqs), query_lens)
+        positions = np.arange(query_start[-1]) - query_start[seq_index] + computed[seq_index]
+        slots = tables[seq_index, positions // self.block_size].astype(np.int64) * self.block_size
+        slots += positions % self.block_size
+
+        if num_seqs and int(query_lens.max()) == 1:
+            input_ids = [seq.token_ids[c] for seq, c in zip(batch.seqs, computed.tolist())]
+        else:
+            input_ids = []
+            for seq, c, n in zip(batch.seqs, computed.tolist(), query_lens.tolist()):
+                input_ids.extend(seq.token_ids[c : c + n])
+
+        sample_rows = [row for row, seq in enumerate(batch.seqs) if seq_lens[row] == seq.num_tokens]
+        sample_indices = query_start[1:][sample_rows] - 1
+        return ModelInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True),
+            positions=torch.from_numpy(positions).to(self.device, non_blocking=True),
+            metadata=self._metadata(query_start, seq_lens, tables, slots),
+            sample_seqs=[batch.seqs[row] for row in sample_rows],
+            sample_indices=torch.from_numpy(sample_indices).to(self.device, non_blocking=True),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepResult:
+        self.copy_blocks(batch.block_copies)
+        inputs = self.prepare_inputs(batch, block_tables)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
+        result = StepResult()
+        self._prompt_logprobs(batch, inputs, hidden, result)
+        if not inputs.sample_seqs:
+            return result
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        rows = [
+            SamplingRow(
+                params=seq.params,
+                prompt_token_ids=seq.prompt_token_ids,
+                output_token_ids=seq.output_token_ids,
+                generator=seq.generator,
+                eos_token_ids=self.eos_token_ids,
+            )
+            for seq in inputs.sample_seqs
+        ]
+        output = self.sampler(logits, rows)
+        for index, seq in enumerate(inputs.sample_seqs):
+            result.sampled[seq.seq_id] = SampledToken(
+                output.sampled_token_ids[index], output.sampled_logprobs[index], output.top_logprobs[index]
+            )
+        return result
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, inputs: ModelInputs, hidden: torch.Tensor,
+                         result: StepResult) -> None:
+        """Logprobs of prompt token ``p + 1`` given tokens ``..p``, for positions run this step."""
+        starts = inputs.metadata.query_start_loc_cpu
+        for row, seq in enumerate(batch.seqs):
+            if seq.params.prompt_logprobs is None or seq.prompt_logprobs is None:
+                continue
+            first = max(seq.num_computed_tokens, len(seq.prompt_logprobs) - 1)
+            last = min(seq.num_computed_tokens + batch.num_new_tokens[row], seq.num_prompt_tokens - 1)
+            if first >= last:
+                continue
+            offset = starts[row] - seq.num_computed_tokens
+            logits = self.model.compute_logits(hidden[offset + first : offset + last])
+            targets = torch.tensor(seq.token_ids[first + 1 : last + 1], device=self.device)
+            result.prompt_logprobs[seq.seq_id] = compute_prompt_logprobs(
+                logits, targets, seq.params.prompt_logprobs
+            )
