@@ -108,6 +108,9 @@ class LLMEngine:
             num_blocks = cuda_kv_cache_bytes(self.device, cache.gpu_memory_utilization, peak) // per_block
         else:
             num_blocks = cpu_kv_cache_bytes(cache.kv_cache_memory) // per_block
+            if cache.kv_cache_memory is None:
+                # The default budget is generous; never hold more than a full batch can use.
+                num_blocks = min(num_blocks, max_num_seqs * -(-self.max_model_len // self.block_size))
         needed = -(-self.max_model_len // self.block_size)
         if num_blocks < needed:
             raise ValueError(

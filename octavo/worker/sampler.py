@@ -1,0 +1,365 @@
+"""Batched next-token sampling with per-request parameters, following vLLM v1.
+
+The engine calls the sampler once per step with one logits row per sequence that needs a
+token. Reported logprobs come from the raw model distribution; the token is drawn from the
+logits after penalties, min_tokens, temperature and top-k / top-p / min-p. Every stage is a
+masked tensor op over the whole batch and is skipped when no row needs it, so the common
+all-greedy, penalty-free step is a single argmax.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from octavo.sampling_params import SamplingParams
+
+# token id -> (logprob, rank); rank 1 is the most likely token.
+TopLogprobs = dict[int, tuple[float, int]]
+
+# Bound on the float32 elements materialised at once by compute_prompt_logprobs (256 MiB).
+_PROMPT_LOGPROBS_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class SamplingRow:
+    """One sequence of the step's batch."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens generated so far by this sequence
+    generator: torch.Generator | None  # per-request seeded generator on the logits' device
+    eos_token_ids: frozenset[int]
+
+
+@dataclass
+class SamplerOutput:
+    sampled_token_ids: list[int]
+    sampled_logprobs: list[float]  # raw-distribution logprob of each sampled token
+    # None unless params.logprobs is set; else the top-`logprobs` tokens plus the sampled one.
+    top_logprobs: list[TopLogprobs | None]
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A per-request RNG, so a seeded request samples the same tokens whatever else is batched."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device; on CUDA via pinned memory so the copy won't stall the stream."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return _upload(torch.tensor(values, dtype=dtype), device)
+
+
+def _token_counts(
+    token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device
+) -> torch.Tensor | None:
+    """[rows, vocab] float occurrence counts via one scatter_add; None when every list is empty.
+
+    Lists are padded with the id ``vocab_size``, which lands in a spare column that is dropped.
+    The padded array is filled through numpy, several times faster than torch.tensor on lists.
+    """
+    width = max(map(len, token_lists))
+    if width == 0:
+        return None
+    padded = np.full((len(token_lists), width), vocab_size, dtype=np.int64)
+    for row, tokens in enumerate(token_lists):
+        padded[row, : len(tokens)] = tokens
+    index = _upload(torch.from_numpy(padded), device)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+    repetition_penalties: Sequence[float],
+    presence_penalties: Sequence[float],
+    frequency_penalties: Sequence[float],
+) -> torch.Tensor:
+    """Apply vLLM's penalties to float32 ``logits`` [rows, vocab] in place and return them.
+
+    The repetition penalty covers tokens seen in the prompt or the output (positive logits are
+    divided by it, negative ones multiplied); then ``logit -= presence * (count > 0) +
+    frequency * count`` with counts taken over the output only. Token lists of rows whose
+    penalties are neutral are not transferred.
+    """
+    vocab_size, device = logits.shape[1], logits.device
+    uses_repetition = [r != 1.0 for r in repetition_penalties]
+    uses_counts = [p != 0.0 or f != 0.0 for p, f in zip(presence_penalties, frequency_penalties)]
+    output_counts = _token_counts(
+        [
+            out if rep or cnt else ()
+            for out, rep, cnt in zip(output_token_ids, uses_repetition, uses_counts)
+        ],
+        vocab_size,
+        device,
+    )
+    if any(uses_repetition):
+        prompt_counts = _token_counts(
+            [prompt if rep else () for prompt, rep in zip(prompt_token_ids, uses_repetition)],
+            vocab_size,
+            device,
+        )
+        seen = [c > 0 for c in (prompt_counts, output_counts) if c is not None]
+        if seen:
+            penalty = _to_device(repetition_penalties, torch.float32, device)[:, None]
+            penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+            mask = seen[0] if len(seen) == 1 else seen[0] | seen[1]
+            logits.copy_(torch.where(mask, penalized, logits))
+    if any(uses_counts) and output_counts is not None:
+        presence = _to_device(presence_penalties, torch.float32, device)[:, None]
+        frequency = _to_device(frequency_penalties, torch.float32, device)[:, None]
+        logits -= frequency * output_counts + presence * (output_counts > 0)
+    return logits
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
+) -> torch.Tensor:
+    """Set to -inf, in place, the tokens outside each row's top-k and then its top-p nucleus.
+
+    ``top_k`` 0 (or >= vocab) and ``top_p`` 1.0 disable the filter for a row. Top-k keeps
+    every token whose logit ties the k-th largest. Top-p works on the distribution left by
+    top-k and keeps the smallest most-likely-first set whose mass reaches ``top_p``: a token
+    survives while the mass strictly before it is below ``top_p``, so the best one always does.
+    The full vocabulary is sorted (once for the batch) only when some row uses top-p.
+    """
+    vocab_size, device = logits.shape[1], logits.device
+    ks = [k if 0 < k < vocab_size else vocab_size for k in top_k]
+    uses_k = any(k < vocab_size for k in ks)
+    if all(p >= 1.0 for p in top_p):
+        if uses_k:
+            _apply_top_k_only(logits, ks)
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if uses_k:
+        kth = sorted_logits.gather(1, _to_device(ks, torch.int64, device)[:, None] - 1)
+        sorted_logits.masked_fill_(sorted_logits < kth, -math.inf)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1).sub_(probs)
+    # inf for disabled rows: rounding in the cumulative sum must never cut their tail.
+    limits = _to_device([p if p < 1.0 else math.inf for p in top_p], torch.float32, device)
+    sorted_logits.masked_fill_(mass_before >= limits[:, None], -math.inf)
+    return logits.scatter_(1, order, sorted_logits)
+
+
+def _apply_top_k_only(logits: torch.Tensor, ks: list[int]) -> None:
+    """Top-k without a full sort: threshold each row at its k-th value from one topk(max k)."""
+    vocab_size = logits.shape[1]
+    max_k = max(k for k in ks if k < vocab_size)
+    # An extra -inf column is the threshold of rows without top-k: it masks nothing.
+    values = torch.nn.functional.pad(logits.topk(max_k, dim=-1).values, (0, 1), value=-math.inf)
+    column = _to_device(
+        [k - 1 if k < vocab_size else max_k for k in ks], torch.int64, logits.device
+    )
+    logits.masked_fill_(logits < values.gather(1, column[:, None]), -math.inf)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
+    """Set to -inf, in place, tokens whose probability is below ``min_p`` times the row's best.
+
+    Compared in log space, which needs no softmax: p_i < min_p * p_max  <=>
+    logit_i < max_logit + log(min_p). ``min_p`` 0 disables the filter for a row.
+    """
+    if all(m <= 0.0 for m in min_p):
+        return logits
+    log_min_p = _to_device(
+        [math.log(m) if m > 0.0 else -math.inf for m in min_p], torch.float32, logits.device
+    )
+    threshold = logits.amax(dim=-1, keepdim=True) + log_min_p[:, None]
+    return logits.masked_fill_(logits < threshold, -math.inf)
+
+
+def _min_tokens_blocked(
+    rows: Sequence[SamplingRow], vocab_size: int
+) -> tuple[list[int], list[int]]:
+    """(row, token) pairs a row may not emit yet: below min_tokens, its stop tokens and EOS
+    (EOS only when it is not ignored)."""
+    row_index: list[int] = []
+    token_index: list[int] = []
+    for i, row in enumerate(rows):
+        params = row.params
+        if len(row.output_token_ids) >= params.min_tokens:
+            continue
+        blocked = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            blocked |= row.eos_token_ids
+        for token in blocked:
+            if token < vocab_size:
+                row_index.append(i)
+                token_index.append(token)
+    return row_index, token_index
+
+
+def _has_penalty(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
+
+def _exponential_noise(
+    probs: torch.Tensor, rows: Sequence[SamplingRow], greedy: list[bool]
+) -> torch.Tensor:
+    """Exponential(1) noise for the race ``argmax(probs / noise)``, which samples from ``probs``.
+
+    Each seeded row draws its [vocab] noise from its own generator, so its token depends on
+    nothing else in the batch; the other rows share one draw from the default generator.
+    Greedy rows get no draw: their sampled value is discarded.
+    """
+    noise = torch.empty_like(probs)
+    seeded = [
+        (i, row.generator)
+        for i, row in enumerate(rows)
+        if row.generator is not None and not greedy[i]
+    ]
+    if len(seeded) < greedy.count(False):
+        noise.exponential_()
+    for i, generator in seeded:
+        noise[i].exponential_(generator=generator)
+    # A zero draw would turn a masked token's 0/0 into NaN, which argmax picks.
+    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def _logprob_tables(
+    logprobs: torch.Tensor, targets: torch.Tensor, wanted: Sequence[int | None]
+) -> tuple[list[int], list[float], list[TopLogprobs | None]]:
+    """Target ids, their logprobs, and per row (None where ``wanted[i]`` is None) the
+    top-``wanted[i]`` tokens plus the target as token -> (logprob, rank).
+
+    The target's rank is 1 + the number of strictly more likely tokens; top tokens are ranked
+    by position, and a target among them keeps its positional rank.
+    """
+    target_logprobs = logprobs.gather(1, targets[:, None]).squeeze(1)
+    target_ranks = (logprobs > target_logprobs[:, None]).sum(dim=-1).add_(1)
+    num_top = max((w for w in wanted if w is not None), default=0)
+    top_values, top_ids = logprobs.topk(num_top, dim=-1)
+    target_list, value_list = targets.tolist(), target_logprobs.tolist()
+    tables: list[TopLogprobs | None] = []
+    for target, value, rank, ids, values, count in zip(
+        target_list,
+        value_list,
+        target_ranks.tolist(),
+        top_ids.tolist(),
+        top_values.tolist(),
+        wanted,
+    ):
+        if count is None:
+            tables.append(None)
+            continue
+        table = {
+            token: (lp, position + 1)
+            for position, (token, lp) in enumerate(zip(ids[:count], values[:count]))
+        }
+        table.setdefault(target, (value, rank))
+        tables.append(table)
+    return target_list, value_list, tables
+
+
+class Sampler:
+    """Turns one step's logits into one token per sequence (see the module docstring)."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """``logits``: [len(rows), vocab], any float dtype and device; it is not modified."""
+        if not rows:
+            return SamplerOutput([], [], [])
+        vocab_size = logits.shape[1]
+        params = [row.params for row in rows]
+        greedy = [p.greedy for p in params]
+        penalized = any(map(_has_penalty, params))
+        blocked_rows, blocked_tokens = _min_tokens_blocked(rows, vocab_size)
+
+        work = logits
+        if penalized or blocked_rows or not all(greedy):
+            work = logits.to(torch.float32, copy=True)  # private copy: raw logits feed the logprobs
+        if penalized:
+            apply_penalties(
+                work,
+                [row.prompt_token_ids for row in rows],
+                [row.output_token_ids for row in rows],
+                [p.repetition_penalty for p in params],
+                [p.presence_penalty for p in params],
+                [p.frequency_penalty for p in params],
+            )
+        if blocked_rows:
+            device = work.device
+            work[
+                _to_device(blocked_rows, torch.int64, device),
+                _to_device(blocked_tokens, torch.int64, device),
+            ] = -math.inf
+        sampled = work.argmax(dim=-1) if all(greedy) else self._sample(work, rows, greedy)
+        return self._output(logits, sampled, params)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
+        """Temperature, filters and the exponential race on float32 ``logits`` (modified in place).
+
+        Greedy rows take the argmax before temperature and get neutral settings for the rest.
+        """
+        device = logits.device
+        greedy_ids = logits.argmax(dim=-1) if any(greedy) else None
+        params = [row.params for row in rows]
+        temperatures = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
+        if any(t != 1.0 for t in temperatures):
+            logits.div_(_to_device(temperatures, torch.float32, device)[:, None])
+        apply_top_k_top_p(
+            logits,
+            [0 if g else p.top_k for g, p in zip(greedy, params)],
+            [1.0 if g else p.top_p for g, p in zip(greedy, params)],
+        )
+        apply_min_p(logits, [0.0 if g else p.min_p for g, p in zip(greedy, params)])
+        probs = logits.softmax(dim=-1)
+        random_ids = probs.div_(_exponential_noise(probs, rows, greedy)).argmax(dim=-1)
+        if greedy_ids is None:
+            return random_ids
+        return torch.where(_to_device(greedy, torch.bool, device), greedy_ids, random_ids)
+
+    @staticmethod
+    def _output(
+        logits: torch.Tensor, sampled: torch.Tensor, params: list[SamplingParams]
+    ) -> SamplerOutput:
+        """Logprobs of the sampled tokens under the raw model distribution (float32)."""
+        raw = logits.float()
+        wanted = [p.logprobs for p in params]
+        if all(w is None for w in wanted):
+            # No full log_softmax needed: logprob = logit - logsumexp.
+            sampled_logprobs = raw.gather(1, sampled[:, None]).squeeze(1) - raw.logsumexp(dim=-1)
+            return SamplerOutput(sampled.tolist(), sampled_logprobs.tolist(), [None] * len(params))
+        return SamplerOutput(*_logprob_tables(raw.log_softmax(dim=-1), sampled, wanted))
+
+
+def compute_prompt_logprobs(
+    logits: torch.Tensor, target_token_ids: torch.Tensor, num_top: int
+) -> list[TopLogprobs]:
+    """Per position i: the top-``num_top`` tokens of ``logits[i]`` plus ``target_token_ids[i]``
+    (the prompt token that ``logits[i]`` predicts), as token -> (logprob, rank).
+
+    Works in chunks of positions so a long prompt never materialises a float32 copy of all its
+    logits at once.
+    """
+    chunk = max(1, _PROMPT_LOGPROBS_CHUNK_ELEMENTS // max(1, logits.shape[1]))
+    targets = target_token_ids.to(logits.device, torch.int64)
+    result: list[TopLogprobs] = []
+    for start in range(0, logits.shape[0], chunk):
+        logprobs = logits[start : start + chunk].float().log_softmax(dim=-1)
+        result.extend(
+            _logprob_tables(
+                logprobs, targets[start : start + chunk], [num_top] * logprobs.shape[0]
+            )[2]
+        )
+    return result

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The run command: sets up .venv if needed, then generates with the embedded default model
+# (SmolLM2-135M-Instruct, no download). Extra arguments go to `octavo generate`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+if [ "$#" -eq 0 ]; then
+    set -- "The capital of France is"
+fi
+exec .venv/bin/octavo generate "$@"

