@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from octavo.engine.request import Sequence, SequenceStatus
-from octavo.kv_cache.manager import KVCacheManager
+from octavo.kv_cache.manager import KVCacheManager, PrefixHit
 
 
 @dataclass
@@ -132,7 +132,10 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hit = self.kv_cache.find_cached_prefix(seq.seq_id, seq.token_ids, seq.cache_salt_key)
+            if seq.params.prompt_logprobs is not None:
+                hit = PrefixHit([], 0)  # every prompt position must run to get its logprobs
+            else:
+                hit = self.kv_cache.find_cached_prefix(seq.seq_id, seq.token_ids, seq.cache_salt_key)
             num_computed = hit.num_tokens
             remaining = seq.num_tokens - num_computed
             if remaining > budget and not self.enable_chunked_prefill:

@@ -1,0 +1,170 @@
+"""The offline API in vLLM's shapes: prompts, params, logprobs, stops, chat, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from octavo import LLM, CompletionOutput, Logprob, RequestOutput, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_factory):
+    folder, _ = tiny_model_factory("llama", with_tokenizer=True)
+    return LLM(str(folder), device="cpu", dtype="float32", max_model_len=128, block_size=4)
+
+
+@pytest.fixture(scope="module")
+def bare_llm(tiny_model_factory):
+    folder, _ = tiny_model_factory("qwen3")
+    return LLM(str(folder), device="cpu", max_model_len=64)
+
+
+def test_generate_accepts_strings_and_dicts_and_keeps_order(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = ["Hello, my name is", {"prompt": "The capital of France is"},
+               {"prompt_token_ids": llm.get_tokenizer().encode("Hello, my name is")}]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [type(o) for o in outputs] == [RequestOutput] * 3
+    assert outputs[0].prompt == "Hello, my name is"
+    assert outputs[0].prompt_token_ids == outputs[2].prompt_token_ids
+    assert outputs[0].outputs[0].token_ids == outputs[2].outputs[0].token_ids
+    completion = outputs[1].outputs[0]
+    assert isinstance(completion, CompletionOutput) and completion.finish_reason == "length"
+    assert len(completion.token_ids) == 6
+    # Random weights emit arbitrary bytes; an incomplete trailing character is held back, not shown as U+FFFD.
+    decoded = llm.get_tokenizer().decode(completion.token_ids, skip_special_tokens=True)
+    assert completion.text == decoded.rstrip("\ufffd")
+    assert outputs[1].finished
+
+
+def test_one_params_per_prompt(llm):
+    outputs = llm.generate(["a", "b"], [SamplingParams(max_tokens=2, ignore_eos=True),
+                                        SamplingParams(max_tokens=5, ignore_eos=True)], use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [2, 5]
+    with pytest.raises(ValueError, match="one per prompt"):
+        llm.generate(["a", "b"], [SamplingParams()], use_tqdm=False)
+
+
+def test_seeded_sampling_is_reproducible_regardless_of_batch(llm):
+    params = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=12, seed=1, ignore_eos=True)
+    alone = llm.generate(["Hello"], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    batched = llm.generate(["x y z", "Hello", "The capital"], [others, params, others], use_tqdm=False)
+    assert batched[1].outputs[0].token_ids == alone
+
+
+def test_logprobs_in_vllm_shape(llm):
+    params = SamplingParams(temperature=0.8, max_tokens=5, logprobs=3, prompt_logprobs=2, seed=3, ignore_eos=True)
+    output = llm.generate(["Hello, my name is"], params, use_tqdm=False)[0]
+    completion = output.outputs[0]
+    assert len(completion.logprobs) == 5
+    for token, entry in zip(completion.token_ids, completion.logprobs):
+        assert token in entry and 3 <= len(entry) <= 4
+        assert all(isinstance(lp, Logprob) and lp.logprob <= 0 and lp.rank >= 1 for lp in entry.values())
+        assert sorted(lp.rank for lp in entry.values())[:3] == [1, 2, 3]
+        assert isinstance(entry[token].decoded_token, str)
+    assert completion.cumulative_logprob == pytest.approx(
+        sum(entry[token].logprob for token, entry in zip(completion.token_ids, completion.logprobs)), abs=1e-4)
+    assert output.prompt_logprobs[0] is None
+    assert len(output.prompt_logprobs) == len(output.prompt_token_ids)
+    for token, entry in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:]):
+        assert token in entry
+
+
+def test_stop_strings_and_stop_tokens(llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    full = llm.generate(["Hello"], greedy, use_tqdm=False)[0].outputs[0]
+    assert len(full.text) > 4
+    stop = full.text[3:5]
+    cut = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[: full.text.index(stop)]
+    stop_token = full.token_ids[4]
+    by_token = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[stop_token]),
+                            use_tqdm=False)[0].outputs[0]
+    first = full.token_ids.index(stop_token)
+    assert by_token.token_ids == full.token_ids[: first + 1] and by_token.stop_reason == stop_token
+
+
+def test_min_tokens_and_eos(llm):
+    eos = llm.get_tokenizer().eos_token_id
+    params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=8, stop_token_ids=[eos])
+    completion = llm.generate(["Hello"], params, use_tqdm=False)[0].outputs[0]
+    assert len(completion.token_ids) == 8 and eos not in completion.token_ids
+
+
+def test_n_samples(llm):
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=0, ignore_eos=True)
+    output = llm.generate(["Hello"], params, use_tqdm=False)[0]
+    assert [c.index for c in output.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in output.outputs}) > 1
+
+
+def test_chat_uses_the_template(llm):
+    output = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=4, ignore_eos=True),
+                      use_tqdm=False)[0]
+    expected = llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert output.prompt_token_ids == list(expected)
+    assert len(output.outputs[0].token_ids) == 4
+
+
+def test_model_without_tokenizer_runs_token_ids(bare_llm):
+    assert bare_llm.get_tokenizer() is None
+    output = bare_llm.generate({"prompt_token_ids": [4, 5, 6]}, SamplingParams(max_tokens=3, ignore_eos=True),
+                               use_tqdm=False)[0]
+    assert len(output.outputs[0].token_ids) == 3 and output.outputs[0].text == ""
+    with pytest.raises(ValueError, match="no tokenizer"):
+        bare_llm.generate("text", use_tqdm=False)
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ({"prompt_token_ids": []}, "empty"),
+    ({"prompt_token_ids": [1, 10**6]}, "out of the vocabulary"),
+    ({"prompt_token_ids": [1] * 120}, "maximum context length is 128"),
+    ({"nothing": 1}, "'prompt' or 'prompt_token_ids'"),
+    (42, "must be a string"),
+])
+def test_bad_prompts_raise_and_leave_engine_usable(llm, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(["fine", prompt], SamplingParams(max_tokens=16), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.generate("fine", SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("n", 0),
+    ("min_p", 2.0), ("presence_penalty", 5.0), ("logprobs", -1), ("min_tokens", -1),
+])
+def test_invalid_sampling_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["FancyNewForCausalLM"], "model_type": "llama", '
+                                          '"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, '
+                                          '"num_attention_heads": 1, "intermediate_size": 8}')
+    with pytest.raises(ValueError, match="Supported architectures: .*LlamaForCausalLM"):
+        LLM(str(tmp_path), device="cpu")
+
+
+def test_pickle_weights_refused_unless_allowed(tiny_model_factory, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder, _ = tiny_model_factory("gpt2")
+    shutil.copy(folder / "config.json", tmp_path / "config.json")
+    torch.save(load_file(folder / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="allow_pickle_weights"):
+        LLM(str(tmp_path), device="cpu", max_model_len=64)
+    llm = LLM(str(tmp_path), device="cpu", max_model_len=64, allow_pickle_weights=True)
+    assert llm.generate({"prompt_token_ids": [3, 4]}, SamplingParams(max_tokens=2), use_tqdm=False)[0].finished
+
+
+def test_missing_model_path_says_what_to_pass():
+    with pytest.raises(FileNotFoundError, match="Hugging Face model folder"):
+        LLM("/no/such/model", device="cpu")
