@@ -1,0 +1,37 @@
+"""Attention through the Triton PagedAttention kernels (CUDA, or CPU under TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from octavo.layers.attention.metadata import AttentionMetadata
+from octavo.layers.attention.triton_ops import (
+    paged_decode_attention,
+    paged_prefill_attention,
+    store_kv,
+    triton_available,
+)
+
+if not triton_available():
+    raise ImportError("Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for testing).")
+
+
+class TritonAttentionBackend:
+    name = "triton"
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 metadata: AttentionMetadata) -> None:
+        store_kv(key, value, kv_cache, metadata.slot_mapping)
+
+    def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+               scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+        out = torch.empty_like(query)
+        if metadata.is_decode_only:
+            paged_decode_attention(out, query, kv_cache, metadata.block_tables, metadata.seq_lens, scale,
+                                   sliding_window)
+        else:
+            paged_prefill_attention(out, query, kv_cache, metadata.block_tables, metadata.query_start_loc,
+                                    metadata.seq_lens, metadata.max_query_len, scale, sliding_window)
+        return out
