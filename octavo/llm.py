@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from octavo.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
 from octavo.config import CacheConfig, EngineConfig, SchedulerConfig
 from octavo.engine.engine import LLMEngine, PromptInput
 from octavo.outputs import RequestOutput
@@ -123,6 +124,17 @@ class LLM:
             )
             prompts.append({"prompt_token_ids": list(token_ids)})
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: Union[PromptInput, Sequence[PromptInput]], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search; one output per prompt whose ``sequences`` are best first."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        token_ids = [self.llm_engine.tokenize_prompt(prompt)[1] for prompt in prompts]
+        for ids in token_ids:
+            self.llm_engine.validate_prompt(ids, SamplingParams(max_tokens=params.max_tokens))
+        with tqdm(total=params.max_tokens, desc="Beam search", unit="tok", disable=not use_tqdm) as bar:
+            return run_beam_search(self.llm_engine, token_ids, params, bar)
 
     def _run(self, prompts: list[PromptInput], params_list: list[SamplingParams], use_tqdm: bool
              ) -> list[RequestOutput]:

@@ -149,7 +149,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use.")
         text, token_ids, cache_salt = self.tokenize_prompt(prompt)
-        self._validate_prompt(token_ids, params)
+        self.validate_prompt(token_ids, params)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
         seqs = []
         for index in range(params.num_samples):
@@ -164,10 +164,11 @@ class LLMEngine:
             logprobs=[[] for _ in seqs] if params.logprobs is not None else None,
         )
         self.requests[request_id] = state
-        for seq in seqs:
-            self.scheduler.add(seq)
+        # Only the first sample computes the prompt; the others fork from it (sharing blocks).
+        seqs[0].pending_forks = seqs[1:]
+        self.scheduler.add(seqs[0])
 
-    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty; give at least one token.")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
@@ -221,12 +222,13 @@ class LLMEngine:
                 continue
             if seq.seq_id in result.prompt_logprobs:
                 seq.prompt_logprobs.extend(self._to_logprob_dicts(result.prompt_logprobs[seq.seq_id]))
-            sampled = result.sampled.get(seq.seq_id)
-            if sampled is None:
+            if seq.seq_id not in result.sampled:
                 continue
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            self._append_token(state, seq, sampled)
+            family = [seq] + (self.scheduler.fork(seq) if seq.pending_forks else [])
+            for member in family:
+                if member.first_token_time is None:
+                    member.first_token_time = now
+                self._append_token(state, member, result.sampled[member.seq_id])
             touched[state.request_id] = state
 
         outputs = []

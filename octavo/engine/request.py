@@ -61,6 +61,9 @@ class Sequence:
         self.stop_reason: Optional[int | str] = None
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0
+        # Siblings (n > 1, best_of) that fork from this sequence once its prompt is computed,
+        # sharing its blocks instead of computing the prompt again.
+        self.pending_forks: list[Sequence] = []
         self.first_scheduled_time: Optional[float] = None
         self.first_token_time: Optional[float] = None
         # Prompt logprobs are gathered by the first sample only; entry 0 (no context) is None.
@@ -91,6 +94,14 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    def fork_from(self, parent: "Sequence") -> None:
+        """Take the parent's progress; the KV manager shares its blocks separately."""
+        self.token_ids = list(parent.token_ids)
+        self.num_computed_tokens = parent.num_computed_tokens
+        self.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
+        self.first_scheduled_time = parent.first_scheduled_time
+        self.status = SequenceStatus.RUNNING
 
     def append_token(self, token_id: int, logprob: float) -> None:
         self.token_ids.append(token_id)

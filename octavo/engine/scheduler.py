@@ -130,8 +130,10 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if len(self.running) + 1 + len(seq.pending_forks) > self.max_num_seqs:
+                break
             if seq.params.prompt_logprobs is not None:
                 hit = PrefixHit([], 0)  # every prompt position must run to get its logprobs
             else:
@@ -157,6 +159,15 @@ class Scheduler:
             batch.block_copies.extend(copies)
             budget -= num_new
         return budget
+
+    def fork(self, parent: Sequence) -> list[Sequence]:
+        """Start a sequence's pending siblings: they share its blocks and run from the next step."""
+        children, parent.pending_forks = parent.pending_forks, []
+        for child in children:
+            child.fork_from(parent)
+            self.kv_cache.fork(parent.seq_id, child.seq_id)
+            self.running.append(child)
+        return children
 
     def on_step_done(self, batch: ScheduledBatch) -> None:
         """Advance progress counters and index the blocks that just filled up."""

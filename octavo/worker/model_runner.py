@@ -174,6 +174,11 @@ class ModelRunner:
         if not inputs.sample_seqs:
             return result
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        # Siblings about to fork draw their first token from the parent's logits row.
+        samplers = [member for seq in inputs.sample_seqs for member in [seq, *seq.pending_forks]]
+        if len(samplers) > len(inputs.sample_seqs):
+            repeats = torch.tensor([1 + len(seq.pending_forks) for seq in inputs.sample_seqs], device=self.device)
+            logits = logits.repeat_interleave(repeats, dim=0)
         rows = [
             SamplingRow(
                 params=seq.params,
@@ -182,10 +187,10 @@ class ModelRunner:
                 generator=seq.generator,
                 eos_token_ids=self.eos_token_ids,
             )
-            for seq in inputs.sample_seqs
+            for seq in samplers
         ]
         output = self.sampler(logits, rows)
-        for index, seq in enumerate(inputs.sample_seqs):
+        for index, seq in enumerate(samplers):
             result.sampled[seq.seq_id] = SampledToken(
                 output.sampled_token_ids[index], output.sampled_logprobs[index], output.top_logprobs[index]
             )

@@ -1,0 +1,168 @@
+"""Memory sharing: parallel samples fork blocks, copy-on-write, best_of, beam search, prefix caching."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from octavo import LLM, BeamSearchParams, SamplingParams
+from tests.conftest import VOCAB_SIZE
+
+PROMPT = [random.Random(5).randrange(3, VOCAB_SIZE) for _ in range(30)]  # 30 % 4 != 0: a partial last block
+
+
+def make_llm(folder, **overrides) -> LLM:
+    kwargs = dict(device="cpu", dtype="float32", max_model_len=128, block_size=4)
+    kwargs.update(overrides)
+    return LLM(str(folder), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_model_factory):
+    return tiny_model_factory("llama")[0]
+
+
+def run_tracking_peak(llm: LLM, prompts, params):
+    """Generate while recording the peak number of used KV blocks and the copy-on-write copies."""
+    engine = llm.llm_engine
+    peak, copies = 0, []
+    original = engine.runner.execute
+
+    def spy(batch, tables):
+        nonlocal peak
+        peak = max(peak, engine.kv_cache.pool.num_used_blocks)
+        copies.extend(batch.block_copies)
+        return original(batch, tables)
+
+    engine.runner.execute = spy
+    try:
+        return llm.generate(prompts, params, use_tqdm=False), peak, copies
+    finally:
+        engine.runner.execute = original
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_parallel_samples_match_separate_seeded_requests_with_fewer_blocks(folder, n):
+    llm = make_llm(folder, enable_prefix_caching=False)
+    shared, shared_peak, copies = run_tracking_peak(
+        llm, [{"prompt_token_ids": PROMPT}], SamplingParams(n=n, temperature=1.0, seed=7, max_tokens=10,
+                                                            ignore_eos=True))
+    separate, separate_peak, _ = run_tracking_peak(
+        llm, [{"prompt_token_ids": PROMPT}] * n,
+        [SamplingParams(temperature=1.0, seed=7 + i, max_tokens=10, ignore_eos=True) for i in range(n)])
+    assert [c.token_ids for c in shared[0].outputs] == [o.outputs[0].token_ids for o in separate]
+    # Copy-on-write: the shared, partly filled last prompt block was copied for n - 1 of the samples.
+    assert len(copies) == n - 1
+    assert shared_peak < separate_peak
+    assert llm.llm_engine.kv_cache.pool.num_used_blocks == 0
+
+
+def test_copy_on_write_keeps_forks_apart_greedy(folder):
+    """Greedy forks write identical tokens; different seeds write different ones. Either way each fork's
+    K/V must stay its own: every sample equals the same request run unshared."""
+    llm = make_llm(folder, enable_prefix_caching=False, block_size=8)
+    params = SamplingParams(n=3, temperature=0.7, seed=11, max_tokens=20, ignore_eos=True)
+    shared = llm.generate({"prompt_token_ids": PROMPT[:13]}, params, use_tqdm=False)[0]
+    for index, completion in enumerate(shared.outputs):
+        alone = llm.generate({"prompt_token_ids": PROMPT[:13]},
+                             SamplingParams(temperature=0.7, seed=11 + index, max_tokens=20, ignore_eos=True),
+                             use_tqdm=False)[0]
+        assert completion.token_ids == alone.outputs[0].token_ids
+
+
+def test_best_of_returns_the_most_likely_samples(folder):
+    llm = make_llm(folder)
+    output = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(
+        n=2, best_of=5, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True, logprobs=0), use_tqdm=False)[0]
+    singles = [llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(
+        temperature=1.0, seed=3 + i, max_tokens=8, ignore_eos=True, logprobs=0), use_tqdm=False)[0].outputs[0]
+        for i in range(5)]
+    best = sorted(singles, key=lambda c: c.cumulative_logprob, reverse=True)[:2]
+    assert [c.token_ids for c in output.outputs] == [c.token_ids for c in best]
+    assert [c.index for c in output.outputs] == [0, 1]
+
+
+def test_prefix_cache_hit_skips_compute_and_keeps_outputs(folder):
+    llm = make_llm(folder)
+    engine = llm.llm_engine
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    first = llm.generate({"prompt_token_ids": PROMPT}, greedy, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    computed_before = engine.num_prefill_tokens_computed
+    second = llm.generate({"prompt_token_ids": PROMPT}, greedy, use_tqdm=False)[0]
+    assert second.num_cached_tokens == 28  # 7 full blocks of 4; the partial block is recomputed
+    assert engine.num_prefill_tokens_computed - computed_before == 2
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    stats = engine.kv_cache_stats()
+    assert stats.prefix_cache_hits == 28 and stats.prefix_cache_queries == 60
+    uncached = make_llm(folder, enable_prefix_caching=False)
+    assert uncached.generate({"prompt_token_ids": PROMPT}, greedy, use_tqdm=False)[0].outputs[0].token_ids == \
+        first.outputs[0].token_ids
+
+
+def test_cache_salt_isolates_tenants(folder):
+    llm = make_llm(folder)
+    greedy = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    llm.generate({"prompt_token_ids": PROMPT, "cache_salt": "tenant-a"}, greedy, use_tqdm=False)
+    other = llm.generate({"prompt_token_ids": PROMPT, "cache_salt": "tenant-b"}, greedy, use_tqdm=False)[0]
+    unsalted = llm.generate({"prompt_token_ids": PROMPT}, greedy, use_tqdm=False)[0]
+    same = llm.generate({"prompt_token_ids": PROMPT, "cache_salt": "tenant-a"}, greedy, use_tqdm=False)[0]
+    assert other.num_cached_tokens == 0 and unsalted.num_cached_tokens == 0
+    assert same.num_cached_tokens == 28
+
+
+def test_eviction_under_memory_pressure_keeps_outputs_correct(folder):
+    rng = random.Random(2)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, VOCAB_SIZE) for _ in range(rng.randint(10, 40))]}
+               for _ in range(12)]
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    roomy = make_llm(folder, enable_prefix_caching=False)
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, greedy, use_tqdm=False)]
+    tight = make_llm(folder, num_gpu_blocks_override=40)
+    for _ in range(2):  # the second pass hits what the first left cached, and evicts as it goes
+        got = [o.outputs[0].token_ids for o in tight.generate(prompts + prompts[:3], greedy, use_tqdm=False)]
+        assert got == expected + expected[:3]
+    assert tight.llm_engine.kv_cache.pool.num_evictions > 0
+    assert tight.llm_engine.kv_cache_stats().prefix_cache_hits > 0
+
+
+def test_beam_width_one_equals_greedy(folder):
+    llm = make_llm(folder)
+    greedy = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0.0, max_tokens=8,
+                                                                      ignore_eos=True), use_tqdm=False)[0]
+    beams = llm.beam_search([{"prompt_token_ids": PROMPT}], BeamSearchParams(beam_width=1, max_tokens=8,
+                                                                            ignore_eos=True))[0]
+    assert beams.sequences[0].output_tokens == greedy.outputs[0].token_ids
+    assert beams.sequences[0].tokens[: len(PROMPT)] == PROMPT
+
+
+@pytest.mark.parametrize("arch, width", [("llama", 2), ("qwen3", 3), ("gpt2", 4)])
+def test_beam_search_matches_transformers(tiny_model_factory, arch, width):
+    from transformers import GenerationConfig
+
+    folder, model = tiny_model_factory(arch)
+    llm = make_llm(folder)
+    prompts = [PROMPT[:9], PROMPT[:17]]
+    outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts],
+                              BeamSearchParams(beam_width=width, max_tokens=6, ignore_eos=True))
+    config = GenerationConfig(num_beams=width, num_return_sequences=width, max_new_tokens=6, do_sample=False,
+                              eos_token_id=None, pad_token_id=0, early_stopping=False, length_penalty=1.0)
+    model.generation_config.eos_token_id = None
+    for prompt, output in zip(prompts, outputs):
+        with torch.no_grad():
+            reference = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                       dtype=torch.long), generation_config=config)
+        expected = [row[len(prompt):].tolist() for row in reference]
+        assert [beam.output_tokens for beam in output.sequences] == expected
+        scores = [beam.cum_logprob for beam in output.sequences]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_beam_search_shares_prefix_blocks(folder):
+    llm = make_llm(folder)
+    llm.beam_search([{"prompt_token_ids": PROMPT}], BeamSearchParams(beam_width=4, max_tokens=6, ignore_eos=True))
+    stats = llm.llm_engine.kv_cache_stats()
+    assert stats.prefix_cache_hits > 0
+    assert stats.num_used_blocks == 0  # every dropped or finished beam released its blocks
