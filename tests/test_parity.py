@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -11,6 +12,8 @@ from octavo import LLM, SamplingParams
 from tests.conftest import ARCHITECTURES, VOCAB_SIZE
 
 MAX_NEW_TOKENS = 12
+# OCTAVO_TEST_DEVICE=cuda runs the same checks on a GPU (Triton kernels, CUDA graphs).
+DEVICE = os.environ.get("OCTAVO_TEST_DEVICE", "cpu")
 
 
 def random_prompts(count: int = 8, seed: int = 0) -> list[list[int]]:
@@ -34,7 +37,7 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 def make_llm(folder, **overrides) -> LLM:
-    kwargs = dict(dtype="float32", device="cpu", max_model_len=64, block_size=4, max_num_seqs=8)
+    kwargs = dict(dtype="float32", device=DEVICE, max_model_len=64, block_size=4, max_num_seqs=8)
     kwargs.update(overrides)
     return LLM(str(folder), **kwargs)
 

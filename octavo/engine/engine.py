@@ -83,6 +83,9 @@ class LLMEngine:
                                   config.attention_backend)
         num_blocks = self._num_kv_blocks(max_batched, sched.max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
+        self.cuda_graph_capture_seconds = 0.0
+        if not config.enforce_eager:
+            self.cuda_graph_capture_seconds = self.runner.capture_cuda_graphs(sched.max_num_seqs, self.max_model_len)
         self.kv_cache = KVCacheManager(num_blocks, self.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, sched.max_num_seqs, max_batched, sched.enable_chunked_prefill)
         logger.info(

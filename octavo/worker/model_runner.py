@@ -18,6 +18,7 @@ from octavo.engine.request import Sequence
 from octavo.engine.scheduler import ScheduledBatch
 from octavo.layers.attention import AttentionMetadata, get_attention_backend
 from octavo.models.base import CausalLM
+from octavo.worker.cuda_graphs import DecodeGraphs
 from octavo.worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.attention_layers = model.attention_layers()
         self.kv_caches: list[torch.Tensor] = []
+        self.decode_graphs: Optional[DecodeGraphs] = None
         first = self.attention_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         for layer in self.attention_layers:
@@ -71,6 +73,16 @@ class ModelRunner:
                           for _ in self.attention_layers]
         for layer, cache in zip(self.attention_layers, self.kv_caches):
             layer.kv_cache = cache
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
+        """Capture decode graphs (CUDA with the Triton backend only); returns the seconds it took."""
+        if self.device.type != "cuda" or self.backend.name != "triton":
+            return 0.0
+        hidden_size = self.model.config.hidden_size
+        self.decode_graphs = DecodeGraphs(self.model, self.device, max_num_seqs,
+                                          -(-max_model_len // self.block_size), max_model_len, hidden_size,
+                                          self.dtype)
+        return self.decode_graphs.capture()
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate shared blocks before a sequence writes into its copy."""
@@ -168,7 +180,11 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepResult:
         self.copy_blocks(batch.block_copies)
         inputs = self.prepare_inputs(batch, block_tables)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(len(batch.seqs), inputs.metadata):
+            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
         result = StepResult()
         self._prompt_logprobs(batch, inputs, hidden, result)
         if not inputs.sample_seqs:
