@@ -103,6 +103,17 @@ def tiny_model_factory(tmp_path_factory):
     return factory
 
 
+@pytest.fixture(autouse=True)
+def release_gpu_memory():
+    """Engines hold most of the GPU; free each test's before the next sizes its cache."""
+    yield
+    if torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("OCTAVO_RUN_SLOW") == "1":
         return
