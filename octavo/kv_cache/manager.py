@@ -51,6 +51,7 @@ class KVCacheManager:
         self.tables: dict[int, list[KVBlock]] = {}
         # Per sequence: hashes of its full blocks, in order (the chain), and how many are indexed.
         self._block_hashes: dict[int, list[bytes]] = {}
+        self._num_indexed: dict[int, int] = {}  # leading blocks of each table already offered to the index
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
@@ -114,10 +115,13 @@ class KVCacheManager:
             return
         table = self.tables[seq_id]
         num_full = min(num_computed_tokens // self.block_size, len(table))
+        first_new = self._num_indexed.get(seq_id, 0)
+        if num_full <= first_new:
+            return  # the common decode step: no block filled up
         hashes = self._hash_chain(seq_id, token_ids, num_full, extra_keys)
-        for index in range(num_full):
-            if table[index].block_hash is None:
-                self.pool.cache_block(table[index], hashes[index])
+        for index in range(first_new, num_full):
+            self.pool.cache_block(table[index], hashes[index])
+        self._num_indexed[seq_id] = num_full
 
     # ---- allocation ---------------------------------------------------------------------
     def allocate_slots(
@@ -172,6 +176,7 @@ class KVCacheManager:
         for block in parent:
             self.pool.share(block)
         self.tables[child_seq_id] = list(parent)
+        self._num_indexed[child_seq_id] = self._num_indexed.get(parent_seq_id, 0)
         if parent_seq_id in self._block_hashes:
             self._block_hashes[child_seq_id] = list(self._block_hashes[parent_seq_id])
 
@@ -179,6 +184,7 @@ class KVCacheManager:
         """Release a finished, aborted or preempted sequence's blocks (tail first, so
         the end of a prefix is evicted before its start)."""
         table = self.tables.pop(seq_id, None)
+        self._num_indexed.pop(seq_id, None)
         if table:
             self.pool.free_all(reversed(table))
 
