@@ -31,7 +31,8 @@ def row(
     eos: frozenset[int] = frozenset({EOS}),
 ) -> SamplingRow:
     generator = make_generator(params.seed, CPU) if params.seed is not None else None
-    return SamplingRow(params, prompt or [1, 2, 3], output or [], generator, eos)
+    prompt = prompt or [1, 2, 3]
+    return SamplingRow(params, prompt + (output or []), len(prompt), generator, eos)
 
 
 def kept(logits: torch.Tensor) -> list[set[int]]:

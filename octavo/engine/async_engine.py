@@ -55,7 +55,7 @@ class CompletionDelta:
     token_ids: list[int] = field(default_factory=list)
     logprobs: Optional[SampleLogprobs] = None
 
-    def followed_by(self, later: "CompletionDelta") -> "CompletionDelta":
+    def followed_by(self, later: CompletionDelta) -> CompletionDelta:
         """This delta and a later one, as one."""
         logprobs = None if self.logprobs is None else self.logprobs + (later.logprobs or [])
         return CompletionDelta(self.text + later.text, self.token_ids + later.token_ids, logprobs)
@@ -105,7 +105,7 @@ class RequestStream:
         self._closed = True
         self._ready.set()
 
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> StreamingRequestOutput:
@@ -167,6 +167,7 @@ class AsyncLLMEngine:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._accepting = True
+        self._drain_task: Optional[asyncio.Task] = None
         self._error: Optional[BaseException] = None
         # Event-loop side.
         self._streams: dict[str, RequestStream] = {}
@@ -219,25 +220,41 @@ class AsyncLLMEngine:
         self._thread = threading.Thread(target=self._run, name="octavo-engine", daemon=True)
         self._thread.start()
 
-    def begin_drain(self) -> None:
-        """Refuse new requests from now on; accepted ones carry on. Safe from a signal handler."""
+    def begin_drain(self, timeout: Optional[float] = None) -> None:
+        """Refuse new requests from now on; accepted ones carry on, and with ``timeout`` those still
+        unfinished after that many seconds are aborted. Safe from a signal handler or any thread."""
         self._accepting = False
+        if timeout is not None and self._loop is not None and self._drain_task is None:
+            self._loop.call_soon_threadsafe(self._start_drain, timeout)
 
-    async def shutdown(self, timeout: float = 0.0) -> None:
-        """Stop taking requests, let unfinished ones run up to ``timeout`` seconds, abort the rest,
-        then stop the step thread."""
-        self.begin_drain()
+    def _start_drain(self, timeout: float) -> None:
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self.drain(timeout))
+
+    async def drain(self, timeout: float = 0.0) -> None:
+        """Stop taking requests, let unfinished ones run up to ``timeout`` seconds, then abort the
+        rest: their streams end with ``EngineStoppingError``."""
+        self._accepting = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self._streams and self.is_healthy and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for request_id in list(self._streams):
             self._abort(request_id, EngineStoppingError("the request was aborted: the server is shutting down."))
+
+    async def shutdown(self, timeout: float = 0.0) -> None:
+        """``drain(timeout)``, then stop the step thread."""
+        await self.drain(timeout)
         if self._thread is not None:
             self._commands.put(_STOP)
-            await loop.run_in_executor(None, self._thread.join)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     # ---- requests ----------------------------------------------------------------------
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        """The engine's prompt checks (``ValueError``), for a front end to answer before queueing.
+        They read only fixed model limits, so any thread may call them."""
+        self.engine.validate_prompt(token_ids, params)
+
     async def add_request(self, request_id: str, prompt: PromptInput,
                           params: Optional[SamplingParams] = None) -> RequestStream:
         """Queue a request and return its stream once the engine has accepted it.
@@ -341,7 +358,7 @@ class AsyncLLMEngine:
             while self._handle_commands(block=not self.engine.has_unfinished_requests()):
                 if self.engine.has_unfinished_requests():
                     self._step()
-        except BaseException as exc:  # noqa: BLE001 - any failure kills the engine, never silently
+        except BaseException as exc:  # any failure kills the engine, never silently
             logger.exception("engine step failed; the engine is dead")
             self._error = exc
             self._loop.call_soon_threadsafe(self._fail_all, exc)

@@ -30,7 +30,8 @@ def compute_inv_freq(config, head_dim: int) -> tuple[torch.Tensor, float]:
     rotary_dim = int(head_dim * partial)
     if rope_type == "default":
         base = params["rope_theta"]
-        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device="cpu") / rotary_dim
+        inv_freq = 1.0 / (base**exponents)
         return inv_freq.float(), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -45,11 +46,12 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq, scaling = compute_inv_freq(config, head_dim)
         self.rotary_dim = inv_freq.numel() * 2
-        positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)
+        # Built on the CPU in float32 whatever the default device, then moved once.
+        positions = torch.arange(max_position, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(positions, inv_freq.cpu())
         # [max_position, rotary_dim]: cos of both halves, then sin.
         cache = torch.cat([freqs.cos() * scaling, freqs.sin() * scaling], dim=-1)
-        self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.register_buffer("cos_sin_cache", cache.to(torch.get_default_device()), persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         """query/key ``[num_tokens, heads, head_dim]``; rotated in float32, returned in their dtype."""

@@ -198,8 +198,8 @@ class ModelRunner:
         rows = [
             SamplingRow(
                 params=seq.params,
-                prompt_token_ids=seq.prompt_token_ids,
-                output_token_ids=seq.output_token_ids,
+                token_ids=seq.token_ids,
+                num_prompt_tokens=seq.num_prompt_tokens,
                 generator=seq.generator,
                 eos_token_ids=self.eos_token_ids,
             )

@@ -27,13 +27,29 @@ _PROMPT_LOGPROBS_CHUNK_ELEMENTS = 1 << 26
 
 @dataclass
 class SamplingRow:
-    """One sequence of the step's batch."""
+    """One sequence of the step's batch.
+
+    Holds the sequence's token list without copying it: only penalties need the
+    prompt/output split, so the slices are made on demand.
+    """
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # tokens generated so far by this sequence
+    token_ids: list[int]  # prompt followed by the tokens generated so far
+    num_prompt_tokens: int
     generator: torch.Generator | None  # per-request seeded generator on the logits' device
     eos_token_ids: frozenset[int]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass
@@ -193,7 +209,7 @@ def _min_tokens_blocked(
     token_index: list[int] = []
     for i, row in enumerate(rows):
         params = row.params
-        if len(row.output_token_ids) >= params.min_tokens:
+        if row.num_output_tokens >= params.min_tokens:
             continue
         blocked = set(params.stop_token_ids)
         if not params.ignore_eos:

@@ -1,0 +1,116 @@
+"""Where a step's time goes: scheduling, input preparation, the forward pass, sampling, bookkeeping.
+
+    python -m octavo.benchmarks.step_profile --model dummy:qwen3-0.6b --num-prompts 512
+
+Runs the ``fixed`` workload with every phase bracketed by device synchronisation,
+so each phase's wall time is its own (this slows the run; use it to find
+overhead, not to quote throughput). Also reports the GPU kernel time of one
+decode step from the PyTorch profiler, to compare with its wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from octavo import LLM, SamplingParams
+from octavo.benchmarks.workloads import WORKLOADS, build_requests, write_dummy_model
+
+PHASES = ("schedule", "prepare", "forward", "sample", "total")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(name: str, function: Callable, totals: dict, device: torch.device) -> Callable:
+    def wrapper(*args, **kwargs):
+        _sync(device)
+        started = time.perf_counter()
+        result = function(*args, **kwargs)
+        _sync(device)
+        totals[name] += time.perf_counter() - started
+        return result
+
+    return wrapper
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dummy:qwen3-0.6b")
+    parser.add_argument("--num-prompts", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=512)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true")
+    args = parser.parse_args(argv)
+
+    workload = WORKLOADS["fixed"].with_overrides(num_prompts=args.num_prompts)
+    model = args.model
+    if model.startswith("dummy:"):
+        model = str(write_dummy_model(model.split(":", 1)[1], Path(tempfile.mkdtemp(prefix="octavo-profile-"))))
+    requests = build_requests(workload, 151936, seed=0)
+    max_len = max(r.prompt_len + r.output_len for r in requests)
+    llm = LLM(model, load_format="dummy" if args.model.startswith("dummy:") else "auto", device=args.device,
+              max_model_len=max_len, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
+              skip_tokenizer_init=True)
+    engine = llm.llm_engine
+    device = engine.device
+    totals: dict[str, float] = defaultdict(float)
+    engine.scheduler.schedule = _timed("schedule", engine.scheduler.schedule, totals, device)
+    engine.runner.prepare_inputs = _timed("prepare", engine.runner.prepare_inputs, totals, device)
+    engine.runner.sampler = _timed("sample", engine.runner.sampler, totals, device)
+    if engine.runner.decode_graphs is not None:
+        engine.runner.decode_graphs.run = _timed("forward", engine.runner.decode_graphs.run, totals, device)
+    engine.model.forward = _timed("forward", engine.model.forward, totals, device)
+
+    for index, request in enumerate(requests):
+        engine.add_request(str(index), {"prompt_token_ids": request.prompt_token_ids},
+                           SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True))
+    decode: dict[str, float] = defaultdict(float)
+    mixed: dict[str, float] = defaultdict(float)
+    decode_steps = mixed_steps = 0
+    profiled = False
+    while engine.has_unfinished_requests():
+        totals.clear()
+        batch_is_decode = all(seq.num_computed_tokens == seq.num_tokens - 1 for seq in engine.scheduler.running) \
+            and not engine.scheduler.waiting and engine.scheduler.running
+        full_batch = len(engine.scheduler.running) == args.max_num_seqs
+        if device.type == "cuda" and batch_is_decode and not profiled and full_batch:
+            profiled = True
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                engine.step()
+                _sync(device)
+            kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
+            print(f"one decode step of {args.max_num_seqs} sequences: GPU kernel time {kernel_us / 1e3:.2f} ms")
+            continue
+        _sync(device)
+        started = time.perf_counter()
+        engine.step()
+        _sync(device)
+        totals["total"] = time.perf_counter() - started
+        target = decode if batch_is_decode else mixed
+        for name in PHASES:
+            target[name] += totals[name]
+        if batch_is_decode:
+            decode_steps += 1
+        else:
+            mixed_steps += 1
+
+    print(f"{'steps':<22}" + "".join(f"{name:>11}" for name in PHASES) + f"{'other':>11}")
+    for label, table, steps in (("decode-only", decode, decode_steps), ("with prefill", mixed, mixed_steps)):
+        if not steps:
+            continue
+        other = table["total"] - sum(table[name] for name in PHASES if name != "total")
+        row = "".join(f"{table[name] / steps * 1e3:>9.2f}ms" for name in PHASES)
+        print(f"{label + f' ({steps})':<22}{row}{other / steps * 1e3:>9.2f}ms")
+
+
+if __name__ == "__main__":
+    main()

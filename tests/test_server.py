@@ -1,0 +1,597 @@
+"""The OpenAI-compatible server, end to end: a real uvicorn server on a loopback port, driven
+by the official ``openai`` client and by raw HTTP for the malformed cases."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from octavo.config import CacheConfig, EngineConfig
+from octavo.engine.async_engine import AsyncLLMEngine
+from octavo.engine.engine import LLMEngine
+from octavo.entrypoints.openai.server import ServerSettings, build_app
+from octavo.sampling_params import SamplingParams
+
+API_KEY = "test-key"
+MODEL = "tiny-llama"
+MAX_MODEL_LEN = 512  # the tiny llama's max_position_embeddings
+BODY_LIMIT = 256 << 10
+KV_CACHE_BYTES = 2 << 20  # 256 blocks of 16 tokens: the concurrency test has to preempt
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["Hello, my name is", "The capital of France is", "héllo wörld", "Paris is", "octavo"]
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@dataclass
+class Server:
+    url: str
+    engine: AsyncLLMEngine
+    tokenizer: Any
+    stop: Callable[[], None]
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, **kwargs)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=AUTH, timeout=30)
+
+    def metrics(self) -> dict[str, float]:
+        """Sample name (labels dropped) -> value, summed over labels."""
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(httpx.get(f"{self.url}/metrics").text):
+            for sample in family.samples:
+                key = sample.name + (f"[{sample.labels['finished_reason']}]"
+                                     if "finished_reason" in sample.labels else "")
+                values[key] = values.get(key, 0.0) + sample.value
+        return values
+
+
+def start_server(folder: Path, max_waiting_requests: int = 1024, **settings: Any) -> Server:
+    engine = LLMEngine(EngineConfig(model=str(folder), dtype="float32", device="cpu",
+                                    cache=CacheConfig(kv_cache_memory=KV_CACHE_BYTES)))
+    async_engine = AsyncLLMEngine(engine, max_waiting_requests=max_waiting_requests)
+    app = build_app(async_engine, ServerSettings(served_model_name=MODEL, model_path=str(folder), api_key=API_KEY,
+                                                 max_request_body_bytes=BODY_LIMIT, **settings))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+    return Server(f"http://127.0.0.1:{port}", async_engine, engine.tokenizer, stop)
+
+
+@pytest.fixture(scope="module")
+def model_folder(tiny_model_factory) -> Path:
+    folder, _ = tiny_model_factory("llama", with_tokenizer=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(model_folder):
+    running = start_server(model_folder)
+    yield running
+    running.stop()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def collect_completion_stream(stream) -> tuple[dict[int, str], dict[int, str], Optional[Any]]:
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    usage = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+        usage = chunk.usage or usage
+    return texts, finish, usage
+
+
+def collect_chat_stream(stream) -> tuple[dict[int, str], dict[int, str], Optional[Any]]:
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    usage = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+        usage = chunk.usage or usage
+    return texts, finish, usage
+
+
+# ---- basics ------------------------------------------------------------------------------------
+def test_health_models_and_metrics(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    metrics = server.metrics()
+    for name in ("octavo:num_requests_running", "octavo:num_requests_waiting", "octavo:kv_cache_usage_perc",
+                 "octavo:prefix_cache_queries_total", "octavo:prefix_cache_hits_total",
+                 "octavo:prompt_tokens_total", "octavo:generation_tokens_total",
+                 "octavo:time_to_first_token_seconds_count", "octavo:time_per_output_token_seconds_count",
+                 "octavo:e2e_request_latency_seconds_count", "octavo:request_queue_time_seconds_count"):
+        assert name in metrics, name
+
+
+def test_completion_usage_and_finish(server):
+    client = server.client()
+    prompt = PROMPTS[0]
+    result = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    (choice,) = result.choices
+    assert result.object == "text_completion" and result.model == MODEL
+    assert choice.index == 0 and choice.finish_reason == "length"
+    assert result.usage.prompt_tokens == len(server.tokenizer.encode(prompt))
+    assert result.usage.completion_tokens == 6
+    assert result.usage.total_tokens == result.usage.prompt_tokens + 6
+    metrics = server.metrics()
+    assert metrics["octavo:generation_tokens_total"] >= 6
+    assert metrics["octavo:request_success_total[length]"] >= 1
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "seed": 1234}])
+def test_completion_stream_equals_non_stream(server, sampling):
+    client = server.client()
+    kwargs = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 10, "n": 2, **sampling}
+    full = client.completions.create(**kwargs)
+    texts, finish, usage = collect_completion_stream(
+        client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert texts == {c.index: c.text for c in full.choices}
+    assert finish == {c.index: c.finish_reason for c in full.choices}
+    assert usage.model_dump() == full.usage.model_dump()
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.9, "seed": 7}])
+def test_chat_stream_equals_non_stream(server, sampling):
+    client = server.client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10, **sampling)
+    (choice,) = full.choices
+    assert full.object == "chat.completion" and choice.message.role == "assistant"
+    expected_prompt = server.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False)
+    assert full.usage.prompt_tokens == len(expected_prompt)
+    assert 1 <= full.usage.completion_tokens <= 10
+    texts, finish, usage = collect_chat_stream(client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=10, stream=True,
+        stream_options={"include_usage": True}, **sampling))
+    assert texts == {0: choice.message.content}
+    assert finish == {0: choice.finish_reason}
+    assert usage.model_dump() == full.usage.model_dump()
+
+
+def test_n_choices_and_multiple_prompts(server):
+    client = server.client()
+    kwargs = {"model": MODEL, "n": 3, "max_tokens": 4, "temperature": 1.0, "seed": 5,
+              "extra_body": {"ignore_eos": True}}
+    result = client.completions.create(prompt=PROMPTS[:2], **kwargs)
+    assert sorted(c.index for c in result.choices) == list(range(6))
+    assert result.usage.prompt_tokens == sum(len(server.tokenizer.encode(p)) for p in PROMPTS[:2])
+    assert result.usage.completion_tokens == 6 * 4
+    token_prompts = [server.tokenizer.encode(p) for p in PROMPTS[:2]]
+    by_ids = client.completions.create(prompt=token_prompts, **kwargs)
+    assert [c.text for c in by_ids.choices] == [c.text for c in result.choices]
+
+
+def test_stop_string(server):
+    client = server.client()
+    kwargs = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 12, "temperature": 0,
+              "extra_body": {"ignore_eos": True}}
+    text = client.completions.create(**kwargs).choices[0].text
+    stop = next(ch for ch in text[2:] if ch != "\ufffd")
+    expected = text[: text.index(stop)]
+    stopped = client.completions.create(stop=[stop], **kwargs).choices[0]
+    assert stopped.text == expected and stopped.finish_reason == "stop"
+    texts, finish, _ = collect_completion_stream(client.completions.create(stop=stop, stream=True, **kwargs))
+    assert texts == {0: expected} and finish == {0: "stop"}
+    included = client.completions.create(stop=[stop], **{**kwargs, "extra_body": {
+        "ignore_eos": True, "include_stop_str_in_output": True}}).choices[0]
+    assert included.text == expected + stop
+
+
+def test_completion_logprobs_and_echo(server):
+    client = server.client()
+    prompt = PROMPTS[3]
+    result = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    logprobs = result.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 5
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
+        assert 1 <= len(top) <= 3 and chosen <= 0
+        assert chosen >= max(top.values()) - 1e-4  # greedy takes the most likely token
+
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=1,
+                                       echo=True, extra_body={"ignore_eos": True}).choices[0]
+    num_prompt = len(server.tokenizer.encode(prompt))
+    assert echoed.text == prompt + result.choices[0].text
+    assert len(echoed.logprobs.tokens) == num_prompt + 5
+    assert echoed.logprobs.token_logprobs[0] is None
+    assert all(value is not None for value in echoed.logprobs.token_logprobs[1:])
+    assert echoed.logprobs.token_logprobs[num_prompt:] == pytest.approx(logprobs.token_logprobs, abs=1e-4)
+
+
+def test_chat_logprobs(server):
+    client = server.client()
+    result = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+                                            extra_body={"ignore_eos": True})
+    content = result.choices[0].logprobs.content
+    assert len(content) == result.usage.completion_tokens == 4
+    for item in content:
+        assert len(item.top_logprobs) == 2
+        assert item.bytes == list(item.token.encode())
+        assert item.logprob >= max(top.logprob for top in item.top_logprobs) - 1e-4
+
+
+def test_tokenize_detokenize(server):
+    with server.http() as http:
+        tokens = http.post("/tokenize", json={"model": MODEL, "prompt": PROMPTS[0]}).json()
+        assert tokens["tokens"] == server.tokenizer.encode(PROMPTS[0])
+        assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == MAX_MODEL_LEN
+        text = http.post("/detokenize", json={"tokens": tokens["tokens"]}).json()
+        assert text == {"prompt": PROMPTS[0]}
+
+
+# ---- concurrency and disconnects ---------------------------------------------------------------
+def test_concurrent_streams_with_cancellations(server):
+    client = server.client()
+    references = {
+        prompt: client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                          extra_body={"ignore_eos": True}).choices[0].text
+        for prompt in PROMPTS
+    }
+    aborted_before = server.metrics().get("octavo:request_success_total[abort]", 0.0)
+    num_requests = 120
+
+    async def one(aclient: openai.AsyncOpenAI, i: int) -> Optional[tuple[str, str, int]]:
+        cancel = i % 3 == 0
+        stream = await aclient.completions.create(
+            model=MODEL, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=64 if cancel else 12, temperature=0,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        text, finish, usage, chunks = "", None, None, 0
+        async for chunk in stream:
+            chunks += 1
+            if cancel and chunks == 2:
+                await stream.close()
+                return None
+            for choice in chunk.choices:
+                text += choice.text
+                finish = choice.finish_reason or finish
+            usage = chunk.usage or usage
+        return text, finish, usage.completion_tokens
+
+    async def run_all() -> list:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
+                                      timeout=120) as aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(num_requests)))
+
+    results = asyncio.run(run_all())
+    for i, result in enumerate(results):
+        if i % 3 == 0:
+            assert result is None
+        else:
+            assert result == (references[PROMPTS[i % len(PROMPTS)]], "length", 12), i
+
+    assert wait_until(lambda: server.metrics()["octavo:kv_cache_usage_perc"] == 0.0)
+    metrics = server.metrics()
+    assert metrics["octavo:num_requests_running"] == 0 and metrics["octavo:num_requests_waiting"] == 0
+    assert metrics["octavo:request_success_total[abort]"] - aborted_before >= num_requests // 3 // 2
+    assert not server.engine.engine.has_unfinished_requests()
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_non_streaming_disconnect_aborts(server):
+    aborted_before = server.metrics().get("octavo:request_success_total[abort]", 0.0)
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 480, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=0.3)
+    assert wait_until(lambda: server.metrics().get("octavo:request_success_total[abort]", 0) > aborted_before, 5)
+    assert wait_until(lambda: server.metrics()["octavo:kv_cache_usage_perc"] == 0.0, 5)
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def _completion(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "Hello", "max_tokens": 2, **fields}
+
+
+def _chat(**fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+
+
+# (path, body: dict or raw bytes, status, param or None, substrings of the message)
+BAD_REQUESTS = {
+    "malformed-json": ("/v1/completions", b'{"model": "tiny-llama", "prompt": ', 400, None, ["JSON"]),
+    "body-not-object": ("/v1/completions", b"[1, 2]", 400, None, ["object"]),
+    "prompt-wrong-type": ("/v1/completions", _completion(prompt=123), 400, "prompt", []),
+    "max-tokens-wrong-type": ("/v1/completions", _completion(max_tokens="ten"), 400, "max_tokens", []),
+    "max-tokens-negative": ("/v1/completions", _completion(max_tokens=-1), 400, "max_tokens", []),
+    "max-tokens-zero": ("/v1/completions", _completion(max_tokens=0), 400, "max_tokens", []),
+    "max-tokens-huge": ("/v1/completions", _completion(max_tokens=10**12), 400, "prompt",
+                        [str(MAX_MODEL_LEN), str(10**12)]),
+    "temperature-too-high": ("/v1/completions", _completion(temperature=1000), 400, "temperature", []),
+    "temperature-negative": ("/v1/completions", _completion(temperature=-0.5), 400, "temperature", []),
+    "top-p-zero": ("/v1/completions", _completion(top_p=0), 400, "top_p", []),
+    "top-p-above-one": ("/v1/completions", _completion(top_p=1.5), 400, "top_p", []),
+    "empty-prompt": ("/v1/completions", _completion(prompt=""), 400, "prompt", ["empty"]),
+    "empty-prompt-list": ("/v1/completions", _completion(prompt=[]), 400, "prompt", ["empty"]),
+    "token-out-of-vocab": ("/v1/completions", _completion(prompt=[1, 10**6]), 400, "prompt", [str(10**6)]),
+    "token-negative": ("/v1/completions", _completion(prompt=[[3, -1]]), 400, "prompt", ["-1"]),
+    "prompt-over-context": ("/v1/completions", _completion(prompt=[5] * 600), 400, "prompt",
+                            [str(MAX_MODEL_LEN), "600"]),
+    "prompt-plus-max-tokens": ("/v1/completions", _completion(prompt=[5] * 500, max_tokens=100), 400, "prompt",
+                               [str(MAX_MODEL_LEN), "600"]),
+    "n-over-limit": ("/v1/completions", _completion(n=1000), 400, "n", ["16"]),
+    "logprobs-over-limit": ("/v1/completions", _completion(logprobs=50), 400, "logprobs", ["20"]),
+    "too-many-stops": ("/v1/completions", _completion(stop=[str(i) for i in range(20)]), 400, "stop", []),
+    "best-of-streamed": ("/v1/completions", _completion(n=1, best_of=3, stream=True), 400, "best_of", []),
+    "best-of-below-n": ("/v1/completions", _completion(n=3, best_of=2), 400, "best_of", []),
+    "seed-too-large": ("/v1/completions", _completion(seed=2**70), 400, "seed", []),
+    "stop-token-negative": ("/v1/completions", _completion(stop_token_ids=[-3]), 400, "stop_token_ids", []),
+    "unknown-model": ("/v1/completions", _completion(model="gpt-9"), 404, "model", ["gpt-9"]),
+    "chat-no-messages": ("/v1/chat/completions", _chat(messages=[]), 400, "messages", []),
+    "chat-image-part": ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]), 400, "messages", ["image_url"]),
+    "chat-top-logprobs-alone": ("/v1/chat/completions", _chat(top_logprobs=2), 400, "top_logprobs", []),
+    "chat-negative-max-completion-tokens": ("/v1/chat/completions", _chat(max_completion_tokens=-5), 400,
+                                            "max_completion_tokens", []),
+    "chat-unknown-model": ("/v1/chat/completions", _chat(model="nope"), 404, "model", []),
+    "oversized-body": ("/v1/completions", _completion(prompt="a" * (BODY_LIMIT + 10)), 413, None,
+                       [str(BODY_LIMIT)]),
+    "detokenize-out-of-vocab": ("/detokenize", {"tokens": [10**6]}, 400, "tokens", []),
+}
+
+
+def _assert_error_shape(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+def _assert_still_serving(http: httpx.Client) -> None:
+    good = http.post("/v1/completions", json=_completion())
+    assert good.status_code == 200, good.text
+    assert good.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request(server, case):
+    path, body, status, param, fragments = BAD_REQUESTS[case]
+    with server.http() as http:
+        if isinstance(body, bytes):
+            response = http.post(path, content=body, headers={"Content-Type": "application/json"})
+        else:
+            response = http.post(path, json=body)
+        error = _assert_error_shape(response, status)
+        if param is not None:
+            assert error["param"] == param, error
+        for fragment in fragments:
+            assert fragment in error["message"], error
+        _assert_still_serving(http)
+
+
+def test_api_key_required(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + API_KEY}):
+        response = httpx.post(f"{server.url}/v1/completions", json=_completion(), headers=headers)
+        error = _assert_error_shape(response, 401)
+        assert error["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+    with server.http() as http:
+        _assert_still_serving(http)
+
+
+def test_openai_client_error_types(server):
+    client = server.client()
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-9", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=[5] * 600, max_tokens=2)
+    assert "512" in str(caught.value) and "602" in str(caught.value)
+    with server.http() as http:
+        _assert_error_shape(http.get("/v1/nothing-here"), 404)
+
+
+# ---- the async engine on its own ----------------------------------------------------------------
+def test_async_engine_generate_and_abort(model_folder):
+    engine = LLMEngine(EngineConfig(model=str(model_folder), dtype="float32", device="cpu",
+                                    cache=CacheConfig(kv_cache_memory=KV_CACHE_BYTES)))
+    async_engine = AsyncLLMEngine(engine)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop=["zz"])
+
+    async def run() -> None:
+        async_engine.start()
+        streamed, last = "", None
+        async for last in async_engine.generate("full", PROMPTS[0], params):
+            streamed += last.deltas[0].text
+        assert last.finished and streamed == last.outputs[0].text
+        assert len(last.outputs[0].token_ids) == 8
+
+        partial = async_engine.generate("cut", PROMPTS[1], SamplingParams(max_tokens=400, ignore_eos=True))
+        await partial.__anext__()
+        await partial.aclose()  # leaving early aborts the request
+        assert async_engine.num_unfinished_requests == 0
+        with pytest.raises(ValueError):
+            await async_engine.add_request("bad", {"prompt_token_ids": []}, params)
+        await async_engine.shutdown()
+
+    asyncio.run(run())
+    assert not engine.has_unfinished_requests()
+    assert engine.kv_cache_stats().num_used_blocks == 0
+    assert not async_engine.is_healthy
+
+
+# ---- overload, engine failure --------------------------------------------------------------------
+def test_queue_full_is_503(model_folder):
+    server = start_server(model_folder, max_waiting_requests=1)
+    gate = threading.Event()
+    step = server.engine.engine.step
+    server.engine.engine.step = lambda: (gate.wait(30), step())[1]  # hold the first request in the queue
+    try:
+        with server.http() as http, server.http() as other:
+            first = threading.Thread(target=lambda: http.post("/v1/completions", json=_completion()))
+            first.start()
+            assert wait_until(lambda: server.engine.num_waiting_requests == 1, 10)
+            error = _assert_error_shape(other.post("/v1/completions", json=_completion()), 503)
+            assert "overloaded" in error["message"]
+            gate.set()
+            first.join(30)
+            _assert_still_serving(other)
+    finally:
+        gate.set()
+        server.stop()
+
+
+def test_engine_failure_marks_unhealthy(model_folder):
+    server = start_server(model_folder)
+
+    def broken_step():
+        raise RuntimeError("simulated device failure")
+
+    server.engine.engine.step = broken_step
+    try:
+        with server.http() as http:
+            error = _assert_error_shape(http.post("/v1/completions", json=_completion()), 503)
+            assert "dead" in error["message"]
+            streamed = http.post("/v1/completions", json=_completion(stream=True))
+            assert streamed.status_code == 503
+            _assert_error_shape(httpx.get(f"{server.url}/health"), 503)
+            assert httpx.get(f"{server.url}/metrics").status_code == 200
+    finally:
+        server.stop()
+
+
+# ---- graceful shutdown -------------------------------------------------------------------------
+_SERVE_SCRIPT = """
+import argparse, sys, time
+from octavo.engine.engine import LLMEngine
+from octavo.entrypoints.openai.server import add_serve_arguments, run_server
+
+step = LLMEngine.step
+def paced_step(self):  # a predictable pace, so that one request outlives the drain and one does not
+    time.sleep(0.02)
+    return step(self)
+LLMEngine.step = paced_step
+
+parser = argparse.ArgumentParser()
+add_serve_arguments(parser)
+run_server(parser.parse_args(sys.argv[1:]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _read_stream(url: str, body: dict[str, Any], first_chunk: threading.Event, result: dict[str, Any]) -> None:
+    """Read an SSE completion stream into ``result``: text, finish reasons, error events, [DONE]."""
+    result.update(text="", finish=[], errors=[], done=False)
+    try:
+        with httpx.stream("POST", url, json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                first_chunk.set()
+                if line == "data: [DONE]":
+                    result["done"] = True
+                elif line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        result["errors"].append(event["error"])
+                    for choice in event.get("choices", []):
+                        result["text"] += choice["text"]
+                        result["finish"].append(choice["finish_reason"])
+    finally:
+        first_chunk.set()
+
+
+def test_sigterm_drains_in_flight_requests(model_folder):
+    """SIGTERM: new requests are refused, a short in-flight request finishes, a long one is
+    aborted with an error event at --shutdown-timeout, and the process exits with status 0."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SERVE_SCRIPT, str(model_folder), "--port", str(port), "--dtype", "float32",
+         "--device", "cpu", "--kv-cache-memory", "2MiB", "--served-model-name", MODEL, "--shutdown-timeout", "2"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def healthy() -> bool:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        assert wait_until(healthy, 180), "the server did not come up"
+        short, long = {}, {}
+        started = [threading.Event(), threading.Event()]
+        readers = [
+            threading.Thread(target=_read_stream, args=(f"{url}/v1/completions", _completion(
+                max_tokens=8, stream=True, ignore_eos=True), started[0], short)),
+            threading.Thread(target=_read_stream, args=(f"{url}/v1/completions", _completion(
+                max_tokens=480, stream=True, ignore_eos=True), started[1], long)),
+        ]
+        for reader in readers:
+            reader.start()
+        assert all(event.wait(60) for event in started)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:
+            refused = httpx.post(f"{url}/v1/completions", json=_completion()).status_code == 503
+        except httpx.TransportError:
+            refused = True  # the listening socket is already closed
+        assert refused
+        for reader in readers:
+            reader.join(120)
+        # Interpreter teardown after torch can be slow on a loaded machine: allow for it.
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stdout.read()
+    assert short["done"] and short["finish"][-1] == "length" and not short["errors"], short
+    assert long["done"] and "length" not in long["finish"], long
+    assert long["errors"] and "shutting down" in long["errors"][0]["message"], long
+    assert f"http://127.0.0.1:{port}" in log and "KV cache" in log and "max_model_len 512" in log, log
+    assert "float32" in log and "device cpu" in log
+    assert "Traceback" not in log, log
