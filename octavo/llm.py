@@ -143,7 +143,7 @@ class LLM:
         try:
             for prompt, params in zip(prompts, params_list):
                 request_id = f"offline-{next(self._request_ids)}"
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, stream=False)
                 request_ids.append(request_id)
         except Exception:
             engine.abort_request(request_ids)

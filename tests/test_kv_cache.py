@@ -157,6 +157,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         assert pool.num_free_blocks == pool.num_blocks - len(references)
         for seq_id, table in self.manager.tables.items():
             assert len(table) == -(-self.computed[seq_id] // BLOCK_SIZE)
+            assert self.manager.block_table(seq_id) == [block.block_id for block in table]
 
     def teardown(self):
         for seq_id in list(self.tokens):

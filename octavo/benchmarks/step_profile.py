@@ -76,19 +76,26 @@ def main(argv: Optional[list[str]] = None) -> None:
     decode: dict[str, float] = defaultdict(float)
     mixed: dict[str, float] = defaultdict(float)
     decode_steps = mixed_steps = 0
-    profiled = False
+    profiled_decode = profiled_prefill = False
     while engine.has_unfinished_requests():
         totals.clear()
         batch_is_decode = all(seq.num_computed_tokens == seq.num_tokens - 1 for seq in engine.scheduler.running) \
             and not engine.scheduler.waiting and engine.scheduler.running
         full_batch = len(engine.scheduler.running) == args.max_num_seqs
-        if device.type == "cuda" and batch_is_decode and not profiled and full_batch:
-            profiled = True
+        profile_decode = batch_is_decode and not profiled_decode and full_batch
+        profile_prefill = not batch_is_decode and mixed_steps == 2 and not profiled_prefill
+        if device.type == "cuda" and (profile_decode or profile_prefill):
+            profiled_decode |= profile_decode
+            profiled_prefill |= profile_prefill
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 engine.step()
                 _sync(device)
-            kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
-            print(f"one decode step of {args.max_num_seqs} sequences: GPU kernel time {kernel_us / 1e3:.2f} ms")
+            averages = prof.key_averages()
+            kernel_us = sum(e.self_device_time_total for e in averages)
+            label = "decode step" if profile_decode else "step with prefill"
+            print(f"one {label} ({len(engine.scheduler.running)} running): GPU kernel time {kernel_us / 1e3:.2f} ms")
+            for event in sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)[:8]:
+                print(f"  {event.self_device_time_total / 1e3:8.2f} ms  {event.count:5d}x  {event.key[:90]}")
             continue
         _sync(device)
         started = time.perf_counter()

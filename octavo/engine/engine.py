@@ -41,6 +41,7 @@ class RequestState:
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
     logprobs: Optional[list[list[dict[int, Logprob]]]]  # per sequence, when params.logprobs is set
+    stream: bool = True  # report every step, not only when finished
     arrival_time: float = field(default_factory=time.monotonic)
 
     @property
@@ -146,8 +147,12 @@ class LLMEngine:
         return prompt, self.tokenizer.encode(prompt), cache_salt
 
     def add_request(self, request_id: str, prompt: PromptInput, params: Optional[SamplingParams] = None,
-                    arrival_time: Optional[float] = None) -> None:
-        """Validate and queue a request; raises ValueError (nothing queued) on bad input."""
+                    arrival_time: Optional[float] = None, stream: bool = True) -> None:
+        """Validate and queue a request; raises ValueError (nothing queued) on bad input.
+
+        With ``stream=False`` ``step()`` reports the request only once it has finished,
+        which spares building an output per request per step (offline batches).
+        """
         params = params or SamplingParams()
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use.")
@@ -165,6 +170,7 @@ class LLMEngine:
             detokenizers=[IncrementalDetokenizer(self.tokenizer if detokenize else None, token_ids, params)
                           for _ in seqs],
             logprobs=[[] for _ in seqs] if params.logprobs is not None else None,
+            stream=stream,
         )
         self.requests[request_id] = state
         # Only the first sample computes the prompt; the others fork from it (sharing blocks).
@@ -236,8 +242,10 @@ class LLMEngine:
 
         outputs = []
         for state in touched.values():
-            outputs.append(self._make_output(state))
-            if state.finished:
+            finished = state.finished
+            if finished or state.stream:
+                outputs.append(self._make_output(state))
+            if finished:
                 del self.requests[state.request_id]
         return outputs
 

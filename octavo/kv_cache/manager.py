@@ -49,6 +49,8 @@ class KVCacheManager:
         self.hasher = hasher or PrefixHasher()
         self.enable_prefix_caching = enable_prefix_caching
         self.tables: dict[int, list[KVBlock]] = {}
+        # The same tables as plain block ids, kept in step so the runner reads them without copying.
+        self._block_ids: dict[int, list[int]] = {}
         # Per sequence: hashes of its full blocks, in order (the chain), and how many are indexed.
         self._block_hashes: dict[int, list[bytes]] = {}
         self._num_indexed: dict[int, int] = {}  # leading blocks of each table already offered to the index
@@ -64,7 +66,8 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def block_table(self, seq_id: int) -> list[int]:
-        return [block.block_id for block in self.tables.get(seq_id, ())]
+        """The sequence's physical block ids, in order (a live view: do not modify)."""
+        return self._block_ids.get(seq_id, [])
 
     def num_allocated_slots(self, seq_id: int) -> int:
         return len(self.tables.get(seq_id, ())) * self.block_size
@@ -155,9 +158,11 @@ class KVCacheManager:
             if not table:
                 del self.tables[seq_id]
             return None
+        ids = self._block_ids.setdefault(seq_id, [])
         for block in hit_blocks:
             self.pool.share(block)
         table.extend(hit_blocks)
+        ids.extend(block.block_id for block in hit_blocks)
         copies: list[tuple[int, int]] = []
         if needs_copy:
             shared = table[write_index]
@@ -165,7 +170,10 @@ class KVCacheManager:
             copies.append((shared.block_id, private.block_id))
             self.pool.free(shared)
             table[write_index] = private
-        table.extend(self.pool.allocate_many(num_new_blocks))
+            ids[write_index] = private.block_id
+        new_blocks = self.pool.allocate_many(num_new_blocks)
+        table.extend(new_blocks)
+        ids.extend(block.block_id for block in new_blocks)
         return copies
 
     def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
@@ -176,6 +184,7 @@ class KVCacheManager:
         for block in parent:
             self.pool.share(block)
         self.tables[child_seq_id] = list(parent)
+        self._block_ids[child_seq_id] = list(self._block_ids[parent_seq_id])
         self._num_indexed[child_seq_id] = self._num_indexed.get(parent_seq_id, 0)
         if parent_seq_id in self._block_hashes:
             self._block_hashes[child_seq_id] = list(self._block_hashes[parent_seq_id])
@@ -184,6 +193,7 @@ class KVCacheManager:
         """Release a finished, aborted or preempted sequence's blocks (tail first, so
         the end of a prefix is evicted before its start)."""
         table = self.tables.pop(seq_id, None)
+        self._block_ids.pop(seq_id, None)
         self._num_indexed.pop(seq_id, None)
         if table:
             self.pool.free_all(reversed(table))

@@ -8,6 +8,7 @@ token batch with the attention metadata that says who is who.
 from __future__ import annotations
 
 import logging
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -148,10 +149,11 @@ class ModelRunner:
         computed = np.array([seq.num_computed_tokens for seq in batch.seqs], dtype=np.int64)
         seq_lens = computed + query_lens
 
-        max_blocks = max(len(table) for table in block_tables)
-        tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        for row, table in enumerate(block_tables):
-            tables[row, : len(table)] = table
+        # Ragged tables -> one padded array, filled in a single vectorised assignment.
+        table_lens = np.fromiter(map(len, block_tables), dtype=np.int64, count=num_seqs)
+        tables = np.zeros((num_seqs, int(table_lens.max())), dtype=np.int32)
+        tables[np.arange(tables.shape[1]) < table_lens[:, None]] = np.fromiter(
+            chain.from_iterable(block_tables), dtype=np.int32, count=int(table_lens.sum()))
 
         # positions: computed[b] + 0..query_len[b]-1, laid out flat
         seq_index = np.repeat(np.arange(num_seqs), query_lens)

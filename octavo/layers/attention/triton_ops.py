@@ -47,6 +47,15 @@ except ImportError:  # pragma: no cover - the module must import on machines wit
 else:
     _jit = triton.jit
 
+
+def _jit_unspecialized(*names: str):
+    """jit without value specialisation of integer arguments that change from step to step
+    (batch size, block-table width): otherwise each new divisibility class recompiles the
+    kernel in the middle of serving."""
+    if triton is None:
+        return _NoTriton.jit
+    return triton.jit(do_not_specialize=list(names))
+
 _LOG2E = 1.4426950408889634
 
 
@@ -257,7 +266,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@_jit
+@_jit_unspecialized("num_splits", "stride_bt")
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_acc_ptr, part_ml_ptr,
@@ -329,7 +338,7 @@ def _decode_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
 
-@_jit
+@_jit_unspecialized("num_splits")
 def _decode_reduce_kernel(
     out_ptr, part_acc_ptr, part_ml_ptr,
     num_splits, stride_os, stride_oh,
@@ -425,7 +434,7 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: tor
 # ---------------------------------------------------------------------------------------------
 
 
-@_jit
+@_jit_unspecialized("num_seqs", "stride_bt")
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     qk_scale, window, group, num_seqs,
