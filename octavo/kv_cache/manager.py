@@ -140,6 +140,13 @@ class KVCacheManager:
         before the step runs, or ``None`` (with nothing changed) if the pool has
         too few free blocks.
         """
+        table = self.tables.get(seq_id)
+        if table is not None and prefix_hit is None:
+            # The common decode step: the slot is already allocated in a block this sequence owns.
+            size = self.block_size
+            fits = num_computed_tokens + num_new_tokens <= len(table) * size
+            if fits and (num_computed_tokens % size == 0 or table[num_computed_tokens // size].ref_count == 1):
+                return []
         table = self.tables.setdefault(seq_id, [])
         hit_blocks = prefix_hit.blocks if prefix_hit else []
         if hit_blocks and table:
