@@ -132,7 +132,8 @@ class LLM:
             prompts = [prompts]
         token_ids = [self.llm_engine.tokenize_prompt(prompt)[1] for prompt in prompts]
         for ids in token_ids:
-            self.llm_engine.validate_prompt(ids, SamplingParams(max_tokens=params.max_tokens))
+            self.llm_engine.validate_prompt(ids, SamplingParams(max_tokens=params.max_tokens,
+                                                                logprobs=2 * params.beam_width))
         with tqdm(total=params.max_tokens, desc="Beam search", unit="tok", disable=not use_tqdm) as bar:
             return run_beam_search(self.llm_engine, token_ids, params, bar)
 

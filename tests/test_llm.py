@@ -168,3 +168,22 @@ def test_pickle_weights_refused_unless_allowed(tiny_model_factory, tmp_path):
 def test_missing_model_path_says_what_to_pass():
     with pytest.raises(FileNotFoundError, match="Hugging Face model folder"):
         LLM("/no/such/model", device="cpu")
+
+
+def test_requests_that_could_never_run_are_refused(llm):
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        llm.generate("Hello", SamplingParams(n=300), use_tqdm=False)
+    with pytest.raises(ValueError, match="vocabulary size"):
+        llm.generate("Hello", SamplingParams(logprobs=10_000), use_tqdm=False)
+    with pytest.raises(ValueError, match="cache_salt"):
+        llm.generate({"prompt": "Hello", "cache_salt": 123}, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_stop_strings_below_min_tokens_leave_the_text_whole(llm):
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    full = llm.generate(["Hello"], greedy, use_tqdm=False)[0].outputs[0]
+    stop = full.text[1:3]
+    held = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12, ignore_eos=True,
+                                                  stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert held.token_ids == full.token_ids and held.text == full.text

@@ -166,3 +166,13 @@ def test_beam_search_shares_prefix_blocks(folder):
     stats = llm.llm_engine.kv_cache_stats()
     assert stats.prefix_cache_hits > 0
     assert stats.num_used_blocks == 0  # every dropped or finished beam released its blocks
+
+
+def test_forked_samples_count_towards_max_num_seqs(folder):
+    llm = make_llm(folder, max_num_seqs=3)
+    engine = llm.llm_engine
+    engine.add_request("a", {"prompt_token_ids": PROMPT}, SamplingParams(n=2, max_tokens=6, ignore_eos=True))
+    engine.add_request("b", {"prompt_token_ids": PROMPT[:9]}, SamplingParams(n=2, max_tokens=6, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+        assert engine.scheduler.num_running <= 3

@@ -65,14 +65,18 @@ class IncrementalDetokenizer:
         """The completion so far; a matched stop string is cut unless include_stop_str_in_output."""
         return self._text
 
-    def append(self, new_token_ids: list[int]) -> str | None:
-        """Add generated tokens; return the stop string if one now appears (the text is cut)."""
+    def append(self, new_token_ids: list[int], find_stops: bool = True) -> str | None:
+        """Add generated tokens; return the stop string if one now appears (the text is cut).
+
+        With ``find_stops=False`` (still below ``min_tokens``) stop strings are not looked for;
+        the lookback of later calls still finds one that spans the boundary.
+        """
         if self._tokenizer is None:
             return None
         start = len(self._text)
         for token_id in new_token_ids:
             self._text += self._next_text(token_id)
-        return self._cut_at_stop(start) if self._stops else None
+        return self._cut_at_stop(start) if self._stops and find_stops else None
 
     def take_stream_delta(self, finished: bool) -> str:
         """Text added since the last call that is safe to stream.

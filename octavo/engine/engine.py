@@ -130,9 +130,12 @@ class LLMEngine:
         cache_salt = None
         if isinstance(prompt, dict):
             cache_salt = prompt.get("cache_salt")
+            if cache_salt is not None and not isinstance(cache_salt, str):
+                raise ValueError(f"cache_salt must be a string, got {type(cache_salt).__name__}.")
             if "prompt_token_ids" in prompt:
                 token_ids = prompt["prompt_token_ids"]
-                if not isinstance(token_ids, (list, tuple)) or not all(isinstance(t, int) for t in token_ids):
+                if not isinstance(token_ids, (list, tuple)) or not all(
+                        isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
                     raise ValueError("prompt_token_ids must be a list of integers.")
                 return prompt.get("prompt"), list(token_ids), cache_salt
             if "prompt" not in prompt:
@@ -183,6 +186,15 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is out of the vocabulary [0, {self.vocab_size}).")
+        if params.num_samples > self.scheduler.max_num_seqs:
+            raise ValueError(
+                f"n/best_of ({params.num_samples}) exceeds max_num_seqs ({self.scheduler.max_num_seqs}); "
+                "lower it or start the engine with a larger max_num_seqs."
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.vocab_size:
+                raise ValueError(f"{name} ({value}) exceeds the vocabulary size ({self.vocab_size}).")
         max_tokens = params.max_tokens or 1
         if len(token_ids) + max_tokens > self.max_model_len:
             raise ValueError(
@@ -213,7 +225,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_unfinished():
-                raise RuntimeError("scheduler made no progress with requests pending; KV cache too small?")
+                raise RuntimeError("scheduler made no progress with requests pending (a request that can never fit).")
             return []
         block_tables = [self.kv_cache.block_table(seq.seq_id) for seq in batch.seqs]
         result = self.runner.execute(batch, block_tables)
@@ -253,10 +265,8 @@ class LLMEngine:
         params = seq.params
         token = sampled.token_id
         seq.append_token(token, sampled.logprob)
-        if state.logprobs is not None:
-            entry = {token: Logprob(sampled.logprob, None, None)}
-            entry.update(self._to_logprob_dicts([sampled.top_logprobs])[0])
-            state.logprobs[seq.sample_index].append(entry)
+        if state.logprobs is not None:  # the sampler's table always includes the sampled token
+            state.logprobs[seq.sample_index].append(self._to_logprob_dicts([sampled.top_logprobs])[0])
 
         may_stop = seq.num_output_tokens >= params.min_tokens
         status, stop_reason = None, None
@@ -267,8 +277,9 @@ class LLMEngine:
         elif may_stop and is_eos:
             status = SequenceStatus.FINISHED_STOPPED
         if status is None or params.include_stop_str_in_output:
-            matched = state.detokenizers[seq.sample_index].append([token])
-            if matched is not None and may_stop and status is None:
+            # Below min_tokens a stop string must neither end nor cut the text.
+            matched = state.detokenizers[seq.sample_index].append([token], find_stops=may_stop)
+            if matched is not None and status is None:
                 status, stop_reason = SequenceStatus.FINISHED_STOPPED, matched
         if status is None and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH

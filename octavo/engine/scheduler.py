@@ -1,7 +1,7 @@
 """Iteration-level scheduling: which sequences run this step, and how many tokens each.
 
 The policy, in order:
-1. Running sequences first, oldest first: a decode needs one token, an
+1. Running sequences first, in the order they (re)joined: a decode needs one token, an
    unfinished prompt its next chunk. If the cache cannot hold them, the newest
    running sequence is preempted (its blocks freed, recomputed later) until the
    older ones fit.
@@ -130,9 +130,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> int:
+        # Siblings waiting to fork from running sequences will need seats too.
+        num_seats_taken = len(self.running) + sum(len(seq.pending_forks) for seq in self.running)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if len(self.running) + 1 + len(seq.pending_forks) > self.max_num_seqs:
+            if num_seats_taken + 1 + len(seq.pending_forks) > self.max_num_seqs:
                 break
             if seq.params.prompt_logprobs is not None:
                 hit = PrefixHit([], 0)  # every prompt position must run to get its logprobs
@@ -154,6 +156,7 @@ class Scheduler:
             seq.num_computed_tokens = num_computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            num_seats_taken += 1 + len(seq.pending_forks)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             batch.block_copies.extend(copies)

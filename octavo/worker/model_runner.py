@@ -24,6 +24,8 @@ from octavo.worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 
 logger = logging.getLogger(__name__)
 
+_PROMPT_LOGPROBS_ROWS = 256  # prompt positions turned into logits at a time
+
 
 @dataclass
 class SampledToken:
@@ -226,8 +228,11 @@ class ModelRunner:
             if first >= last:
                 continue
             offset = starts[row] - seq.num_computed_tokens
-            logits = self.model.compute_logits(hidden[offset + first : offset + last])
-            targets = torch.tensor(seq.token_ids[first + 1 : last + 1], device=self.device)
-            result.prompt_logprobs[seq.seq_id] = compute_prompt_logprobs(
-                logits, targets, seq.params.prompt_logprobs
-            )
+            entries: list[dict[int, tuple[float, int]]] = []
+            # Full-vocabulary logits for a whole chunk would not fit the profiled memory: go in slices.
+            for begin in range(first, last, _PROMPT_LOGPROBS_ROWS):
+                end = min(begin + _PROMPT_LOGPROBS_ROWS, last)
+                logits = self.model.compute_logits(hidden[offset + begin : offset + end])
+                targets = torch.tensor(seq.token_ids[begin + 1 : end + 1], device=self.device)
+                entries += compute_prompt_logprobs(logits, targets, seq.params.prompt_logprobs)
+            result.prompt_logprobs[seq.seq_id] = entries

@@ -354,15 +354,9 @@ class OpenAIServing:
     # ---- engine requests -----------------------------------------------------------------
     async def _add_all(self, request_id: str, prompts: list[_Prompt], params: SamplingParams,
                        cache_salt: Optional[str]) -> list[RequestStream]:
-        """Submit every prompt at once (one round trip to the step thread); all or none are kept.
-
-        Prefix-cached prompt tokens are never computed, so they would have no logprobs: when
-        prompt logprobs are wanted each prompt gets a salt of its own, which no cached block matches.
-        """
+        """Submit every prompt at once (one round trip to the step thread); all or none are kept."""
         ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
-        salts = ids if params.prompt_logprobs is not None else [cache_salt] * len(ids)
-        inputs = [{"prompt_token_ids": p.token_ids, "prompt": p.text, "cache_salt": salt}
-                  for p, salt in zip(prompts, salts)]
+        inputs = [{"prompt_token_ids": p.token_ids, "prompt": p.text, "cache_salt": cache_salt} for p in prompts]
         results = await asyncio.gather(
             *(self.engine.add_request(rid, engine_input, params) for rid, engine_input in zip(ids, inputs)),
             return_exceptions=True,
