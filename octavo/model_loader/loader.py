@@ -53,7 +53,7 @@ def load_hf_config(path: Path):
 
 
 def checkpoint_dtype(hf_config) -> Optional[torch.dtype]:
-    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    dtype = getattr(hf_config, "dtype", None)  # transformers 5 name (torch_dtype is deprecated)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else None
