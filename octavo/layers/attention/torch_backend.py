@@ -37,13 +37,14 @@ def causal_mask(query_len: int, seq_len: int, sliding_window: Optional[int], dev
 def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                 scale: float) -> torch.Tensor:
     """query [q, Hq, D], keys/values [k, Hkv, D] -> [q, Hq, D]; GQA by viewing heads as groups."""
-    num_q_heads, num_kv_heads = query.shape[1], keys.shape[1]
+    query_len, num_q_heads, head_dim = query.shape
+    num_kv_heads = keys.shape[1]
     group = num_q_heads // num_kv_heads
-    q = query.transpose(0, 1).unflatten(0, (num_kv_heads, group))  # [Hkv, g, q, D]
-    k = keys.transpose(0, 1)[:, None]  # [Hkv, 1, k, D]
-    v = values.transpose(0, 1)[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.flatten(0, 1).transpose(0, 1)
+    # Fold each KV head's query heads into the query length (no broadcasting: fast SDPA kernels).
+    q = query.transpose(0, 1).reshape(num_kv_heads, group * query_len, head_dim)
+    out = F.scaled_dot_product_attention(q, keys.transpose(0, 1), values.transpose(0, 1),
+                                         attn_mask=mask.repeat(group, 1), scale=scale)
+    return out.reshape(num_q_heads, query_len, head_dim).transpose(0, 1)
 
 
 class TorchAttentionBackend:
@@ -89,9 +90,10 @@ class TorchAttentionBackend:
             visible &= (seq_lens - 1) - key_pos < sliding_window
         num_kv_heads = keys.shape[2]
         group = query.shape[1] // num_kv_heads
-        q = query.unflatten(1, (num_kv_heads, group))[:, :, :, None]  # [B, Hkv, g, 1, D]
-        k = keys.transpose(1, 2)[:, :, None]  # [B, Hkv, 1, L, D]
-        v = values.transpose(1, 2)[:, :, None]
-        mask = visible[:, None, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        return out.squeeze(3).flatten(1, 2)
+        # The group's query heads share one key mask, so they can stand in for the query length:
+        # a plain 4-D SDPA call, which takes the fast kernels (the broadcasting 5-D form does not).
+        q = query.unflatten(1, (num_kv_heads, group))  # [B, Hkv, g, D]
+        k = keys.transpose(1, 2)  # [B, Hkv, L, D]
+        v = values.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)
+        return out.flatten(1, 2)
