@@ -99,8 +99,3 @@ class SamplingParams:
     def num_samples(self) -> int:
         """How many sequences are generated (best_of of them, n returned)."""
         return self.best_of or self.n
-
-    def clone(self) -> "SamplingParams":
-        from copy import deepcopy
-
-        return deepcopy(self)

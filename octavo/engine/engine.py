@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import count
 from typing import Any, Iterable, Optional, Union
 
@@ -42,7 +42,6 @@ class RequestState:
     detokenizers: list[IncrementalDetokenizer]
     logprobs: Optional[list[list[dict[int, Logprob]]]]  # per sequence, when params.logprobs is set
     stream: bool = True  # report every step, not only when finished
-    arrival_time: float = field(default_factory=time.monotonic)
 
     @property
     def finished(self) -> bool:
@@ -84,9 +83,8 @@ class LLMEngine:
                                   config.attention_backend)
         num_blocks = self._num_kv_blocks(max_batched, sched.max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
-        self.cuda_graph_capture_seconds = 0.0
         if not config.enforce_eager:
-            self.cuda_graph_capture_seconds = self.runner.capture_cuda_graphs(sched.max_num_seqs, self.max_model_len)
+            self.runner.capture_cuda_graphs(sched.max_num_seqs, self.max_model_len)
         self.kv_cache = KVCacheManager(num_blocks, self.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, sched.max_num_seqs, max_batched, sched.enable_chunked_prefill)
         logger.info(
