@@ -100,6 +100,9 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
     attention_backend: str = "auto"  # auto | torch | triton
+    # Plan step k+1 while the device runs step k (None: on for CUDA, off for CPU, where the
+    # host is the device and nothing would overlap).
+    async_scheduling: Optional[bool] = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

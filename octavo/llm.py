@@ -45,6 +45,7 @@ class LLM:
         skip_tokenizer_init: bool = False,
         enforce_eager: bool = False,
         attention_backend: str = "auto",
+        async_scheduling: Optional[bool] = None,
     ) -> None:
         if model is None:
             from octavo.model_loader.default_model import default_model_path
@@ -62,6 +63,7 @@ class LLM:
             skip_tokenizer_init=skip_tokenizer_init,
             enforce_eager=enforce_eager,
             attention_backend=attention_backend,
+            async_scheduling=async_scheduling,
             cache=CacheConfig(
                 block_size=block_size,
                 gpu_memory_utilization=gpu_memory_utilization,

@@ -60,30 +60,38 @@ def hf_references(tiny_model_factory):
     return references
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_greedy_matches_hf_under_paging_stress(arch, tiny_model_factory, hf_references):
+def test_greedy_matches_hf_under_paging_stress(arch, async_scheduling, tiny_model_factory, hf_references):
     folder, _ = tiny_model_factory(arch)
     prompts = random_prompts()
     # 40 blocks of 4 tokens cannot hold 8 sequences of up to 52 tokens: forces preemption.
-    # 16 tokens a step forces the longer prompts into several chunks.
-    llm = make_llm(folder, num_gpu_blocks_override=40, max_num_batched_tokens=16)
+    # 16 tokens a step forces the longer prompts into several chunks. With asynchronous
+    # scheduling, preemption and chunking happen while the previous step is in flight.
+    llm = make_llm(folder, num_gpu_blocks_override=40, max_num_batched_tokens=16,
+                   async_scheduling=async_scheduling)
     engine = llm.llm_engine
     engine.kv_cache.pool.shuffle_free_queue(random.Random(1))
 
     chunked = []
     non_contiguous = []
-    original_step = engine.runner.execute
+    pending_inputs = []
+    original_launch = engine.runner.launch
 
-    def spying_execute(batch, block_tables):
+    def spying_launch(batch, block_tables, previous=None):
         for seq, num_new, table in zip(batch.seqs, batch.num_new_tokens, block_tables):
             if seq.num_output_tokens == 0 and num_new < seq.num_prompt_tokens:
                 chunked.append(seq.seq_id)
             if any(b - a != 1 for a, b in zip(table, table[1:])):
                 non_contiguous.append(seq.seq_id)
-        return original_step(batch, block_tables)
+            if seq.num_pending_tokens:
+                pending_inputs.append(seq.seq_id)
+        return original_launch(batch, block_tables, previous)
 
-    engine.runner.execute = spying_execute
+    engine.runner.launch = spying_launch
     assert engine_greedy(llm, prompts) == hf_references[arch]
+    # Asynchronous steps take their input tokens from the step still in flight.
+    assert bool(pending_inputs) == async_scheduling
     assert engine.scheduler.num_preemptions > 0, "the KV budget was meant to force preemption"
     assert chunked, "the token budget was meant to force chunked prefill"
     assert non_contiguous, "shuffled free list should give non-contiguous block tables"

@@ -62,7 +62,8 @@ class Server:
 
 
 def start_server(folder: Path, max_waiting_requests: int = 1024, **settings: Any) -> Server:
-    engine = LLMEngine(EngineConfig(model=str(folder), dtype="float32", device="cpu",
+    # Pipelined steps, as on a GPU: outputs trail by one step and aborts meet steps in flight.
+    engine = LLMEngine(EngineConfig(model=str(folder), dtype="float32", device="cpu", async_scheduling=True,
                                     cache=CacheConfig(kv_cache_memory=KV_CACHE_BYTES)))
     async_engine = AsyncLLMEngine(engine, max_waiting_requests=max_waiting_requests)
     app = build_app(async_engine, ServerSettings(served_model_name=MODEL, model_path=str(folder), api_key=API_KEY,

@@ -28,19 +28,19 @@ def run_tracking_peak(llm: LLM, prompts, params):
     """Generate while recording the peak number of used KV blocks and the copy-on-write copies."""
     engine = llm.llm_engine
     peak, copies = 0, []
-    original = engine.runner.execute
+    original = engine.runner.launch
 
-    def spy(batch, tables):
+    def spy(batch, tables, previous=None):
         nonlocal peak
         peak = max(peak, engine.kv_cache.pool.num_used_blocks)
         copies.extend(batch.block_copies)
-        return original(batch, tables)
+        return original(batch, tables, previous)
 
-    engine.runner.execute = spy
+    engine.runner.launch = spy
     try:
         return llm.generate(prompts, params, use_tqdm=False), peak, copies
     finally:
-        engine.runner.execute = original
+        engine.runner.launch = original
 
 
 @pytest.mark.parametrize("n", [2, 4])

@@ -24,18 +24,18 @@ def peak_blocks(llm: LLM, prompts: list[dict], params) -> int:
     """Generate, sampling the pool's used-block count before every step."""
     engine = llm.llm_engine
     peak = 0
-    original = engine.runner.execute
+    original = engine.runner.launch
 
-    def spy(batch, tables):
+    def spy(batch, tables, previous=None):
         nonlocal peak
         peak = max(peak, engine.kv_cache.pool.num_used_blocks)
-        return original(batch, tables)
+        return original(batch, tables, previous)
 
-    engine.runner.execute = spy
+    engine.runner.launch = spy
     try:
         llm.generate(prompts, params, use_tqdm=False)
     finally:
-        engine.runner.execute = original
+        engine.runner.launch = original
     return peak
 
 

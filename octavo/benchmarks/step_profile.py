@@ -59,13 +59,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     max_len = max(r.prompt_len + r.output_len for r in requests)
     llm = LLM(model, load_format="dummy" if args.model.startswith("dummy:") else "auto", device=args.device,
               max_model_len=max_len, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
-              skip_tokenizer_init=True)
+              skip_tokenizer_init=True, async_scheduling=False)  # phases timed one after another
     engine = llm.llm_engine
     device = engine.device
     totals: dict[str, float] = defaultdict(float)
     engine.scheduler.schedule = _timed("schedule", engine.scheduler.schedule, totals, device)
     engine.runner.prepare_inputs = _timed("prepare", engine.runner.prepare_inputs, totals, device)
-    engine.runner.sampler = _timed("sample", engine.runner.sampler, totals, device)
+    engine.runner.sampler.sample = _timed("sample", engine.runner.sampler.sample, totals, device)
     if engine.runner.decode_graphs is not None:
         engine.runner.decode_graphs.run = _timed("forward", engine.runner.decode_graphs.run, totals, device)
     engine.model.forward = _timed("forward", engine.model.forward, totals, device)

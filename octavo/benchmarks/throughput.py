@@ -75,6 +75,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--max-num-batched-tokens", type=int, default=None, help="octavo: most tokens per step")
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="octavo (default: 0.9)")
     bench.add_argument("--enforce-eager", action="store_true", help="octavo: disable CUDA graphs")
+    bench.add_argument("--no-async-scheduling", action="store_true",
+                       help="octavo: wait for each step's tokens before planning the next")
 
 
 @dataclass
@@ -187,6 +189,7 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
         llm = LLM(model=path, dtype=args.dtype, device=args.device, seed=args.seed, load_format=load_format,
                   max_model_len=max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                   enforce_eager=args.enforce_eager, skip_tokenizer_init=True,  # token ids in and out, like the peers
+                  async_scheduling=False if args.no_async_scheduling else None,
                   **{key: value for key, value in options.items() if value is not None})
     startup_s = time.perf_counter() - started
 
@@ -347,7 +350,7 @@ def run_throughput(args: argparse.Namespace) -> int:
                      "python": platform.python_version(), "octavo_options": {
                          "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                          "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
-                         "max_model_len": max_model_len}},
+                         "async_scheduling": not args.no_async_scheduling, "max_model_len": max_model_len}},
             "workload": {"name": spec.name, "num_prompts": spec.num_prompts, "prompt_len": list(spec.prompt_len),
                          "output_len": list(spec.output_len), "seed": args.seed, "prompt_tokens": prompt_tokens,
                          "output_tokens": output_tokens},

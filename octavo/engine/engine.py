@@ -18,13 +18,13 @@ import torch
 from octavo.config import EngineConfig, resolve_device, resolve_dtype
 from octavo.engine.detokenizer import IncrementalDetokenizer, decode_token
 from octavo.engine.request import Sequence, SequenceStatus
-from octavo.engine.scheduler import Scheduler
+from octavo.engine.scheduler import ScheduledBatch, Scheduler
 from octavo.kv_cache.manager import KVCacheManager, KVCacheStats
 from octavo.model_loader import loader
 from octavo.outputs import CompletionOutput, Logprob, RequestOutput
 from octavo.sampling_params import SamplingParams
 from octavo.worker.kv_cache_memory import bytes_per_block, cpu_kv_cache_bytes, cuda_kv_cache_bytes
-from octavo.worker.model_runner import ModelRunner, SampledToken
+from octavo.worker.model_runner import LaunchedStep, ModelRunner, SampledToken
 from octavo.worker.sampler import make_generator
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,23 @@ class RequestState:
     detokenizers: list[IncrementalDetokenizer]
     logprobs: Optional[list[list[dict[int, Logprob]]]]  # per sequence, when params.logprobs is set
     stream: bool = True  # report every step, not only when finished
+    needs_sync: bool = False  # see _needs_every_token_on_host
 
     @property
     def finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
+
+
+def _needs_every_token_on_host(params: SamplingParams) -> bool:
+    """Whether the next step of such a request must wait for the host to see this step's
+    token: forking samples, penalties (token counts) and prompt logprobs work on the host."""
+    return (
+        params.num_samples > 1
+        or params.prompt_logprobs is not None
+        or params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
 
 
 class LLMEngine:
@@ -93,6 +106,10 @@ class LLMEngine:
         )
 
         self.requests: dict[str, RequestState] = {}
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._in_flight: Optional[tuple[ScheduledBatch, LaunchedStep]] = None
+        self._num_sync_requests = 0
         self._seq_ids = count()
         self.peak_kv_waste_slots = 0
         self.peak_running_at_waste = 0
@@ -172,8 +189,11 @@ class LLMEngine:
                           for _ in seqs],
             logprobs=[[] for _ in seqs] if params.logprobs is not None else None,
             stream=stream,
+            needs_sync=_needs_every_token_on_host(params),
         )
         self.requests[request_id] = state
+        if state.needs_sync:
+            self._num_sync_requests += 1
         # Only the first sample computes the prompt; the others fork from it (sharing blocks).
         seqs[0].pending_forks = seqs[1:]
         self.scheduler.add(seqs[0])
@@ -206,12 +226,13 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         for request_id in request_ids:
-            state = self.requests.pop(request_id, None)
+            state = self._forget_request(request_id)
             if state is not None:
                 self.scheduler.abort(state.seqs)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests still running, or a step still in flight (its tokens get collected)."""
+        return bool(self.requests) or self._in_flight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -219,36 +240,79 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns an output for every request that advanced."""
+        """Run one iteration; returns an output for every request that advanced.
+
+        With asynchronous scheduling (CUDA by default) the step is pipelined: it plans and
+        queues step ``k`` on the device, then processes the tokens of step ``k - 1`` while the
+        device computes, so host work hides behind device work. The outputs therefore trail
+        the device by one step, and a sequence that stops on a token (EOS, stop string)
+        costs one discarded token of compute. Requests that need every token on the host
+        before the next step (n > 1, penalties, prompt logprobs) switch the engine to plain
+        steps while they run.
+        """
+        if not (self.async_scheduling and self._num_sync_requests == 0):
+            if self._in_flight is not None:
+                return self._process(*self._take_in_flight())
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                return self._nothing_scheduled()
+            return self._process(batch, self._launch(batch, None))
+
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("scheduler made no progress with requests pending (a request that can never fit).")
-            return []
-        block_tables = [self.kv_cache.block_table(seq.seq_id) for seq in batch.seqs]
-        result = self.runner.execute(batch, block_tables)
-        self.scheduler.on_step_done(batch)
-        self._track_waste()
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            if seq.num_output_tokens == 0:
-                self.num_prefill_tokens_computed += num_new
+            if self._in_flight is not None:
+                return self._process(*self._take_in_flight())
+            return self._nothing_scheduled()
+        previous = self._in_flight
+        self._in_flight = (batch, self._launch(batch, previous[1] if previous else None))
+        return self._process(*previous) if previous is not None else []
 
+    def _nothing_scheduled(self) -> list[RequestOutput]:
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("scheduler made no progress with requests pending (a request that can never fit).")
+        return []
+
+    def _take_in_flight(self) -> tuple[ScheduledBatch, LaunchedStep]:
+        in_flight, self._in_flight = self._in_flight, None
+        return in_flight
+
+    def _launch(self, batch: ScheduledBatch, previous: Optional[LaunchedStep]) -> LaunchedStep:
+        """Queue the batch on the device and advance the host's counters as if it had run."""
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            if seq.num_output_tokens == 0 and seq.num_pending_tokens == 0:
+                self.num_prefill_tokens_computed += num_new
+        block_tables = [self.kv_cache.block_table(seq.seq_id) for seq in batch.seqs]
+        launched = self.runner.launch(batch, block_tables, previous)
+        self.scheduler.on_step_launched(batch)
+        for seq in launched.samplers:
+            seq.num_pending_tokens += 1
+        self._track_waste()
+        return launched
+
+    def _process(self, batch: ScheduledBatch, launched: LaunchedStep) -> list[RequestOutput]:
+        """Take a launched step's tokens: append them, check stops, build outputs."""
+        result = launched.wait()
+        self.scheduler.cache_full_blocks(batch.seqs)
         touched: dict[str, RequestState] = {}
         now = time.monotonic()
         for seq in batch.seqs:
             state = self.requests.get(seq.request_id)
-            if state is None:
-                continue
-            if seq.seq_id in result.prompt_logprobs:
+            if state is not None and state.seqs[seq.sample_index] is not seq:
+                state = None  # aborted, and its id already reused by a new request
+            if seq.seq_id in result.prompt_logprobs and state is not None:
                 seq.prompt_logprobs.extend(self._to_logprob_dicts(result.prompt_logprobs[seq.seq_id]))
             if seq.seq_id not in result.sampled:
                 continue
-            family = [seq] + (self.scheduler.fork(seq) if seq.pending_forks else [])
+            family = [seq] + (self.scheduler.fork(seq) if seq.pending_forks and state is not None else [])
             for member in family:
+                member.num_pending_tokens -= 1
+                if state is None or member.is_finished:
+                    continue  # aborted, or stopped on the token before (one step was in flight)
                 if member.first_token_time is None:
                     member.first_token_time = now
                 self._append_token(state, member, result.sampled[member.seq_id])
-            touched[state.request_id] = state
+            if state is not None:
+                touched[state.request_id] = state
 
         outputs = []
         for state in touched.values():
@@ -256,8 +320,14 @@ class LLMEngine:
             if finished or state.stream:
                 outputs.append(self._make_output(state))
             if finished:
-                del self.requests[state.request_id]
+                self._forget_request(state.request_id)
         return outputs
+
+    def _forget_request(self, request_id: str) -> Optional[RequestState]:
+        state = self.requests.pop(request_id, None)
+        if state is not None and state.needs_sync:
+            self._num_sync_requests -= 1
+        return state
 
     def _append_token(self, state: RequestState, seq: Sequence, sampled: SampledToken) -> None:
         params = seq.params
@@ -279,10 +349,11 @@ class LLMEngine:
             matched = state.detokenizers[seq.sample_index].append([token], find_stops=may_stop)
             if matched is not None and status is None:
                 status, stop_reason = SequenceStatus.FINISHED_STOPPED, matched
-        if status is None and (seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
+        if status is None and (seq.num_output_tokens >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len):
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
             seq.stop_reason = stop_reason
+            seq.num_pending_tokens = 0  # a token still in flight after a stop is discarded
             self.scheduler.finish(seq, status)
 
     def _to_logprob_dicts(self, entries) -> list[dict[int, Logprob]]:

@@ -3,6 +3,10 @@
 A request with ``n`` samples owns ``n`` sequences; each has its own tokens,
 block table and progress counter. ``num_computed_tokens`` is how many of
 ``token_ids`` have K/V in the cache; everything after it still has to run.
+
+With asynchronous scheduling a sampled token may still be on the device when the next
+step is planned: ``num_pending_tokens`` counts those. They are part of ``num_tokens``
+(the scheduler plans for them) but not of ``token_ids`` until the host receives them.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0  # sampled on the device, values not yet on the host
         self.num_cached_prompt_tokens = 0  # from the prefix cache, first scheduling only
         self.status = SequenceStatus.WAITING
         self.stop_reason: Optional[int | str] = None
@@ -74,7 +79,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_output_tokens(self) -> int:
@@ -90,7 +95,12 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def finishes_when_pending_arrive(self) -> bool:
+        """Its pending tokens reach max_tokens: nothing more to compute for it."""
+        return self.num_pending_tokens > 0 and self.num_output_tokens + self.num_pending_tokens >= self.max_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -94,6 +94,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.finishes_when_pending_arrive:
+                index += 1  # its last token is still on the device; it finishes on arrival
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             copies = self._allocate_or_preempt(seq, num_new, batch)
             if copies is None:
@@ -173,13 +176,23 @@ class Scheduler:
         return children
 
     def on_step_done(self, batch: ScheduledBatch) -> None:
-        """Advance progress counters and index the blocks that just filled up."""
+        """A step ran to completion on the host's view: advance and index in one go."""
+        self.on_step_launched(batch)
+        self.cache_full_blocks(batch.seqs)
+
+    def on_step_launched(self, batch: ScheduledBatch) -> None:
+        """The batch's tokens are (being) computed: advance the progress counters."""
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            if seq.is_finished:
-                continue
-            seq.num_computed_tokens += num_new
+            if not seq.is_finished:
+                seq.num_computed_tokens += num_new
+
+    def cache_full_blocks(self, seqs: Iterable[Sequence]) -> None:
+        """Index the blocks that filled up, once the host knows every token in them."""
+        for seq in seqs:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # finished, or preempted while its step was in flight
             self.kv_cache.cache_full_blocks(
-                seq.seq_id, seq.token_ids, seq.num_computed_tokens, seq.cache_salt_key
+                seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, len(seq.token_ids)), seq.cache_salt_key
             )
 
     def kv_waste_slots(self) -> int:

@@ -29,6 +29,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool
                         help="most tokens in one step (default: 8192)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="wait for each step's tokens before planning the next (default on CUDA: overlap)")
     parser.add_argument("--load-format", default="auto", help="auto | safetensors | gguf | dummy | pt")
     parser.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
 
@@ -40,6 +42,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager, load_format=args.load_format, seed=args.seed,
+        async_scheduling=False if args.no_async_scheduling else None,
     )
 
 

@@ -20,7 +20,7 @@ from octavo.engine.scheduler import ScheduledBatch
 from octavo.layers.attention import AttentionMetadata, get_attention_backend
 from octavo.models.base import CausalLM
 from octavo.worker.cuda_graphs import DecodeGraphs
-from octavo.worker.sampler import Sampler, SamplingRow, compute_prompt_logprobs
+from octavo.worker.sampler import DeviceSamplerOutput, Sampler, SamplingRow, compute_prompt_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,32 @@ class ModelInputs:
     metadata: AttentionMetadata
     sample_seqs: list[Sequence]
     sample_indices: torch.Tensor  # rows of the hidden states to turn into logits
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose work is queued on the device; ``wait`` collects its tokens.
+
+    The sampled ids also stay on the device (``device_token_ids``, one row per sampling
+    sequence, ``row_of_seq`` says which), so the next step can start from them before the
+    host has seen them.
+    """
+
+    result: StepResult
+    samplers: list[Sequence] = field(default_factory=list)
+    output: Optional[DeviceSamplerOutput] = None
+    device_token_ids: Optional[torch.Tensor] = None
+    row_of_seq: dict[int, int] = field(default_factory=dict)
+
+    def wait(self) -> StepResult:
+        if self.output is not None:
+            host = self.output.to_host()
+            for index, seq in enumerate(self.samplers):
+                self.result.sampled[seq.seq_id] = SampledToken(
+                    host.sampled_token_ids[index], host.sampled_logprobs[index], host.top_logprobs[index]
+                )
+            self.output = None
+        return self.result
 
 
 class ModelRunner:
@@ -143,7 +169,10 @@ class ModelRunner:
             seq_lens_cpu=seq_lens.tolist(),
         )
 
-    def prepare_inputs(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> ModelInputs:
+    def prepare_inputs(self, batch: ScheduledBatch, block_tables: list[list[int]],
+                       previous: Optional[LaunchedStep] = None) -> ModelInputs:
+        """Flatten the batch. A token still on the device (sampled by ``previous``, which is in
+        flight) is filled in on the device from ``previous.device_token_ids``."""
         num_seqs = len(batch.seqs)
         query_lens = np.array(batch.num_new_tokens, dtype=np.int64)
         query_start = np.zeros(num_seqs + 1, dtype=np.int64)
@@ -163,17 +192,36 @@ class ModelRunner:
         slots = tables[seq_index, positions // self.block_size].astype(np.int64) * self.block_size
         slots += positions % self.block_size
 
+        # A pending token is always the last (and only) token its sequence runs this step.
+        pending_at: list[int] = []  # flat positions
+        pending_from: list[int] = []  # rows of previous.device_token_ids
         if num_seqs and int(query_lens.max()) == 1:
-            input_ids = [seq.token_ids[c] for seq, c in zip(batch.seqs, computed.tolist())]
+            input_ids = [seq.token_ids[c] if c < len(seq.token_ids) else -1
+                         for seq, c in zip(batch.seqs, computed.tolist())]
+            if -1 in input_ids:
+                pending_at = [row for row, token in enumerate(input_ids) if token == -1]
         else:
             input_ids = []
             for seq, c, n in zip(batch.seqs, computed.tolist(), query_lens.tolist()):
-                input_ids.extend(seq.token_ids[c : c + n])
+                chunk = seq.token_ids[c : c + n]
+                if len(chunk) < n:
+                    pending_at.append(len(input_ids) + len(chunk))
+                    chunk = chunk + [-1]
+                input_ids.extend(chunk)
+        input_ids_device = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        if pending_at:
+            if previous is None or previous.device_token_ids is None:
+                raise RuntimeError("a sequence has a pending token but no step is in flight")
+            row_of_seq = previous.row_of_seq
+            pending_from = [row_of_seq[batch.seqs[int(seq_index[flat])].seq_id] for flat in pending_at]
+            at = torch.tensor(pending_at, dtype=torch.long).to(self.device, non_blocking=True)
+            source = torch.tensor(pending_from, dtype=torch.long).to(self.device, non_blocking=True)
+            input_ids_device[at] = previous.device_token_ids[source]
 
         sample_rows = [row for row, seq in enumerate(batch.seqs) if seq_lens[row] == seq.num_tokens]
         sample_indices = query_start[1:][sample_rows] - 1
         return ModelInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True),
+            input_ids=input_ids_device,
             positions=torch.from_numpy(positions).to(self.device, non_blocking=True),
             metadata=self._metadata(query_start, seq_lens, tables, slots),
             sample_seqs=[batch.seqs[row] for row in sample_rows],
@@ -182,17 +230,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepResult:
+        """Run one step to completion."""
+        return self.launch(batch, block_tables).wait()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, block_tables: list[list[int]],
+               previous: Optional[LaunchedStep] = None) -> LaunchedStep:
+        """Queue one step on the device and return without waiting for its tokens
+        (prompt logprobs, when asked for, are gathered synchronously)."""
         self.copy_blocks(batch.block_copies)
-        inputs = self.prepare_inputs(batch, block_tables)
+        inputs = self.prepare_inputs(batch, block_tables, previous)
         graphs = self.decode_graphs
         if graphs is not None and graphs.can_run(len(batch.seqs), inputs.metadata):
             hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
-        result = StepResult()
-        self._prompt_logprobs(batch, inputs, hidden, result)
+        launched = LaunchedStep(StepResult())
+        self._prompt_logprobs(batch, inputs, hidden, launched.result)
         if not inputs.sample_seqs:
-            return result
+            return launched
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         # Siblings about to fork draw their first token from the parent's logits row.
         samplers = [member for seq in inputs.sample_seqs for member in [seq, *seq.pending_forks]]
@@ -206,15 +262,17 @@ class ModelRunner:
                 num_prompt_tokens=seq.num_prompt_tokens,
                 generator=seq.generator,
                 eos_token_ids=self.eos_token_ids,
+                num_pending_tokens=seq.num_pending_tokens,
             )
             for seq in samplers
         ]
-        output = self.sampler(logits, rows)
-        for index, seq in enumerate(samplers):
-            result.sampled[seq.seq_id] = SampledToken(
-                output.sampled_token_ids[index], output.sampled_logprobs[index], output.top_logprobs[index]
-            )
-        return result
+        output = self.sampler.sample(logits, rows)
+        launched.samplers = samplers
+        launched.device_token_ids = output.sampled_token_ids
+        launched.row_of_seq = {seq.seq_id: index for index, seq in enumerate(samplers)}
+        output.start_copy()
+        launched.output = output
+        return launched
 
     def _prompt_logprobs(self, batch: ScheduledBatch, inputs: ModelInputs, hidden: torch.Tensor,
                          result: StepResult) -> None:

@@ -38,6 +38,9 @@ class SamplingRow:
     num_prompt_tokens: int
     generator: torch.Generator | None  # per-request seeded generator on the logits' device
     eos_token_ids: frozenset[int]
+    # Tokens already sampled on the device whose values the host has not seen yet (one step
+    # in flight): they count towards min_tokens although ``token_ids`` does not hold them.
+    num_pending_tokens: int = 0
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -49,7 +52,7 @@ class SamplingRow:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) - self.num_prompt_tokens + self.num_pending_tokens
 
 
 @dataclass
@@ -58,6 +61,59 @@ class SamplerOutput:
     sampled_logprobs: list[float]  # raw-distribution logprob of each sampled token
     # None unless params.logprobs is set; else the top-`logprobs` tokens plus the sampled one.
     top_logprobs: list[TopLogprobs | None]
+
+
+@dataclass
+class DeviceSamplerOutput:
+    """The sampler's result while it is still on the device.
+
+    ``start_copy`` queues the copies to host memory without waiting, so the host can prepare
+    the next step while the device works; ``to_host`` waits for them and builds the lists.
+    """
+
+    sampled_token_ids: torch.Tensor  # [rows] int64
+    sampled_logprobs: torch.Tensor  # [rows] float32
+    wanted: list[int | None]  # params.logprobs per row
+    # With logprobs requested: the sampled tokens' ranks, and the top values and ids.
+    ranks: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def _tensors(self) -> list[str]:
+        names = ["sampled_token_ids", "sampled_logprobs"]
+        return names + (["ranks", "top_values", "top_ids"] if self.ranks is not None else [])
+
+    def start_copy(self) -> None:
+        if self.sampled_token_ids.device.type != "cuda":
+            return
+        for name in self._tensors():
+            device_tensor = getattr(self, name)
+            host = torch.empty(device_tensor.shape, dtype=device_tensor.dtype, pin_memory=True)
+            setattr(self, name, host.copy_(device_tensor, non_blocking=True))
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+
+    def to_host(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        ids, values = self.sampled_token_ids.tolist(), self.sampled_logprobs.tolist()
+        if self.ranks is None:
+            return SamplerOutput(ids, values, [None] * len(ids))
+        tables: list[TopLogprobs | None] = []
+        for target, value, rank, top_ids, top_values, count in zip(
+            ids, values, self.ranks.tolist(), self.top_ids.tolist(), self.top_values.tolist(), self.wanted
+        ):
+            if count is None:
+                tables.append(None)
+                continue
+            table = {
+                token: (lp, position + 1)
+                for position, (token, lp) in enumerate(zip(top_ids[:count], top_values[:count]))
+            }
+            table.setdefault(target, (value, rank))
+            tables.append(table)
+        return SamplerOutput(ids, values, tables)
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -254,9 +310,9 @@ def _exponential_noise(
 
 def _logprob_tables(
     logprobs: torch.Tensor, targets: torch.Tensor, wanted: Sequence[int | None]
-) -> tuple[list[int], list[float], list[TopLogprobs | None]]:
-    """Target ids, their logprobs, and per row (None where ``wanted[i]`` is None) the
-    top-``wanted[i]`` tokens plus the target as token -> (logprob, rank).
+) -> DeviceSamplerOutput:
+    """Target ids, their logprobs, and what builds, per row (None where ``wanted[i]`` is None),
+    the top-``wanted[i]`` tokens plus the target as token -> (logprob, rank), all on the device.
 
     The target's rank is 1 + the number of strictly more likely tokens; top tokens are ranked
     by position, and a target among them keeps its positional rank.
@@ -265,26 +321,7 @@ def _logprob_tables(
     target_ranks = (logprobs > target_logprobs[:, None]).sum(dim=-1).add_(1)
     num_top = max((w for w in wanted if w is not None), default=0)
     top_values, top_ids = logprobs.topk(num_top, dim=-1)
-    target_list, value_list = targets.tolist(), target_logprobs.tolist()
-    tables: list[TopLogprobs | None] = []
-    for target, value, rank, ids, values, count in zip(
-        target_list,
-        value_list,
-        target_ranks.tolist(),
-        top_ids.tolist(),
-        top_values.tolist(),
-        wanted,
-    ):
-        if count is None:
-            tables.append(None)
-            continue
-        table = {
-            token: (lp, position + 1)
-            for position, (token, lp) in enumerate(zip(ids[:count], values[:count]))
-        }
-        table.setdefault(target, (value, rank))
-        tables.append(table)
-    return target_list, value_list, tables
+    return DeviceSamplerOutput(targets, target_logprobs, list(wanted), target_ranks, top_values, top_ids)
 
 
 class Sampler:
@@ -294,6 +331,10 @@ class Sampler:
         """``logits``: [len(rows), vocab], any float dtype and device; it is not modified."""
         if not rows:
             return SamplerOutput([], [], [])
+        return self.sample(logits, rows).to_host()
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSamplerOutput:
+        """Like ``__call__`` but leaves the result on the device (no synchronisation)."""
         vocab_size = logits.shape[1]
         params = [row.params for row in rows]
         greedy = [p.greedy for p in params]
@@ -348,15 +389,15 @@ class Sampler:
     @staticmethod
     def _output(
         logits: torch.Tensor, sampled: torch.Tensor, params: list[SamplingParams]
-    ) -> SamplerOutput:
+    ) -> DeviceSamplerOutput:
         """Logprobs of the sampled tokens under the raw model distribution (float32)."""
         raw = logits.float()
         wanted = [p.logprobs for p in params]
         if all(w is None for w in wanted):
             # No full log_softmax needed: logprob = logit - logsumexp.
             sampled_logprobs = raw.gather(1, sampled[:, None]).squeeze(1) - raw.logsumexp(dim=-1)
-            return SamplerOutput(sampled.tolist(), sampled_logprobs.tolist(), [None] * len(params))
-        return SamplerOutput(*_logprob_tables(raw.log_softmax(dim=-1), sampled, wanted))
+            return DeviceSamplerOutput(sampled, sampled_logprobs, wanted)
+        return _logprob_tables(raw.log_softmax(dim=-1), sampled, wanted)
 
 
 def compute_prompt_logprobs(
@@ -376,6 +417,6 @@ def compute_prompt_logprobs(
         result.extend(
             _logprob_tables(
                 logprobs, targets[start : start + chunk], [num_top] * logprobs.shape[0]
-            )[2]
+            ).to_host().top_logprobs
         )
     return result

@@ -1,0 +1,156 @@
+"""Asynchronous scheduling (step k+1 planned while step k is in flight) against plain steps.
+
+On the CPU nothing overlaps, but the bookkeeping is the same as on a GPU: input tokens taken
+from the step in flight, tokens that arrive one step late, a stop discovered after the next
+step was already queued, aborts and preemption in between. Every output must equal the
+output of plain, synchronous steps.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from octavo import LLM, SamplingParams
+
+NUM_PROMPTS = 6
+
+
+def make_llm(folder, async_scheduling: bool, **overrides) -> LLM:
+    kwargs = dict(dtype="float32", device="cpu", max_model_len=96, block_size=4, max_num_seqs=8,
+                  async_scheduling=async_scheduling)
+    kwargs.update(overrides)
+    return LLM(str(folder), **kwargs)
+
+
+def prompts(seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(3, 256) for _ in range(rng.randint(2, 30))]}
+            for _ in range(NUM_PROMPTS)]
+
+
+def summary(outputs) -> list[tuple]:
+    """Everything but the float logprobs, which differ in the last bits when batches differ."""
+    return [
+        tuple((c.token_ids, c.text, c.finish_reason, c.stop_reason,
+               None if c.logprobs is None else [sorted((k, v.rank) for k, v in d.items()) for d in c.logprobs])
+              for c in o.outputs)
+        for o in outputs
+    ]
+
+
+def logprob_values(outputs) -> list[float]:
+    values = []
+    for o in outputs:
+        for c in o.outputs:
+            values.append(c.cumulative_logprob or 0.0)
+            values += [v.logprob for d in c.logprobs or [] for _, v in sorted(d.items())]
+    return values
+
+
+def mixed_params(stop_tokens: list[int], stop_text: str) -> list[SamplingParams]:
+    """One of each kind of request; only the last two need every token on the host, and they
+    finish after 3 tokens, so the stops fire in pipelined steps."""
+    return [
+        SamplingParams(temperature=0.0, max_tokens=20),
+        SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=17, logprobs=3),
+        SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=stop_tokens),
+        SamplingParams(temperature=0.0, max_tokens=30, stop=[stop_text], min_tokens=2),
+        SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=3),
+        SamplingParams(temperature=0.0, max_tokens=3, repetition_penalty=1.3),
+    ]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tiny_model_factory):
+    folder, _ = tiny_model_factory("llama", with_tokenizer=True)
+    return folder
+
+
+def test_async_outputs_equal_sync_outputs(model_folder):
+    sync_llm = make_llm(model_folder, async_scheduling=False)
+    # Stops chosen from what greedy decoding really produces, so they fire mid-generation.
+    greedy = sync_llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=30), use_tqdm=False)
+    stop_tokens = [greedy[2].outputs[0].token_ids[6]]
+    stop_text = greedy[3].outputs[0].text[8:11]
+    assert stop_text.strip(), "the stop string must be real text"
+    params = mixed_params(stop_tokens, stop_text)
+
+    expected = sync_llm.generate(prompts(), params, use_tqdm=False)
+    async_llm = make_llm(model_folder, async_scheduling=True)
+    pipelined = []
+    original = async_llm.llm_engine.runner.launch
+
+    def spy(batch, tables, previous=None):
+        pipelined.append(previous is not None)
+        return original(batch, tables, previous)
+
+    async_llm.llm_engine.runner.launch = spy
+    got = async_llm.generate(prompts(), params, use_tqdm=False)
+    assert not pipelined[0] and any(pipelined), "plain steps first (n=2, penalties), then pipelined ones"
+    assert summary(got) == summary(expected)
+    assert logprob_values(got) == pytest.approx(logprob_values(expected), abs=1e-4)
+    assert expected[2].outputs[0].finish_reason == "stop" and expected[3].outputs[0].finish_reason == "stop"
+    assert len(expected[2].outputs[0].token_ids) < 30
+
+    engine = async_llm.llm_engine
+    assert engine._in_flight is None and engine._num_sync_requests == 0
+    assert engine.kv_cache.pool.num_used_blocks == 0
+
+
+def test_async_pipeline_runs_when_no_request_needs_the_host(model_folder):
+    llm = make_llm(model_folder, async_scheduling=True)
+    engine = llm.llm_engine
+    launches = []
+    original = engine.runner.launch
+
+    def spy(batch, tables, previous=None):
+        launches.append(previous is not None)
+        return original(batch, tables, previous)
+
+    engine.runner.launch = spy
+    llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=10), use_tqdm=False)
+    assert sum(launches) >= len(launches) - 2, "steps should be queued behind the one in flight"
+
+    launches.clear()
+    llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=10, presence_penalty=0.5), use_tqdm=False)
+    assert not any(launches), "penalties need every token on the host: plain steps"
+
+
+def test_abort_with_a_step_in_flight(model_folder):
+    reference = make_llm(model_folder, async_scheduling=False).generate(
+        prompts(1), SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    llm = make_llm(model_folder, async_scheduling=True)
+    engine = llm.llm_engine
+    for index, prompt in enumerate(prompts(1)):
+        engine.add_request(str(index), prompt, SamplingParams(temperature=0.0, max_tokens=16))
+    finished = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+        steps += 1
+        if steps == 4:
+            assert engine._in_flight is not None
+            engine.abort_request(["1", "4"])
+            # The id is free again at once; the new request must not pick up the old tokens.
+            engine.add_request("1", prompts(1)[1], SamplingParams(temperature=0.0, max_tokens=16))
+    assert "4" not in finished
+    for request_id, output in finished.items():
+        assert output.outputs[0].token_ids == reference[int(request_id)].outputs[0].token_ids
+    assert engine.kv_cache.pool.num_used_blocks == 0
+    assert all(seq.num_pending_tokens == 0 for seq in engine.scheduler.running)
+
+
+def test_streaming_with_async_scheduling_matches_final_text(model_folder):
+    llm = make_llm(model_folder, async_scheduling=True)
+    engine = llm.llm_engine
+    engine.add_request("s", prompts()[0], SamplingParams(temperature=0.0, max_tokens=12))
+    seen = []
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen.append(list(output.outputs[0].token_ids))
+    assert all(-1 not in tokens for tokens in seen), "a token still on the device leaked into an output"
+    assert [len(tokens) for tokens in seen] == list(range(1, 13))
