@@ -8,6 +8,7 @@ output of plain, synchronous steps.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -15,11 +16,15 @@ import pytest
 from octavo import LLM, SamplingParams
 
 NUM_PROMPTS = 6
+# OCTAVO_TEST_DEVICE=cuda runs the same checks on a GPU, where the steps really overlap.
+DEVICE = os.environ.get("OCTAVO_TEST_DEVICE", "cpu")
 
 
 def make_llm(folder, async_scheduling: bool, **overrides) -> LLM:
-    kwargs = dict(dtype="float32", device="cpu", max_model_len=96, block_size=4, max_num_seqs=8,
+    kwargs = dict(dtype="float32", device=DEVICE, max_model_len=96, block_size=4, max_num_seqs=8,
                   async_scheduling=async_scheduling)
+    if DEVICE != "cpu":
+        kwargs["gpu_memory_utilization"] = 0.3
     kwargs.update(overrides)
     return LLM(str(folder), **kwargs)
 

@@ -153,11 +153,20 @@ class ModelRunner:
         return peak
 
     # ---- one step ------------------------------------------------------------------------
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """Host -> device without waiting: through pinned memory on CUDA, since a copy from
+        pageable memory may wait for the stream, and the stream is busy with the previous step."""
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host
+
     def _metadata(self, query_start: np.ndarray, seq_lens: np.ndarray, tables: np.ndarray,
                   slots: np.ndarray) -> AttentionMetadata:
         query_lens = np.diff(query_start)
-        to_device = lambda array, dtype: torch.from_numpy(np.ascontiguousarray(array)).to(  # noqa: E731
-            self.device, dtype=dtype, non_blocking=True)
+
+        def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return self._upload(torch.from_numpy(np.ascontiguousarray(array)).to(dtype))
+
         return AttentionMetadata(
             query_start_loc=to_device(query_start, torch.int32),
             seq_lens=to_device(seq_lens, torch.int32),
@@ -208,24 +217,24 @@ class ModelRunner:
                     pending_at.append(len(input_ids) + len(chunk))
                     chunk = chunk + [-1]
                 input_ids.extend(chunk)
-        input_ids_device = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        input_ids_device = self._upload(torch.tensor(input_ids, dtype=torch.long))
         if pending_at:
             if previous is None or previous.device_token_ids is None:
                 raise RuntimeError("a sequence has a pending token but no step is in flight")
             row_of_seq = previous.row_of_seq
             pending_from = [row_of_seq[batch.seqs[int(seq_index[flat])].seq_id] for flat in pending_at]
-            at = torch.tensor(pending_at, dtype=torch.long).to(self.device, non_blocking=True)
-            source = torch.tensor(pending_from, dtype=torch.long).to(self.device, non_blocking=True)
+            at = self._upload(torch.tensor(pending_at, dtype=torch.long))
+            source = self._upload(torch.tensor(pending_from, dtype=torch.long))
             input_ids_device[at] = previous.device_token_ids[source]
 
         sample_rows = [row for row, seq in enumerate(batch.seqs) if seq_lens[row] == seq.num_tokens]
         sample_indices = query_start[1:][sample_rows] - 1
         return ModelInputs(
             input_ids=input_ids_device,
-            positions=torch.from_numpy(positions).to(self.device, non_blocking=True),
+            positions=self._upload(torch.from_numpy(positions)),
             metadata=self._metadata(query_start, seq_lens, tables, slots),
             sample_seqs=[batch.seqs[row] for row in sample_rows],
-            sample_indices=torch.from_numpy(sample_indices).to(self.device, non_blocking=True),
+            sample_indices=self._upload(torch.from_numpy(sample_indices)),
         )
 
     @torch.inference_mode()
