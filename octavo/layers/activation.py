@@ -8,9 +8,18 @@ from torch import nn
 
 
 class SiluAndMul(nn.Module):
-    """``silu(gate) * up`` on a fused ``[gate | up]`` input."""
+    """``silu(gate) * up`` on a fused ``[gate | up]`` input.
+
+    CUDA tensors use the fused Triton kernel of ``octavo.layers.fused_ops`` (fp32 inside, one
+    rounding; ``OCTAVO_DISABLE_FUSED_OPS=1`` turns it off).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from octavo.layers import fused_ops  # imported on first use: CPU runs never load triton
+
+            if fused_ops.enabled():
+                return fused_ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -54,7 +54,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache.to(torch.get_default_device()), persistent=False)
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
-        """query/key ``[num_tokens, heads, head_dim]``; rotated in float32, returned in their dtype."""
+        """query/key ``[num_tokens, heads, head_dim]``; rotated in float32, returned in their dtype.
+
+        CUDA tensors use the fused Triton kernel of ``octavo.layers.fused_ops``, which reads
+        strided views (e.g. of the fused qkv output) without copies;
+        ``OCTAVO_DISABLE_FUSED_OPS=1`` turns it off.
+        """
+        if query.is_cuda:
+            from octavo.layers import fused_ops  # imported on first use: CPU runs never load triton
+
+            if fused_ops.enabled():
+                return fused_ops.rotary(positions, query, key, self.cos_sin_cache, self.rotary_dim)
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
         cos, sin = cos[:, None, :], sin[:, None, :]
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)

@@ -68,10 +68,24 @@ class LlamaAttention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+            q, k = self._qk_norm_rope(positions, q, k)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q.flatten(1), k.flatten(1), v, metadata)
         return self.o_proj(out)
+
+    def _qk_norm_rope(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """Qwen3's per-head RMSNorm of q and k, then rotary; one fused kernel on CUDA."""
+        if q.is_cuda and self.q_norm.eps == self.k_norm.eps:
+            from octavo.layers import fused_ops  # imported on first use: CPU runs never load triton
+
+            if fused_ops.enabled():
+                rope = self.rotary_emb
+                return fused_ops.qk_norm_rope(
+                    positions, q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                    rope.cos_sin_cache, rope.rotary_dim,
+                )
+        return self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
 
 
 class LlamaMLP(nn.Module):
