@@ -311,8 +311,9 @@ class LLMEngine:
                 if member.first_token_time is None:
                     member.first_token_time = now
                 self._append_token(state, member, result.sampled[member.seq_id])
-            if state is not None:
-                touched[state.request_id] = state
+                # Offline (non-streaming) requests are reported only once they finish.
+                if state.stream or member.is_finished:
+                    touched[state.request_id] = state
 
         outputs = []
         for state in touched.values():

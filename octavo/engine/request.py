@@ -65,7 +65,7 @@ class Sequence:
         self.num_cached_prompt_tokens = 0  # from the prefix cache, first scheduling only
         self.status = SequenceStatus.WAITING
         self.stop_reason: Optional[int | str] = None
-        self.cumulative_logprob = 0.0
+        self.cumulative_logprob = 0.0  # tracked only when reported (logprobs) or ranked (best_of)
         self.num_preemptions = 0
         # Siblings (n > 1, best_of) that fork from this sequence once its prompt is computed,
         # sharing its blocks instead of computing the prompt again.
@@ -104,7 +104,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        return self.status in _FINISHED  # hot: checked per sequence per step
 
     def fork_from(self, parent: "Sequence") -> None:
         """Take the parent's progress; the KV manager shares its blocks separately."""

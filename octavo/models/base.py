@@ -28,6 +28,8 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits in the model's dtype; consumers upcast only what they need (a greedy argmax
+        on bfloat16 picks the same token as on its exact float32 copy)."""
         raise NotImplementedError
 
     def attention_layers(self) -> list[Attention]:

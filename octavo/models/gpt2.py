@@ -99,4 +99,4 @@ class GPT2LMHeadModel(CausalLM):
         return self.transformer(input_ids, positions, metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
+        return self.lm_head(hidden_states)

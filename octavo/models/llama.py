@@ -163,4 +163,4 @@ class LlamaForCausalLM(CausalLM):
         return self.model(input_ids, positions, metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states).float()
+        return self.lm_head(hidden_states)

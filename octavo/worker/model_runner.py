@@ -143,7 +143,7 @@ class ModelRunner:
         hidden = self.model(input_ids, torch.from_numpy(positions).to(self.device), metadata)
         rows = hidden[: min(num_sample_rows, num_tokens)]
         logits = self.model.compute_logits(rows)
-        torch.softmax(logits, dim=-1).sort(dim=-1)  # the sampler's worst case: a full-vocab sort
+        torch.softmax(logits.float(), dim=-1).sort(dim=-1)  # the sampler's worst case: a full-vocab sort
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - baseline
         self.kv_caches = []

@@ -390,14 +390,20 @@ class Sampler:
     def _output(
         logits: torch.Tensor, sampled: torch.Tensor, params: list[SamplingParams]
     ) -> DeviceSamplerOutput:
-        """Logprobs of the sampled tokens under the raw model distribution (float32)."""
-        raw = logits.float()
+        """Logprobs of the sampled tokens under the raw model distribution (float32).
+
+        They are read only to report logprobs or to rank best_of samples; when no row does
+        either they are left at 0 rather than paying a pass over the full logits.
+        """
         wanted = [p.logprobs for p in params]
         if all(w is None for w in wanted):
+            if all(p.num_samples == p.n for p in params):
+                return DeviceSamplerOutput(sampled, torch.zeros(len(params), device=sampled.device), wanted)
             # No full log_softmax needed: logprob = logit - logsumexp.
+            raw = logits.float()
             sampled_logprobs = raw.gather(1, sampled[:, None]).squeeze(1) - raw.logsumexp(dim=-1)
             return DeviceSamplerOutput(sampled, sampled_logprobs, wanted)
-        return _logprob_tables(raw.log_softmax(dim=-1), sampled, wanted)
+        return _logprob_tables(logits.float().log_softmax(dim=-1), sampled, wanted)
 
 
 def compute_prompt_logprobs(
