@@ -120,3 +120,11 @@ def test_hf_cb_refuses_mixed_output_lengths(tiny_model_factory, capsys):
     status = main(["bench", "throughput", "--model", str(folder), "--workload", "var", "--num-prompts", "2",
                    "--compare", "hf-cb", "--device", "cpu", "--skip-limit"])
     assert status == 2 and "hf-cb" in capsys.readouterr().err
+
+
+def test_host_overhead_runs_the_engine_with_a_stub_model(capsys):
+    from octavo.benchmarks import host_overhead
+
+    host_overhead.main(["--num-seqs", "8", "--prompt-len", "16", "--steps", "5", "--vocab-size", "256"])
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[0] == "8" and all(float(value) > 0 for value in row[1:])
