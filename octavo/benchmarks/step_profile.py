@@ -5,7 +5,9 @@
 Runs the ``fixed`` workload with every phase bracketed by device synchronisation,
 so each phase's wall time is its own (this slows the run; use it to find
 overhead, not to quote throughput). Also reports the GPU kernel time of one
-decode step from the PyTorch profiler, to compare with its wall time.
+decode step from the PyTorch profiler, to compare with its wall time, and then runs
+the workload again with asynchronous scheduling, unbracketed, to show how much of each
+step the host spends waiting for the device (near 0: the host is the bottleneck).
 """
 
 from __future__ import annotations
@@ -117,6 +119,47 @@ def main(argv: Optional[list[str]] = None) -> None:
         other = table["total"] - sum(table[name] for name in PHASES if name != "total")
         row = "".join(f"{table[name] / steps * 1e3:>9.2f}ms" for name in PHASES)
         print(f"{label + f' ({steps})':<22}{row}{other / steps * 1e3:>9.2f}ms")
+    del llm, engine
+    _pipelined_wait_share(model, args, requests, max_len)
+
+
+def _pipelined_wait_share(model: str, args: argparse.Namespace, requests, max_len: int) -> None:
+    """Run the workload with asynchronous scheduling; time spent blocked on the device's tokens."""
+    llm = LLM(model, load_format="dummy" if args.model.startswith("dummy:") else "auto", device=args.device,
+              max_model_len=max_len, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
+              skip_tokenizer_init=True, async_scheduling=True)
+    engine = llm.llm_engine
+    waited = 0.0
+    launch = engine.runner.launch
+
+    def timed_launch(*launch_args):
+        launched = launch(*launch_args)
+        wait = launched.wait
+
+        def timed_wait():
+            nonlocal waited
+            started = time.perf_counter()
+            result = wait()
+            waited += time.perf_counter() - started
+            return result
+
+        launched.wait = timed_wait
+        return launched
+
+    engine.runner.launch = timed_launch
+    for index, request in enumerate(requests):
+        engine.add_request(str(index), {"prompt_token_ids": request.prompt_token_ids},
+                           SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True),
+                           stream=False)
+    steps = 0
+    _sync(engine.device)
+    started = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    elapsed = time.perf_counter() - started
+    print(f"asynchronous scheduling: {steps} steps in {elapsed:.2f} s, {elapsed / steps * 1e3:.2f} ms per step, "
+          f"of which {waited / steps * 1e3:.2f} ms waiting for the device ({waited / elapsed:.0%})")
 
 
 if __name__ == "__main__":
