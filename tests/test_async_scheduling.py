@@ -159,3 +159,46 @@ def test_streaming_with_async_scheduling_matches_final_text(model_folder):
             seen.append(list(output.outputs[0].token_ids))
     assert all(-1 not in tokens for tokens in seen), "a token still on the device leaked into an output"
     assert [len(tokens) for tokens in seen] == list(range(1, 13))
+
+
+def test_prefix_blocks_are_found_by_the_next_step(model_folder):
+    """A request arriving one step after another with the same prompt reuses its blocks, as
+    with plain steps: blocks are indexed when their step is queued, not when tokens arrive."""
+    prompt = prompts(2)[0]["prompt_token_ids"] * 3  # long enough for several full blocks
+    cached = {}
+    for async_scheduling in (False, True):
+        llm = make_llm(model_folder, async_scheduling=async_scheduling)
+        engine = llm.llm_engine
+        params = SamplingParams(temperature=0.0, max_tokens=8)
+        engine.add_request("first", {"prompt_token_ids": prompt}, params)
+        engine.step()
+        engine.add_request("second", {"prompt_token_ids": prompt}, params)
+        outputs = {}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                outputs[output.request_id] = output
+        cached[async_scheduling] = outputs["second"].num_cached_tokens
+        assert outputs["second"].outputs[0].token_ids == outputs["first"].outputs[0].token_ids
+        assert engine._in_flight is None and engine.kv_cache.pool.num_used_blocks == 0
+    assert cached[True] == cached[False] > 0
+
+
+def test_pending_counts_return_to_zero_after_a_stop(model_folder):
+    llm = make_llm(model_folder, async_scheduling=True)
+    greedy = llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
+    engine = llm.llm_engine
+    seqs = []
+    original = engine.runner.launch
+
+    def spy(batch, tables, previous=None):
+        seqs.extend(batch.seqs)
+        return original(batch, tables, previous)
+
+    engine.runner.launch = spy
+    stops = [SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[o.outputs[0].token_ids[4]])
+             for o in greedy]
+    outputs = llm.generate(prompts(), stops, use_tqdm=False)
+    assert all(o.outputs[0].finish_reason == "stop" for o in outputs)
+    assert engine._in_flight is None, "an idle engine keeps no step in flight"
+    assert {seq.num_pending_tokens for seq in seqs} == {0}
+    assert all(seq.num_tokens == len(seq.token_ids) for seq in seqs)

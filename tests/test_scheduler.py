@@ -19,7 +19,8 @@ def make_seq(seq_id: int, prompt_len: int) -> Sequence:
 def run_step(scheduler: Scheduler):
     """Schedule, pretend the model ran, and give every sequence that finished its prompt a token."""
     batch = scheduler.schedule()
-    scheduler.on_step_done(batch)
+    scheduler.on_step_launched(batch)
+    scheduler.cache_full_blocks(batch.seqs)
     for seq in batch.seqs:
         if seq.num_computed_tokens == seq.num_tokens:
             seq.append_token(7, 0.0)

@@ -216,7 +216,7 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
                            f"(request {i}: {got}, asked for {wanted}).")
     prompt_tokens, _ = _sums(requests)
     details = {"model_load_s": sum(load_seconds), "engine_startup_s": startup_s, "warmup_s": warmup_s,
-               "generated_tokens": sum(counts)}
+               "generated_tokens": sum(counts), "async_scheduling": llm.llm_engine.async_scheduling}
     return EngineResult("octavo", len(requests), prompt_tokens, sum(counts), elapsed,
                         "first request submitted to last finished", details=details)
 
@@ -350,7 +350,7 @@ def run_throughput(args: argparse.Namespace) -> int:
                      "python": platform.python_version(), "octavo_options": {
                          "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                          "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
-                         "async_scheduling": not args.no_async_scheduling, "max_model_len": max_model_len}},
+                         "no_async_scheduling": args.no_async_scheduling, "max_model_len": max_model_len}},
             "workload": {"name": spec.name, "num_prompts": spec.num_prompts, "prompt_len": list(spec.prompt_len),
                          "output_len": list(spec.output_len), "seed": args.seed, "prompt_tokens": prompt_tokens,
                          "output_tokens": output_tokens},

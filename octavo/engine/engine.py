@@ -229,10 +229,10 @@ class LLMEngine:
             state = self._forget_request(request_id)
             if state is not None:
                 self.scheduler.abort(state.seqs)
+        self._drop_in_flight_if_idle()
 
     def has_unfinished_requests(self) -> bool:
-        """Requests still running, or a step still in flight (its tokens get collected)."""
-        return bool(self.requests) or self._in_flight is not None
+        return bool(self.requests)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -265,7 +265,15 @@ class LLMEngine:
             return self._nothing_scheduled()
         previous = self._in_flight
         self._in_flight = (batch, self._launch(batch, previous[1] if previous else None))
-        return self._process(*previous) if previous is not None else []
+        outputs = self._process(*previous) if previous is not None else []
+        self._drop_in_flight_if_idle()
+        return outputs
+
+    def _drop_in_flight_if_idle(self) -> None:
+        """With every request gone, the step in flight holds only tokens nobody wants: collect it
+        now, so an idle engine has nothing pending."""
+        if not self.requests and self._in_flight is not None:
+            self._process(*self._take_in_flight())
 
     def _nothing_scheduled(self) -> list[RequestOutput]:
         if self.scheduler.has_unfinished():
@@ -284,6 +292,9 @@ class LLMEngine:
         block_tables = [self.kv_cache.block_table(seq.seq_id) for seq in batch.seqs]
         launched = self.runner.launch(batch, block_tables, previous)
         self.scheduler.on_step_launched(batch)
+        # Index filled blocks now, not when the tokens arrive, so the very next step's new
+        # requests can hit them (their K/V is written before any later step reads it).
+        self.scheduler.cache_full_blocks(batch.seqs)
         for seq in launched.samplers:
             seq.num_pending_tokens += 1
         self._track_waste()
@@ -292,7 +303,6 @@ class LLMEngine:
     def _process(self, batch: ScheduledBatch, launched: LaunchedStep) -> list[RequestOutput]:
         """Take a launched step's tokens: append them, check stops, build outputs."""
         result = launched.wait()
-        self.scheduler.cache_full_blocks(batch.seqs)
         touched: dict[str, RequestState] = {}
         now = time.monotonic()
         for seq in batch.seqs:
@@ -354,7 +364,6 @@ class LLMEngine:
             status = SequenceStatus.FINISHED_LENGTH
         if status is not None:
             seq.stop_reason = stop_reason
-            seq.num_pending_tokens = 0  # a token still in flight after a stop is discarded
             self.scheduler.finish(seq, status)
 
     def _to_logprob_dicts(self, entries) -> list[dict[int, Logprob]]:

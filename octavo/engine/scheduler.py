@@ -175,11 +175,6 @@ class Scheduler:
             self.running.append(child)
         return children
 
-    def on_step_done(self, batch: ScheduledBatch) -> None:
-        """A step ran to completion on the host's view: advance and index in one go."""
-        self.on_step_launched(batch)
-        self.cache_full_blocks(batch.seqs)
-
     def on_step_launched(self, batch: ScheduledBatch) -> None:
         """The batch's tokens are (being) computed: advance the progress counters."""
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
