@@ -15,7 +15,7 @@ import pytest
 
 from octavo import LLM, SamplingParams
 
-NUM_PROMPTS = 6
+NUM_PROMPTS = 7
 # OCTAVO_TEST_DEVICE=cuda runs the same checks on a GPU, where the steps really overlap.
 DEVICE = os.environ.get("OCTAVO_TEST_DEVICE", "cpu")
 
@@ -38,9 +38,11 @@ def prompts(seed: int = 0) -> list[dict]:
 def summary(outputs) -> list[tuple]:
     """Everything but the float logprobs, which differ in the last bits when batches differ."""
     return [
-        tuple((c.token_ids, c.text, c.finish_reason, c.stop_reason,
-               None if c.logprobs is None else [sorted((k, v.rank) for k, v in d.items()) for d in c.logprobs])
-              for c in o.outputs)
+        (tuple((c.token_ids, c.text, c.finish_reason, c.stop_reason,
+                None if c.logprobs is None else [sorted((k, v.rank) for k, v in d.items()) for d in c.logprobs])
+               for c in o.outputs),
+         None if o.prompt_logprobs is None else [d and sorted((k, v.rank) for k, v in d.items())
+                                                 for d in o.prompt_logprobs])
         for o in outputs
     ]
 
@@ -55,15 +57,19 @@ def logprob_values(outputs) -> list[float]:
 
 
 def mixed_params(stop_tokens: list[int], stop_text: str) -> list[SamplingParams]:
-    """One of each kind of request; only the last two need every token on the host, and they
-    finish after 3 tokens, so the stops fire in pipelined steps."""
+    """One of each kind of request. Only n=2 needs every token on the host, and it finishes
+    after 3 tokens, so the stops and penalties run in pipelined steps."""
     return [
-        SamplingParams(temperature=0.0, max_tokens=20),
+        SamplingParams(temperature=0.0, max_tokens=20, prompt_logprobs=2),
         SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=17, logprobs=3),
         SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=stop_tokens),
         SamplingParams(temperature=0.0, max_tokens=30, stop=[stop_text], min_tokens=2),
         SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=3),
-        SamplingParams(temperature=0.0, max_tokens=3, repetition_penalty=1.3),
+        # Negative presence/frequency penalties make the tiny model repeat what it said, so the
+        # tokens depend on counting the newest one, which is still on the device when sampled.
+        SamplingParams(temperature=0.0, max_tokens=24, repetition_penalty=1.1, presence_penalty=-1.0,
+                       frequency_penalty=-0.5),
+        SamplingParams(temperature=0.7, seed=5, max_tokens=24, presence_penalty=-1.0),
     ]
 
 
@@ -119,8 +125,8 @@ def test_async_pipeline_runs_when_no_request_needs_the_host(model_folder):
     assert sum(launches) >= len(launches) - 2, "steps should be queued behind the one in flight"
 
     launches.clear()
-    llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=10, presence_penalty=0.5), use_tqdm=False)
-    assert not any(launches), "penalties need every token on the host: plain steps"
+    llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=10, n=2), use_tqdm=False)
+    assert not any(launches), "samples forking from the first token need plain steps"
 
 
 def test_abort_with_a_step_in_flight(model_folder):

@@ -51,14 +51,9 @@ class RequestState:
 
 def _needs_every_token_on_host(params: SamplingParams) -> bool:
     """Whether the next step of such a request must wait for the host to see this step's
-    token: forking samples, penalties (token counts) and prompt logprobs work on the host."""
-    return (
-        params.num_samples > 1
-        or params.prompt_logprobs is not None
-        or params.repetition_penalty != 1.0
-        or params.presence_penalty != 0.0
-        or params.frequency_penalty != 0.0
-    )
+    token: sibling samples (n > 1, best_of) fork on the host from the first sampled token.
+    Penalties and prompt logprobs work with a step in flight."""
+    return params.num_samples > 1
 
 
 class LLMEngine:
@@ -246,9 +241,8 @@ class LLMEngine:
         queues step ``k`` on the device, then processes the tokens of step ``k - 1`` while the
         device computes, so host work hides behind device work. The outputs therefore trail
         the device by one step, and a sequence that stops on a token (EOS, stop string)
-        costs one discarded token of compute. Requests that need every token on the host
-        before the next step (n > 1, penalties, prompt logprobs) switch the engine to plain
-        steps while they run.
+        costs one discarded token of compute. Requests whose samples fork from the first
+        token (n > 1, best_of) switch the engine to plain steps while they run.
         """
         if not (self.async_scheduling and self._num_sync_requests == 0):
             if self._in_flight is not None:

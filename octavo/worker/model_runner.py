@@ -20,7 +20,8 @@ from octavo.engine.scheduler import ScheduledBatch
 from octavo.layers.attention import AttentionMetadata, get_attention_backend
 from octavo.models.base import CausalLM
 from octavo.worker.cuda_graphs import DecodeGraphs
-from octavo.worker.sampler import DeviceSamplerOutput, Sampler, SamplingRow, compute_prompt_logprobs
+from octavo.worker.sampler import (DeviceSamplerOutput, Sampler, SamplingRow, compute_prompt_logprobs,
+                                   has_penalty)
 
 logger = logging.getLogger(__name__)
 
@@ -275,13 +276,22 @@ class ModelRunner:
             )
             for seq in samplers
         ]
-        output = self.sampler.sample(logits, rows)
+        output = self.sampler.sample(logits, rows, self._pending_output_tokens(inputs, samplers))
         launched.samplers = samplers
         launched.device_token_ids = output.sampled_token_ids
         launched.row_of_seq = {seq.seq_id: index for index, seq in enumerate(samplers)}
         output.start_copy()
         launched.output = output
         return launched
+
+    def _pending_output_tokens(self, inputs: ModelInputs, samplers: list[Sequence]) -> Optional[torch.Tensor]:
+        """For penalties: each sampling row's newest output token when the host does not have it
+        yet (-1 otherwise). That token is the row's input this step, already on the device."""
+        if len(samplers) != len(inputs.sample_seqs) or not any(
+                seq.num_pending_tokens and has_penalty(seq.params) for seq in samplers):
+            return None
+        pending = self._upload(torch.tensor([seq.num_pending_tokens > 0 for seq in samplers]))
+        return torch.where(pending, inputs.input_ids[inputs.sample_indices], -1)
 
     def _prompt_logprobs(self, batch: ScheduledBatch, inputs: ModelInputs, hidden: torch.Tensor,
                          result: StepResult) -> None:

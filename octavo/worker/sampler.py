@@ -161,13 +161,16 @@ def apply_penalties(
     repetition_penalties: Sequence[float],
     presence_penalties: Sequence[float],
     frequency_penalties: Sequence[float],
+    pending_output_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply vLLM's penalties to float32 ``logits`` [rows, vocab] in place and return them.
 
     The repetition penalty covers tokens seen in the prompt or the output (positive logits are
     divided by it, negative ones multiplied); then ``logit -= presence * (count > 0) +
     frequency * count`` with counts taken over the output only. Token lists of rows whose
-    penalties are neutral are not transferred.
+    penalties are neutral are not transferred. ``pending_output_tokens`` (device, one per row,
+    -1 for none) is a newest output token that is not in the host lists yet: with
+    asynchronous scheduling it is still on the device.
     """
     vocab_size, device = logits.shape[1], logits.device
     uses_repetition = [r != 1.0 for r in repetition_penalties]
@@ -180,6 +183,11 @@ def apply_penalties(
         vocab_size,
         device,
     )
+    if pending_output_tokens is not None:
+        if output_counts is None:
+            output_counts = torch.zeros(len(output_token_ids), vocab_size, dtype=torch.float32, device=device)
+        present = (pending_output_tokens >= 0).to(torch.float32)[:, None]
+        output_counts.scatter_add_(1, pending_output_tokens.clamp(min=0)[:, None], present)
     if any(uses_repetition):
         prompt_counts = _token_counts(
             [prompt if rep else () for prompt, rep in zip(prompt_token_ids, uses_repetition)],
@@ -277,7 +285,7 @@ def _min_tokens_blocked(
     return row_index, token_index
 
 
-def _has_penalty(params: SamplingParams) -> bool:
+def has_penalty(params: SamplingParams) -> bool:
     return (
         params.repetition_penalty != 1.0
         or params.presence_penalty != 0.0
@@ -333,12 +341,17 @@ class Sampler:
             return SamplerOutput([], [], [])
         return self.sample(logits, rows).to_host()
 
-    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSamplerOutput:
-        """Like ``__call__`` but leaves the result on the device (no synchronisation)."""
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow],
+               pending_output_tokens: torch.Tensor | None = None) -> DeviceSamplerOutput:
+        """Like ``__call__`` but leaves the result on the device (no synchronisation).
+
+        ``pending_output_tokens``: see ``apply_penalties``; needed only for penalised rows
+        whose ``num_pending_tokens`` is not 0.
+        """
         vocab_size = logits.shape[1]
         params = [row.params for row in rows]
         greedy = [p.greedy for p in params]
-        penalized = any(map(_has_penalty, params))
+        penalized = any(map(has_penalty, params))
         blocked_rows, blocked_tokens = _min_tokens_blocked(rows, vocab_size)
 
         work = logits
@@ -352,6 +365,7 @@ class Sampler:
                 [p.repetition_penalty for p in params],
                 [p.presence_penalty for p in params],
                 [p.frequency_penalty for p in params],
+                pending_output_tokens,
             )
         if blocked_rows:
             device = work.device
