@@ -128,22 +128,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view(x.shape)
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                       inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s = x + residual`` (rounded to the input dtype), then ``(rms_norm(s), s)``.
-
-    With ``inplace`` the normalised rows overwrite ``x`` and ``s`` overwrites ``residual`` (each
-    program reads its whole row before writing); both must then be ``[rows, hidden]`` with unit
-    last stride and the weight must not widen the dtype. Otherwise new tensors are returned and
-    the inputs are left untouched.
-    """
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` (rounded to the input dtype), then ``(rms_norm(s), s)`` as new
+    tensors; the inputs are left untouched."""
     assert x.shape == residual.shape and x.dtype == residual.dtype, (x.shape, residual.shape)
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
-    if inplace:
-        assert x.dim() == 2 and x.stride(-1) == 1 and residual.stride(-1) == 1
-        assert out_dtype == x.dtype
-        _launch_rms_norm(x, residual, weight, x, residual, eps)
-        return x, residual
     x2, r2 = _rows(x), _rows(residual)
     out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     res_out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
