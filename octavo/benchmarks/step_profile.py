@@ -85,7 +85,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             and not engine.scheduler.waiting and engine.scheduler.running
         full_batch = len(engine.scheduler.running) == args.max_num_seqs
         profile_decode = batch_is_decode and not profiled_decode and full_batch
-        profile_prefill = not batch_is_decode and mixed_steps == 2 and not profiled_prefill
+        # A mixed step late in the run: a prefill chunk beside hundreds of decoding sequences.
+        profile_prefill = (not batch_is_decode and not profiled_prefill
+                           and len(engine.scheduler.running) >= args.max_num_seqs // 2)
         if device.type == "cuda" and (profile_decode or profile_prefill):
             profiled_decode |= profile_decode
             profiled_prefill |= profile_prefill
