@@ -106,7 +106,7 @@ def test_async_outputs_equal_sync_outputs(model_folder):
     assert len(expected[2].outputs[0].token_ids) < 30
 
     engine = async_llm.llm_engine
-    assert engine._in_flight is None and engine._num_sync_requests == 0
+    assert engine._in_flight is None
     assert engine.kv_cache.pool.num_used_blocks == 0
 
 
@@ -125,8 +125,8 @@ def test_async_pipeline_runs_when_no_request_needs_the_host(model_folder):
     assert sum(launches) >= len(launches) - 2, "steps should be queued behind the one in flight"
 
     launches.clear()
-    llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=10, n=2), use_tqdm=False)
-    assert not any(launches), "samples forking from the first token need plain steps"
+    llm.generate(prompts(), SamplingParams(temperature=0.5, seed=1, max_tokens=10, n=2), use_tqdm=False)
+    assert sum(launches) >= len(launches) - 2, "parallel samples fork with a step in flight too"
 
 
 def test_abort_with_a_step_in_flight(model_folder):
@@ -208,3 +208,27 @@ def test_pending_counts_return_to_zero_after_a_stop(model_folder):
     assert engine._in_flight is None, "an idle engine keeps no step in flight"
     assert {seq.num_pending_tokens for seq in seqs} == {0}
     assert all(seq.num_tokens == len(seq.token_ids) for seq in seqs)
+
+
+@pytest.mark.parametrize("blocks,budget", [(None, 32), (24, 16)], ids=["roomy", "preempting"])
+def test_parallel_samples_fork_with_a_step_in_flight(model_folder, blocks, budget):
+    """n > 1 and best_of: siblings fork from the parent once its first token is sampled, while
+    the parent's next step is already queued (and may have taken a fresh block). Prompt
+    lengths on and off block boundaries. The small pool forces preemption, including of
+    parents whose first token is still in flight (their siblings then queue behind them)."""
+    rng = random.Random(5)
+    lengths = (8, 9, 12, 15, 16, 20, 31)
+    batch = [{"prompt_token_ids": [rng.randrange(3, 256) for _ in range(length)]} for length in lengths]
+    params = [SamplingParams(temperature=0.8, seed=11 + i, n=3, max_tokens=14) for i in range(len(lengths) - 1)]
+    params.append(SamplingParams(temperature=0.8, seed=3, n=2, best_of=3, max_tokens=10))
+    results = {}
+    for async_scheduling in (False, True):
+        llm = make_llm(model_folder, async_scheduling=async_scheduling, num_gpu_blocks_override=blocks,
+                       max_num_batched_tokens=budget)
+        results[async_scheduling] = llm.generate(batch, params, use_tqdm=False)
+        engine = llm.llm_engine
+        assert engine.kv_cache.pool.num_used_blocks == 0
+        if blocks is not None:
+            assert engine.scheduler.num_preemptions > 0, "the small pool was meant to force preemption"
+    assert summary(results[True]) == summary(results[False])
+    assert [len(o.outputs) for o in results[True]] == [3] * (len(lengths) - 1) + [2]

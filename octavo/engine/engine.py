@@ -42,18 +42,10 @@ class RequestState:
     detokenizers: list[IncrementalDetokenizer]
     logprobs: Optional[list[list[dict[int, Logprob]]]]  # per sequence, when params.logprobs is set
     stream: bool = True  # report every step, not only when finished
-    needs_sync: bool = False  # see _needs_every_token_on_host
 
     @property
     def finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
-
-
-def _needs_every_token_on_host(params: SamplingParams) -> bool:
-    """Whether the next step of such a request must wait for the host to see this step's
-    token: sibling samples (n > 1, best_of) fork on the host from the first sampled token.
-    Penalties and prompt logprobs work with a step in flight."""
-    return params.num_samples > 1
 
 
 class LLMEngine:
@@ -104,7 +96,6 @@ class LLMEngine:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self._in_flight: Optional[tuple[ScheduledBatch, LaunchedStep]] = None
-        self._num_sync_requests = 0
         self._seq_ids = count()
         self.peak_kv_waste_slots = 0
         self.peak_running_at_waste = 0
@@ -184,11 +175,8 @@ class LLMEngine:
                           for _ in seqs],
             logprobs=[[] for _ in seqs] if params.logprobs is not None else None,
             stream=stream,
-            needs_sync=_needs_every_token_on_host(params),
         )
         self.requests[request_id] = state
-        if state.needs_sync:
-            self._num_sync_requests += 1
         # Only the first sample computes the prompt; the others fork from it (sharing blocks).
         seqs[0].pending_forks = seqs[1:]
         self.scheduler.add(seqs[0])
@@ -221,7 +209,7 @@ class LLMEngine:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         for request_id in request_ids:
-            state = self._forget_request(request_id)
+            state = self.requests.pop(request_id, None)
             if state is not None:
                 self.scheduler.abort(state.seqs)
         self._drop_in_flight_if_idle()
@@ -241,10 +229,9 @@ class LLMEngine:
         queues step ``k`` on the device, then processes the tokens of step ``k - 1`` while the
         device computes, so host work hides behind device work. The outputs therefore trail
         the device by one step, and a sequence that stops on a token (EOS, stop string)
-        costs one discarded token of compute. Requests whose samples fork from the first
-        token (n > 1, best_of) switch the engine to plain steps while they run.
+        costs one discarded token of compute.
         """
-        if not (self.async_scheduling and self._num_sync_requests == 0):
+        if not self.async_scheduling:
             if self._in_flight is not None:
                 return self._process(*self._take_in_flight())
             batch = self.scheduler.schedule()
@@ -325,14 +312,8 @@ class LLMEngine:
             if finished or state.stream:
                 outputs.append(self._make_output(state))
             if finished:
-                self._forget_request(state.request_id)
+                del self.requests[state.request_id]
         return outputs
-
-    def _forget_request(self, request_id: str) -> Optional[RequestState]:
-        state = self.requests.pop(request_id, None)
-        if state is not None and state.needs_sync:
-            self._num_sync_requests -= 1
-        return state
 
     def _append_token(self, state: RequestState, seq: Sequence, sampled: SampledToken) -> None:
         params = seq.params

@@ -107,9 +107,13 @@ class Sequence:
         return self.status in _FINISHED  # hot: checked per sequence per step
 
     def fork_from(self, parent: "Sequence") -> None:
-        """Take the parent's progress; the KV manager shares its blocks separately."""
+        """Take the parent's progress; the KV manager shares its blocks separately.
+
+        Only tokens the host knows count as computed: with a step in flight the parent has
+        already moved on to its first sampled token, which is not the child's.
+        """
         self.token_ids = list(parent.token_ids)
-        self.num_computed_tokens = parent.num_computed_tokens
+        self.num_computed_tokens = min(parent.num_computed_tokens, len(parent.token_ids))
         self.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
         self.first_scheduled_time = parent.first_scheduled_time
         self.status = SequenceStatus.RUNNING

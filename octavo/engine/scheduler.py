@@ -171,8 +171,15 @@ class Scheduler:
         children, parent.pending_forks = parent.pending_forks, []
         for child in children:
             child.fork_from(parent)
-            self.kv_cache.fork(parent.seq_id, child.seq_id)
-            self.running.append(child)
+            if parent.status is SequenceStatus.RUNNING:
+                self.kv_cache.fork(parent.seq_id, child.seq_id, child.num_computed_tokens)
+                self.running.append(child)
+            else:
+                # The parent was preempted while its step was in flight: the child recomputes
+                # the prompt too, queued right behind it.
+                child.num_computed_tokens = 0
+                child.status = SequenceStatus.WAITING
+                self.waiting.insert(self.waiting.index(parent) + 1, child)
         return children
 
     def on_step_launched(self, batch: ScheduledBatch) -> None:

@@ -183,18 +183,22 @@ class KVCacheManager:
         ids.extend(block.block_id for block in new_blocks)
         return copies
 
-    def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
-        """Give the child the parent's blocks by reference; writes copy later."""
+    def fork(self, parent_seq_id: int, child_seq_id: int, num_tokens: Optional[int] = None) -> None:
+        """Give the child, by reference, the parent's blocks that hold its first ``num_tokens``
+        tokens (default: all); writes copy later. A block the parent already took for a step
+        still in flight is not the child's."""
         if child_seq_id in self.tables:
             raise RuntimeError(f"sequence {child_seq_id} already has a block table.")
         parent = self.tables[parent_seq_id]
-        for block in parent:
+        num_blocks = len(parent) if num_tokens is None else self.blocks_for_tokens(num_tokens)
+        shared = parent[:num_blocks]
+        for block in shared:
             self.pool.share(block)
-        self.tables[child_seq_id] = list(parent)
-        self._block_ids[child_seq_id] = list(self._block_ids[parent_seq_id])
-        self._num_indexed[child_seq_id] = self._num_indexed.get(parent_seq_id, 0)
+        self.tables[child_seq_id] = list(shared)
+        self._block_ids[child_seq_id] = self._block_ids[parent_seq_id][:num_blocks]
+        self._num_indexed[child_seq_id] = min(self._num_indexed.get(parent_seq_id, 0), num_blocks)
         if parent_seq_id in self._block_hashes:
-            self._block_hashes[child_seq_id] = list(self._block_hashes[parent_seq_id])
+            self._block_hashes[child_seq_id] = self._block_hashes[parent_seq_id][:num_blocks]
 
     def free(self, seq_id: int) -> None:
         """Release a finished, aborted or preempted sequence's blocks (tail first, so

@@ -77,6 +77,12 @@ class LaunchedStep:
         return self.result
 
 
+def _forking_now(seq: Sequence) -> list[Sequence]:
+    """Siblings waiting to fork draw their first token from the parent's first-token logits
+    (and only from those: with a step in flight the parent samples again before they fork)."""
+    return seq.pending_forks if seq.num_output_tokens == 0 and seq.num_pending_tokens == 0 else []
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, block_size: int,
                  eos_token_ids: frozenset[int], attention_backend: str = "auto") -> None:
@@ -261,10 +267,10 @@ class ModelRunner:
             return launched
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         # Siblings about to fork draw their first token from the parent's logits row.
-        samplers = [member for seq in inputs.sample_seqs for member in [seq, *seq.pending_forks]]
+        samplers = [member for seq in inputs.sample_seqs for member in [seq, *_forking_now(seq)]]
         if len(samplers) > len(inputs.sample_seqs):
-            repeats = torch.tensor([1 + len(seq.pending_forks) for seq in inputs.sample_seqs], device=self.device)
-            logits = logits.repeat_interleave(repeats, dim=0)
+            rows = [row for row, seq in enumerate(inputs.sample_seqs) for _ in range(1 + len(_forking_now(seq)))]
+            logits = logits.index_select(0, self._upload(torch.tensor(rows)))
         rows = [
             SamplingRow(
                 params=seq.params,
