@@ -77,6 +77,20 @@ class LaunchedStep:
         return self.result
 
 
+def _decodes_first(batch: ScheduledBatch, block_tables: list[list[int]]) -> tuple[ScheduledBatch, list[list[int]]]:
+    """The same batch with its one-token rows first (stable), so that attention can run them
+    with the decode kernel as one contiguous block. Results are keyed by sequence, so the
+    order is the runner's business only."""
+    num_new = batch.num_new_tokens
+    first_multi = next((row for row, n in enumerate(num_new) if n != 1), len(num_new))
+    if all(n != 1 for n in num_new[first_multi:]):
+        return batch, block_tables  # already ordered (or all decodes, or no decodes)
+    order = [row for row, n in enumerate(num_new) if n == 1] + [row for row, n in enumerate(num_new) if n != 1]
+    reordered = ScheduledBatch([batch.seqs[row] for row in order], [num_new[row] for row in order],
+                               batch.block_copies, batch.num_preempted)
+    return reordered, [block_tables[row] for row in order]
+
+
 def _forking_now(seq: Sequence) -> list[Sequence]:
     """Siblings waiting to fork draw their first token from the parent's first-token logits
     (and only from those: with a step in flight the parent samples again before they fork)."""
@@ -174,7 +188,12 @@ class ModelRunner:
         def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
             return self._upload(torch.from_numpy(np.ascontiguousarray(array)).to(dtype))
 
+        # Length of the leading run of one-token rows (launch puts decodes first).
+        num_decodes = int(np.argmax(query_lens != 1)) if (query_lens != 1).any() else len(query_lens)
+        mixed = 0 < num_decodes < len(query_lens)
         return AttentionMetadata(
+            num_decodes=num_decodes,
+            prefill_query_start_loc=to_device(query_start[num_decodes:] - num_decodes, torch.int32) if mixed else None,
             query_start_loc=to_device(query_start, torch.int32),
             seq_lens=to_device(seq_lens, torch.int32),
             block_tables=to_device(tables, torch.int32),
@@ -255,6 +274,7 @@ class ModelRunner:
         """Queue one step on the device and return without waiting for its tokens
         (prompt logprobs, when asked for, are gathered synchronously)."""
         self.copy_blocks(batch.block_copies)
+        batch, block_tables = _decodes_first(batch, block_tables)
         inputs = self.prepare_inputs(batch, block_tables, previous)
         graphs = self.decode_graphs
         if graphs is not None and graphs.can_run(len(batch.seqs), inputs.metadata):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -24,6 +25,11 @@ class AttentionMetadata:
     # Host copies so the reference path can loop without device syncs.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # The batch's first ``num_decodes`` sequences run one query token each. A mixed batch
+    # lists them first so that attention can hand them to the decode kernel as one block and
+    # the rest, whose query starts are ``prefill_query_start_loc``, to the prefill kernel.
+    num_decodes: int = 0
+    prefill_query_start_loc: Optional[torch.Tensor] = None  # query_start_loc[num_decodes:] - num_decodes
 
     @property
     def num_seqs(self) -> int:
