@@ -231,19 +231,15 @@ class LLMEngine:
         the device by one step, and a sequence that stops on a token (EOS, stop string)
         costs one discarded token of compute.
         """
-        if not self.async_scheduling:
-            if self._in_flight is not None:
-                return self._process(*self._take_in_flight())
-            batch = self.scheduler.schedule()
-            if not batch.seqs:
-                return self._nothing_scheduled()
-            return self._process(batch, self._launch(batch, None))
-
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self._in_flight is not None:
                 return self._process(*self._take_in_flight())
-            return self._nothing_scheduled()
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending (a request that can never fit).")
+            return []
+        if not self.async_scheduling:
+            return self._process(batch, self._launch(batch, None))
         previous = self._in_flight
         self._in_flight = (batch, self._launch(batch, previous[1] if previous else None))
         outputs = self._process(*previous) if previous is not None else []
@@ -255,11 +251,6 @@ class LLMEngine:
         now, so an idle engine has nothing pending."""
         if not self.requests and self._in_flight is not None:
             self._process(*self._take_in_flight())
-
-    def _nothing_scheduled(self) -> list[RequestOutput]:
-        if self.scheduler.has_unfinished():
-            raise RuntimeError("scheduler made no progress with requests pending (a request that can never fit).")
-        return []
 
     def _take_in_flight(self) -> tuple[ScheduledBatch, LaunchedStep]:
         in_flight, self._in_flight = self._in_flight, None
