@@ -232,3 +232,53 @@ def test_parallel_samples_fork_with_a_step_in_flight(model_folder, blocks, budge
             assert engine.scheduler.num_preemptions > 0, "the small pool was meant to force preemption"
     assert summary(results[True]) == summary(results[False])
     assert [len(o.outputs) for o in results[True]] == [3] * (len(lengths) - 1) + [2]
+
+
+def test_a_child_never_writes_into_an_indexed_block(model_folder):
+    """The parent of an n=2 request fills its last prompt block with its first token while
+    the step that forks the child is in flight; a long prompt admitted in between starves the
+    child, and the parent finishes and indexes that block. The child's first write must copy
+    the block, not change what the prefix index holds: a later prompt that extends the
+    parent's output must find the parent's K/V there."""
+    prompt = [10, 20, 30, 40, 50, 60, 70]  # 7 tokens: the block of positions 4..7 is partly filled
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outputs = {}
+    llm = make_llm(model_folder, async_scheduling=True, max_num_batched_tokens=16)
+    engine = llm.llm_engine
+    engine.add_request("parent", {"prompt_token_ids": prompt},
+                       SamplingParams(temperature=1.0, seed=3, n=2, max_tokens=3, ignore_eos=True))
+    step = 0
+    while engine.has_unfinished_requests():
+        if step == 1:
+            engine.add_request("long", {"prompt_token_ids": list(range(100, 160))},
+                               SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        for output in engine.step():
+            outputs[output.request_id] = output
+        step += 1
+    follow_up = {"prompt_token_ids": prompt + [outputs["parent"].outputs[0].token_ids[0], 5, 6]}
+    hit = llm.generate([follow_up], greedy, use_tqdm=False)[0]
+    assert hit.num_cached_tokens >= 8, "the follow-up was meant to reuse the parent's blocks"
+    reference = make_llm(model_folder, async_scheduling=False, enable_prefix_caching=False)
+    assert hit.outputs[0].token_ids == reference.generate([follow_up], greedy, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_penalties_count_the_token_in_flight_beside_forking_requests(model_folder):
+    """Rows of a step where another request draws its siblings' first tokens still see their
+    own newest token (still on the device) in the penalty counts."""
+    results = {}
+    for async_scheduling in (False, True):
+        engine = make_llm(model_folder, async_scheduling=async_scheduling).llm_engine
+        engine.add_request("penalised", {"prompt_token_ids": [5, 6, 7, 8, 9]},
+                           SamplingParams(temperature=0.0, max_tokens=20, presence_penalty=-1.0,
+                                          frequency_penalty=-0.5))
+        finished, step = {}, 0
+        while engine.has_unfinished_requests():
+            if step in (3, 5, 7, 9, 11):
+                engine.add_request(f"n2-{step}", {"prompt_token_ids": [11, 12, 13]},
+                                   SamplingParams(temperature=0.7, seed=step, n=2, max_tokens=4))
+            for output in engine.step():
+                if output.finished:
+                    finished[output.request_id] = [c.token_ids for c in output.outputs]
+            step += 1
+        results[async_scheduling] = finished
+    assert results[True] == results[False]

@@ -273,7 +273,7 @@ def test_engine_on_the_triton_backend_matches_the_reference(arch, tiny_model_fac
 
         def spy(*args, **kwargs):
             metadata = metadata_of(*args, **kwargs)
-            mixed.append(metadata.prefill_query_start_loc is not None)
+            mixed.append(metadata.prefill is not None)
             return metadata
 
         llm.llm_engine.runner._metadata = spy

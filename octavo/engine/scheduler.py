@@ -169,7 +169,7 @@ class Scheduler:
     def fork(self, parent: Sequence) -> list[Sequence]:
         """Start a sequence's pending siblings: they share its blocks and run from the next step."""
         children, parent.pending_forks = parent.pending_forks, []
-        for child in children:
+        for order, child in enumerate(children):
             child.fork_from(parent)
             if parent.status is SequenceStatus.RUNNING:
                 self.kv_cache.fork(parent.seq_id, child.seq_id, child.num_computed_tokens)
@@ -179,7 +179,7 @@ class Scheduler:
                 # the prompt too, queued right behind it.
                 child.num_computed_tokens = 0
                 child.status = SequenceStatus.WAITING
-                self.waiting.insert(self.waiting.index(parent) + 1, child)
+                self.waiting.insert(self.waiting.index(parent) + 1 + order, child)
         return children
 
     def on_step_launched(self, batch: ScheduledBatch) -> None:

@@ -36,6 +36,14 @@ class PrefixHit:
     num_tokens: int
 
 
+def _writable(block: KVBlock) -> bool:
+    """Whether a sequence may write into a partly computed block in place: only if nobody
+    else holds it and it is not in the prefix index. (An indexed block can be partly
+    computed for a forked child whose parent filled it with a step in flight; writing the
+    child's tokens there would change what the index promises.)"""
+    return block.ref_count == 1 and block.block_hash is None
+
+
 class KVCacheManager:
     def __init__(
         self,
@@ -145,7 +153,7 @@ class KVCacheManager:
             # The common decode step: the slot is already allocated in a block this sequence owns.
             size = self.block_size
             fits = num_computed_tokens + num_new_tokens <= len(table) * size
-            if fits and (num_computed_tokens % size == 0 or table[num_computed_tokens // size].ref_count == 1):
+            if fits and (num_computed_tokens % size == 0 or _writable(table[num_computed_tokens // size])):
                 return []
         table = self.tables.setdefault(seq_id, [])
         hit_blocks = prefix_hit.blocks if prefix_hit else []
@@ -157,7 +165,7 @@ class KVCacheManager:
         needs_copy = (
             num_computed_tokens % self.block_size != 0
             and write_index < len(table)
-            and table[write_index].ref_count > 1
+            and not _writable(table[write_index])
         )
         # Reviving a free cached block takes it out of the free queue, so it counts too.
         num_revived = sum(1 for block in hit_blocks if block.ref_count == 0)

@@ -18,6 +18,7 @@ import torch
 from octavo.engine.request import Sequence
 from octavo.engine.scheduler import ScheduledBatch
 from octavo.layers.attention import AttentionMetadata, get_attention_backend
+from octavo.layers.attention.metadata import PrefillPart
 from octavo.models.base import CausalLM
 from octavo.worker.cuda_graphs import DecodeGraphs
 from octavo.worker.sampler import (DeviceSamplerOutput, Sampler, SamplingRow, compute_prompt_logprobs,
@@ -190,10 +191,18 @@ class ModelRunner:
 
         # Length of the leading run of one-token rows (launch puts decodes first).
         num_decodes = int(np.argmax(query_lens != 1)) if (query_lens != 1).any() else len(query_lens)
-        mixed = 0 < num_decodes < len(query_lens)
+        prefill = None
+        if 0 < num_decodes < len(query_lens):
+            # Own tensors rather than views at an offset: Triton specialises on pointer
+            # alignment, and views would recompile the prefill kernel as num_decodes varies.
+            prefill = PrefillPart(
+                query_start_loc=to_device(query_start[num_decodes:] - num_decodes, torch.int32),
+                seq_lens=to_device(seq_lens[num_decodes:], torch.int32),
+                block_tables=to_device(tables[num_decodes:], torch.int32),
+            )
         return AttentionMetadata(
             num_decodes=num_decodes,
-            prefill_query_start_loc=to_device(query_start[num_decodes:] - num_decodes, torch.int32) if mixed else None,
+            prefill=prefill,
             query_start_loc=to_device(query_start, torch.int32),
             seq_lens=to_device(seq_lens, torch.int32),
             block_tables=to_device(tables, torch.int32),
@@ -288,9 +297,11 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         # Siblings about to fork draw their first token from the parent's logits row.
         samplers = [member for seq in inputs.sample_seqs for member in [seq, *_forking_now(seq)]]
+        fork_rows = None  # row of inputs.sample_seqs that each sampler draws from
         if len(samplers) > len(inputs.sample_seqs):
             rows = [row for row, seq in enumerate(inputs.sample_seqs) for _ in range(1 + len(_forking_now(seq)))]
-            logits = logits.index_select(0, self._upload(torch.tensor(rows)))
+            fork_rows = self._upload(torch.tensor(rows))
+            logits = logits.index_select(0, fork_rows)
         rows = [
             SamplingRow(
                 params=seq.params,
@@ -302,7 +313,7 @@ class ModelRunner:
             )
             for seq in samplers
         ]
-        output = self.sampler.sample(logits, rows, self._pending_output_tokens(inputs, samplers))
+        output = self.sampler.sample(logits, rows, self._pending_output_tokens(inputs, samplers, fork_rows))
         launched.samplers = samplers
         launched.device_token_ids = output.sampled_token_ids
         launched.row_of_seq = {seq.seq_id: index for index, seq in enumerate(samplers)}
@@ -310,14 +321,17 @@ class ModelRunner:
         launched.output = output
         return launched
 
-    def _pending_output_tokens(self, inputs: ModelInputs, samplers: list[Sequence]) -> Optional[torch.Tensor]:
+    def _pending_output_tokens(self, inputs: ModelInputs, samplers: list[Sequence],
+                               fork_rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """For penalties: each sampling row's newest output token when the host does not have it
         yet (-1 otherwise). That token is the row's input this step, already on the device."""
-        if len(samplers) != len(inputs.sample_seqs) or not any(
-                seq.num_pending_tokens and has_penalty(seq.params) for seq in samplers):
+        if not any(seq.num_pending_tokens and has_penalty(seq.params) for seq in samplers):
             return None
+        newest = inputs.input_ids[inputs.sample_indices]
+        if fork_rows is not None:
+            newest = newest.index_select(0, fork_rows)
         pending = self._upload(torch.tensor([seq.num_pending_tokens > 0 for seq in samplers]))
-        return torch.where(pending, inputs.input_ids[inputs.sample_indices], -1)
+        return torch.where(pending, newest, -1)
 
     def _prompt_logprobs(self, batch: ScheduledBatch, inputs: ModelInputs, hidden: torch.Tensor,
                          result: StepResult) -> None:

@@ -27,9 +27,9 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     # The batch's first ``num_decodes`` sequences run one query token each. A mixed batch
     # lists them first so that attention can hand them to the decode kernel as one block and
-    # the rest, whose query starts are ``prefill_query_start_loc``, to the prefill kernel.
+    # the rest, described by ``prefill``, to the prefill kernel.
     num_decodes: int = 0
-    prefill_query_start_loc: Optional[torch.Tensor] = None  # query_start_loc[num_decodes:] - num_decodes
+    prefill: Optional["PrefillPart"] = None  # set only for a mixed batch
 
     @property
     def num_seqs(self) -> int:
@@ -38,3 +38,12 @@ class AttentionMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
+
+
+@dataclass
+class PrefillPart:
+    """The sequences after the leading decodes of a mixed batch, indexed from 0."""
+
+    query_start_loc: torch.Tensor  # [num_prefills + 1] int32, starting at 0
+    seq_lens: torch.Tensor  # [num_prefills] int32
+    block_tables: torch.Tensor  # [num_prefills, max_blocks_per_seq] int32

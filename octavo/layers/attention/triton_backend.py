@@ -31,15 +31,15 @@ class TritonAttentionBackend:
         if metadata.is_decode_only:
             paged_decode_attention(out, query, kv_cache, metadata.block_tables, metadata.seq_lens, scale,
                                    sliding_window)
-        elif metadata.prefill_query_start_loc is not None:
+        elif metadata.prefill is not None:
             # Mixed batch, decodes first: each part to the kernel made for it (the prefill
             # kernel would spend a whole query tile on every one-token row).
-            decodes = metadata.num_decodes
+            decodes, prefill = metadata.num_decodes, metadata.prefill
             paged_decode_attention(out[:decodes], query[:decodes], kv_cache, metadata.block_tables[:decodes],
                                    metadata.seq_lens[:decodes], scale, sliding_window)
-            paged_prefill_attention(out[decodes:], query[decodes:], kv_cache, metadata.block_tables[decodes:],
-                                    metadata.prefill_query_start_loc, metadata.seq_lens[decodes:],
-                                    metadata.max_query_len, scale, sliding_window)
+            paged_prefill_attention(out[decodes:], query[decodes:], kv_cache, prefill.block_tables,
+                                    prefill.query_start_loc, prefill.seq_lens, metadata.max_query_len, scale,
+                                    sliding_window)
         else:
             paged_prefill_attention(out, query, kv_cache, metadata.block_tables, metadata.query_start_loc,
                                     metadata.seq_lens, metadata.max_query_len, scale, sliding_window)
