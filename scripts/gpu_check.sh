@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # GPU validation on a CUDA machine with torch, triton and transformers installed:
-#   scripts/gpu_check.sh tests [OUT]   CUDA tests (kernels against the PyTorch reference, parity with
-#                                      transformers, asynchronous scheduling), a few minutes
+#   scripts/gpu_check.sh kernels       CUDA tests of the Triton kernels against the PyTorch reference
+#   scripts/gpu_check.sh engine        CUDA tests of the engine: parity with transformers, async scheduling,
+#                                      the Triton backend against the reference (each mode a few minutes)
 #   scripts/gpu_check.sh qwen3 [OUT]   qwen3-0.6b fixed (with both HF peers, about 5 min) and var; JSON into OUT
 #   scripts/gpu_check.sh llama3 [OUT]  llama3-8b fixed 256 with HF static (about 3 min); JSON into OUT
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh tests|qwen3|llama3 [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3 [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 bench() { python -m octavo.entrypoints.cli bench throughput "$@"; }
 
 case "$what" in
-tests)
-    OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider \
-        tests/test_triton_ops.py tests/test_fused_ops.py tests/test_async_scheduling.py tests/test_parity.py
+kernels)
+    python -m pytest -q -p no:cacheprovider tests/test_triton_ops.py tests/test_fused_ops.py
+    ;;
+engine)
+    OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
+        tests/test_parity.py
     ;;
 qwen3)
     bench --model dummy:qwen3-0.6b --workload fixed --num-prompts 512 --max-num-seqs 512 \
@@ -29,7 +33,7 @@ llama3)
         --compare hf-static --output "$out/llama3-8b-fixed-256.json"
     ;;
 *)
-    echo "unknown mode $what: use tests, qwen3 or llama3" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3 or llama3" >&2
     exit 2
     ;;
 esac
