@@ -32,6 +32,3 @@ class MergedLinear(nn.Linear):
             )
         with torch.no_grad():
             target[offset : offset + size].copy_(tensor)
-
-    def split_output(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(x.split([size for _, size in self.shard_offsets.values()], dim=-1))

@@ -122,19 +122,6 @@ def _auto_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, num_sms
     return max(1, min(wanted, by_context, _SPLIT_MAX))
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
-                      device: torch.device | str | None = None) -> int:
-    """Split-K factor for ``paged_decode_attention`` when the caller knows the longest context.
-
-    The default inside ``paged_decode_attention`` bounds the context by the block-table width (no
-    device sync); a runner that tracks sequence lengths on the host can pass this tighter value.
-    """
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
-    return _auto_num_splits(num_seqs, num_kv_heads, max_seq_len, _device_sms(device),
-                            DECODE_BLOCK_N)
-
-
 # ---------------------------------------------------------------------------------------------
 # store_kv
 # ---------------------------------------------------------------------------------------------
