@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
@@ -30,6 +30,8 @@ class AttentionMetadata:
     # the rest, described by ``prefill``, to the prefill kernel.
     num_decodes: int = 0
     prefill: Optional["PrefillPart"] = None  # set only for a mixed batch
+    # What a backend derives from this metadata once per step and reuses in every layer.
+    per_step: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def num_seqs(self) -> int:

@@ -52,10 +52,13 @@ class TorchAttentionBackend:
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  metadata: AttentionMetadata) -> None:
-        slots = metadata.slot_mapping
-        valid = slots >= 0
-        if not bool(valid.all()):
-            key, value, slots = key[valid], value[valid], slots[valid]
+        if "valid_slots" not in metadata.per_step:
+            slots = metadata.slot_mapping
+            valid = slots >= 0
+            metadata.per_step["valid_slots"] = (slots, None) if bool(valid.all()) else (slots[valid], valid)
+        slots, valid = metadata.per_step["valid_slots"]
+        if valid is not None:
+            key, value = key[valid], value[valid]
         kv_cache[0].view(-1, *key.shape[1:])[slots] = key.to(kv_cache.dtype)
         kv_cache[1].view(-1, *value.shape[1:])[slots] = value.to(kv_cache.dtype)
 
@@ -79,15 +82,20 @@ class TorchAttentionBackend:
         """One query per sequence: gather every table at once, padded to the longest, one SDPA call."""
         num_seqs = metadata.num_seqs
         block_size = kv_cache.shape[2]
-        num_blocks = -(-metadata.max_seq_len // block_size)
-        blocks = metadata.block_tables[:num_seqs, :num_blocks].long()
+        # The block index and the key mask are the same in every layer: built once per step.
+        key = ("decode", block_size, sliding_window)
+        if key not in metadata.per_step:
+            num_blocks = -(-metadata.max_seq_len // block_size)
+            blocks = metadata.block_tables[:num_seqs, :num_blocks].long()
+            key_pos = torch.arange(num_blocks * block_size, device=query.device)[None, :]
+            seq_lens = metadata.seq_lens[:num_seqs, None].long()
+            visible = key_pos < seq_lens
+            if sliding_window is not None:
+                visible &= (seq_lens - 1) - key_pos < sliding_window
+            metadata.per_step[key] = (blocks, visible[:, None, None, :])
+        blocks, mask = metadata.per_step[key]
         keys = kv_cache[0, blocks].flatten(1, 2)  # [B, L, Hkv, D]
         values = kv_cache[1, blocks].flatten(1, 2)
-        key_pos = torch.arange(keys.shape[1], device=query.device)[None, :]
-        seq_lens = metadata.seq_lens[:num_seqs, None].long()
-        visible = key_pos < seq_lens
-        if sliding_window is not None:
-            visible &= (seq_lens - 1) - key_pos < sliding_window
         num_kv_heads = keys.shape[2]
         group = query.shape[1] // num_kv_heads
         # The group's query heads share one key mask, so they can stand in for the query length:
@@ -95,5 +103,5 @@ class TorchAttentionBackend:
         q = query.unflatten(1, (num_kv_heads, group))  # [B, Hkv, g, D]
         k = keys.transpose(1, 2)  # [B, Hkv, L, D]
         v = values.transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :], scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.flatten(1, 2)
