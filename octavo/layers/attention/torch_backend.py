@@ -34,16 +34,19 @@ def causal_mask(query_len: int, seq_len: int, sliding_window: Optional[int], dev
     return visible
 
 
-def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group_mask: torch.Tensor,
                 scale: float) -> torch.Tensor:
-    """query [q, Hq, D], keys/values [k, Hkv, D] -> [q, Hq, D]; GQA by viewing heads as groups."""
+    """query [q, Hq, D], keys/values [k, Hkv, D] -> [q, Hq, D]; GQA by viewing heads as groups.
+
+    Each KV head's query heads are folded into the query length (no broadcasting: fast SDPA
+    kernels), so ``group_mask`` is the causal mask repeated once per query head of a group.
+    """
     query_len, num_q_heads, head_dim = query.shape
     num_kv_heads = keys.shape[1]
     group = num_q_heads // num_kv_heads
-    # Fold each KV head's query heads into the query length (no broadcasting: fast SDPA kernels).
     q = query.transpose(0, 1).reshape(num_kv_heads, group * query_len, head_dim)
     out = F.scaled_dot_product_attention(q, keys.transpose(0, 1), values.transpose(0, 1),
-                                         attn_mask=mask.repeat(group, 1), scale=scale)
+                                         attn_mask=group_mask, scale=scale)
     return out.reshape(num_q_heads, query_len, head_dim).transpose(0, 1)
 
 
@@ -68,13 +71,17 @@ class TorchAttentionBackend:
             return self._decode(query, kv_cache, metadata, scale, sliding_window)
         out = torch.empty_like(query)
         starts = metadata.query_start_loc_cpu
+        group = query.shape[1] // kv_cache.shape[3]
+        # The masks are the same in every layer: built in the first one, reused after.
+        masks = metadata.per_step.setdefault(("prefill", sliding_window, group), {})
         for index, seq_len in enumerate(metadata.seq_lens_cpu):
             start, end = starts[index], starts[index + 1]
             if start == end:
                 continue
             keys, values = gather_kv(kv_cache, metadata.block_tables[index], seq_len)
-            mask = causal_mask(end - start, seq_len, sliding_window, query.device)
-            out[start:end] = _attend_one(query[start:end], keys, values, mask, scale)
+            if index not in masks:
+                masks[index] = causal_mask(end - start, seq_len, sliding_window, query.device).repeat(group, 1)
+            out[start:end] = _attend_one(query[start:end], keys, values, masks[index], scale)
         return out
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
