@@ -6,8 +6,8 @@ CPU shapes are tiny. The ``gpu`` test covers realistic shapes in bf16/fp16.
 
 import importlib
 import math
-import random
 import os
+import random
 
 import pytest
 import torch
@@ -269,9 +269,7 @@ def test_engine_on_the_triton_backend_matches_the_reference(arch, tiny_model_fac
     for backend in ("torch", "triton"):
         llm = LLM(str(folder), device=DEVICE, dtype="float32", attention_backend=backend, max_model_len=64,
                   block_size=4, max_num_batched_tokens=12, enforce_eager=True)
-        metadata_of = llm.llm_engine.runner._metadata
-
-        def spy(*args, **kwargs):
+        def spy(*args, metadata_of=llm.llm_engine.runner._metadata, **kwargs):
             metadata = metadata_of(*args, **kwargs)
             mixed.append(metadata.prefill is not None)
             return metadata

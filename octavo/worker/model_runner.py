@@ -8,8 +8,8 @@ token batch with the attention metadata that says who is who.
 from __future__ import annotations
 
 import logging
-from itertools import chain
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Optional
 
 import numpy as np
@@ -21,8 +21,13 @@ from octavo.layers.attention import AttentionMetadata, get_attention_backend
 from octavo.layers.attention.metadata import PrefillPart
 from octavo.models.base import CausalLM
 from octavo.worker.cuda_graphs import DecodeGraphs
-from octavo.worker.sampler import (DeviceSamplerOutput, Sampler, SamplingRow, compute_prompt_logprobs,
-                                   has_penalty)
+from octavo.worker.sampler import (
+    DeviceSamplerOutput,
+    Sampler,
+    SamplingRow,
+    compute_prompt_logprobs,
+    has_penalty,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -354,6 +354,19 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + seq * stride_os + head * stride_oh + d, o, mask=d_mask)
 
 
+def _check_attention_inputs(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
+                            block_tables: torch.Tensor, num_seqs: int) -> tuple[int, int]:
+    """Shape, layout and dtype checks shared by the attention wrappers; (num_kv_heads, group)."""
+    num_q_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    _check_cache(kv_cache, num_kv_heads, head_dim)
+    assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
+    assert out.shape == query.shape and query.stride(-1) == 1 and out.stride(-1) == 1
+    assert block_tables.shape[0] >= num_seqs and block_tables.stride(-1) == 1
+    assert query.dtype == kv_cache.dtype, "query and cache dtypes must match"
+    return num_kv_heads, num_q_heads // num_kv_heads
+
+
 def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None,
@@ -369,13 +382,7 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: tor
     num_seqs, num_q_heads, head_dim = query.shape
     if num_seqs == 0:
         return
-    num_kv_heads = kv_cache.shape[3]
-    _check_cache(kv_cache, num_kv_heads, head_dim)
-    assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
-    assert out.shape == query.shape and query.stride(-1) == 1 and out.stride(-1) == 1
-    assert block_tables.shape[0] >= num_seqs and block_tables.stride(-1) == 1
-    assert query.dtype == kv_cache.dtype, "query and cache dtypes must match"
-    group = num_q_heads // num_kv_heads
+    num_kv_heads, group = _check_attention_inputs(out, query, kv_cache, block_tables, num_seqs)
     block_size = kv_cache.shape[2]
     block_d = max(16, _next_pow2(head_dim))
     block_n = DECODE_BLOCK_N if block_d <= 128 else DECODE_BLOCK_N // 2
@@ -529,13 +536,7 @@ def paged_prefill_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: to
     num_seqs = query_start_loc.shape[0] - 1
     if num_tokens == 0 or num_seqs <= 0 or max_query_len == 0:
         return
-    num_kv_heads = kv_cache.shape[3]
-    _check_cache(kv_cache, num_kv_heads, head_dim)
-    assert num_q_heads % num_kv_heads == 0, "num_q_heads must be a multiple of num_kv_heads"
-    assert out.shape == query.shape and query.stride(-1) == 1 and out.stride(-1) == 1
-    assert block_tables.shape[0] >= num_seqs and block_tables.stride(-1) == 1
-    assert query.dtype == kv_cache.dtype, "query and cache dtypes must match"
-    group = num_q_heads // num_kv_heads
+    num_kv_heads, group = _check_attention_inputs(out, query, kv_cache, block_tables, num_seqs)
     group_pad = _next_pow2(group)
     block_d = max(16, _next_pow2(head_dim))
     block_m = max(PREFILL_BLOCK_M, group_pad, 16)
