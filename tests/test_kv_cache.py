@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -168,3 +169,23 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 TestKVCacheMachine = KVCacheMachine.TestCase
 TestKVCacheMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_gpu_share_ignores_memory_other_engines_hold(monkeypatch):
+    """The KV budget is this engine's share minus its own weights and activation peak: a second
+    engine in the same process gets the same budget as the first, not what the first left over."""
+    from octavo.worker import kv_cache_memory
+
+    gib = 2**30
+    total = 80 * gib
+    free_now = {"bytes": 56 * gib - 2 * gib}  # another engine holds 24 GiB; this one loaded 2 GiB of weights
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_now["bytes"], total))
+    budget = kv_cache_memory.cuda_kv_cache_bytes(torch.device("cuda"), 0.3, gib, free_at_start=56 * gib)
+    assert budget == int(total * 0.3) - 2 * gib - gib
+    # A share larger than what was free at start is refused with the numbers to change.
+    with pytest.raises(RuntimeError, match="gpu_memory_utilization=0.9 asks for 72.00 GiB"):
+        kv_cache_memory.cuda_kv_cache_bytes(torch.device("cuda"), 0.9, gib, free_at_start=56 * gib)
+    # Weights that leave nothing of the share for the cache are refused too.
+    free_now["bytes"] = 56 * gib - 23 * gib
+    with pytest.raises(RuntimeError, match="no GPU memory left for the KV cache"):
+        kv_cache_memory.cuda_kv_cache_bytes(torch.device("cuda"), 0.3, 2 * gib, free_at_start=56 * gib)

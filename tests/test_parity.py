@@ -39,7 +39,7 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 def make_llm(folder, **overrides) -> LLM:
     kwargs = dict(dtype="float32", device=DEVICE, max_model_len=64, block_size=4, max_num_seqs=8)
     if DEVICE != "cpu":
-        kwargs["gpu_memory_utilization"] = 0.3
+        kwargs["gpu_memory_utilization"] = 0.1  # several engines share the card
     kwargs.update(overrides)
     return LLM(str(folder), **kwargs)
 

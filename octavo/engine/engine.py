@@ -23,7 +23,7 @@ from octavo.kv_cache.manager import KVCacheManager, KVCacheStats
 from octavo.model_loader import loader
 from octavo.outputs import CompletionOutput, Logprob, RequestOutput
 from octavo.sampling_params import SamplingParams
-from octavo.worker.kv_cache_memory import bytes_per_block, cpu_kv_cache_bytes, cuda_kv_cache_bytes
+from octavo.worker.kv_cache_memory import bytes_per_block, cpu_kv_cache_bytes, cuda_free_bytes, cuda_kv_cache_bytes
 from octavo.worker.model_runner import LaunchedStep, ModelRunner, SampledToken
 from octavo.worker.sampler import make_generator
 
@@ -58,6 +58,8 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, loader.checkpoint_dtype(self.hf_config), self.device)
         self.max_model_len = loader.derive_max_model_len(self.hf_config, config.max_model_len)
         torch.manual_seed(config.seed)
+        # What was free before this engine took anything: its memory share is measured against it.
+        self._cuda_free_at_start = cuda_free_bytes(self.device) if self.device.type == "cuda" else 0
 
         started = time.perf_counter()
         self.model = loader.build_model(
@@ -110,7 +112,8 @@ class LLMEngine:
             num_blocks = cache.num_gpu_blocks_override
         elif self.device.type == "cuda":
             peak = self.runner.profile_peak_activation_bytes(max_batched_tokens, self.max_model_len, max_num_seqs)
-            num_blocks = cuda_kv_cache_bytes(self.device, cache.gpu_memory_utilization, peak) // per_block
+            num_blocks = cuda_kv_cache_bytes(self.device, cache.gpu_memory_utilization, peak,
+                                             self._cuda_free_at_start) // per_block
         else:
             num_blocks = cpu_kv_cache_bytes(cache.kv_cache_memory) // per_block
             if cache.kv_cache_memory is None:

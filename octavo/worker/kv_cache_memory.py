@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import torch
@@ -20,20 +21,40 @@ def cpu_kv_cache_bytes(kv_cache_memory: int | None) -> int:
     return kv_cache_memory if kv_cache_memory is not None else DEFAULT_CPU_KV_CACHE_BYTES
 
 
-def cuda_kv_cache_bytes(device: torch.device, gpu_memory_utilization: float, peak_activation_bytes: int) -> int:
-    """What is left of ``utilization * total`` after everything already on the card
-    (weights, other processes) and the activation peak of a worst-case step."""
+def cuda_free_bytes(device: torch.device) -> int:
+    """Free memory on the card, after collecting unreachable engines and returning this process's cached
+    but unused blocks (so an engine built after another was dropped gets the memory back)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def cuda_kv_cache_bytes(device: torch.device, gpu_memory_utilization: float, peak_activation_bytes: int,
+                        free_at_start: int) -> int:
+    """The KV share of this engine's ``utilization * total``, as in vLLM: the share minus what this engine
+    itself holds (weights, measured as the fall in free memory since ``free_at_start``) and the activation
+    peak of a worst-case step. Memory held by others (another engine in the process, other processes) does
+    not shrink the share; a share larger than what was free at start is refused, so the budget always fits."""
     free, total = torch.cuda.mem_get_info(device)
-    used = total - free
-    budget = int(total * gpu_memory_utilization) - used - peak_activation_bytes
+    share = int(total * gpu_memory_utilization)
+    if free_at_start < share:
+        raise RuntimeError(
+            f"gpu_memory_utilization={gpu_memory_utilization} asks for {share / 2**30:.2f} GiB, but only "
+            f"{free_at_start / 2**30:.2f} GiB of {total / 2**30:.2f} GiB was free when the engine started "
+            "(other processes or engines hold the rest). Lower gpu_memory_utilization or free the GPU."
+        )
+    own = free_at_start - free
+    budget = share - own - peak_activation_bytes
     logger.info(
-        "GPU memory: total %.2f GiB, in use %.2f GiB, activation peak %.2f GiB, KV budget %.2f GiB",
-        total / 2**30, used / 2**30, peak_activation_bytes / 2**30, max(budget, 0) / 2**30,
+        "GPU memory: total %.2f GiB, share %.2f GiB, weights and buffers %.2f GiB, activation peak %.2f GiB, "
+        "KV budget %.2f GiB",
+        total / 2**30, share / 2**30, own / 2**30, peak_activation_bytes / 2**30, max(budget, 0) / 2**30,
     )
     if budget <= 0:
         raise RuntimeError(
-            f"no GPU memory left for the KV cache at gpu_memory_utilization={gpu_memory_utilization}: "
-            f"{used / 2**30:.2f} GiB of {total / 2**30:.2f} GiB is in use. Raise gpu_memory_utilization, "
-            "lower max_num_batched_tokens, or use a smaller model."
+            f"no GPU memory left for the KV cache at gpu_memory_utilization={gpu_memory_utilization}: the "
+            f"weights and buffers take {own / 2**30:.2f} GiB and a worst-case step "
+            f"{peak_activation_bytes / 2**30:.2f} GiB of the {share / 2**30:.2f} GiB share. Raise "
+            "gpu_memory_utilization, lower max_num_batched_tokens, or use a smaller model."
         )
     return budget
