@@ -8,11 +8,15 @@ overhead, not to quote throughput). Also reports the GPU kernel time of one
 decode step from the PyTorch profiler, to compare with its wall time, and then runs
 the workload again with asynchronous scheduling, unbracketed, to show how much of each
 step the host spends waiting for the device (near 0: the host is the bottleneck).
+``--host-profile N`` runs only that pipelined pass, under cProfile, and prints the N
+functions with the most host time of their own.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import tempfile
 import time
 from collections import defaultdict
@@ -51,6 +55,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=512)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="only the pipelined pass, under cProfile; print the top N functions by own time")
     args = parser.parse_args(argv)
 
     workload = WORKLOADS["fixed"].with_overrides(num_prompts=args.num_prompts)
@@ -59,6 +65,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         model = str(write_dummy_model(model.split(":", 1)[1], Path(tempfile.mkdtemp(prefix="octavo-profile-"))))
     requests = build_requests(workload, 151936, seed=0)
     max_len = max(r.prompt_len + r.output_len for r in requests)
+    if args.host_profile:
+        profiler = cProfile.Profile()
+        _pipelined_wait_share(model, args, requests, max_len, profiler)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.host_profile)
+        return
     llm = LLM(model, load_format="dummy" if args.model.startswith("dummy:") else "auto", device=args.device,
               max_model_len=max_len, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
               skip_tokenizer_init=True, async_scheduling=False)  # phases timed one after another
@@ -125,7 +136,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     _pipelined_wait_share(model, args, requests, max_len)
 
 
-def _pipelined_wait_share(model: str, args: argparse.Namespace, requests, max_len: int) -> None:
+def _pipelined_wait_share(model: str, args: argparse.Namespace, requests, max_len: int,
+                          profiler: Optional[cProfile.Profile] = None) -> None:
     """Run the workload with asynchronous scheduling; time spent blocked on the device's tokens."""
     llm = LLM(model, load_format="dummy" if args.model.startswith("dummy:") else "auto", device=args.device,
               max_model_len=max_len, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
@@ -156,9 +168,13 @@ def _pipelined_wait_share(model: str, args: argparse.Namespace, requests, max_le
     steps = 0
     _sync(engine.device)
     started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     while engine.has_unfinished_requests():
         engine.step()
         steps += 1
+    if profiler is not None:
+        profiler.disable()
     elapsed = time.perf_counter() - started
     print(f"asynchronous scheduling: {steps} steps in {elapsed:.2f} s, {elapsed / steps * 1e3:.2f} ms per step, "
           f"of which {waited / steps * 1e3:.2f} ms waiting for the device ({waited / elapsed:.0%})")
