@@ -46,7 +46,16 @@ class LLM:
         enforce_eager: bool = False,
         attention_backend: str = "auto",
         async_scheduling: Optional[bool] = None,
+        tensor_parallel_size: int = 1,
+        trust_remote_code: bool = False,
     ) -> None:
+        # Accepted so vLLM code runs unchanged. Only built-in architectures run, so remote code never does.
+        del trust_remote_code
+        if tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={tensor_parallel_size} is not supported yet: octavo runs a model on one "
+                "device. Use tensor_parallel_size=1."
+            )
         if model is None:
             from octavo.model_loader.default_model import default_model_path
 
@@ -120,11 +129,13 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conversation in conversations:
-            token_ids = tokenizer.apply_chat_template(
+            text = tokenizer.apply_chat_template(
                 conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                tokenize=True, return_dict=False,
+                tokenize=False,
             )
-            prompts.append({"prompt_token_ids": list(token_ids)})
+            # The template already wrote any BOS; encoding must not add another.
+            token_ids = tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": token_ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def beam_search(self, prompts: Union[PromptInput, Sequence[PromptInput]], params: BeamSearchParams,

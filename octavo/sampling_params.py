@@ -6,6 +6,7 @@ runs unchanged. Every invalid value raises ``ValueError`` naming the field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -42,54 +43,67 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        else:
+        elif isinstance(self.stop, (list, tuple)):
             self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k is None or self.top_k < 0:
-            self.top_k = 0  # -1 and None are accepted spellings of "disabled"
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}.")
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        elif isinstance(self.stop_token_ids, (list, tuple)):
+            self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}.")
+        if self.top_k is None or self.top_k == -1:
+            self.top_k = 0  # -1 and None are accepted spellings of "disabled", as in vLLM
         self._validate()
 
     def _validate(self) -> None:
         def fail(name: str, message: str) -> None:
             raise ValueError(f"{name} {message}, got {getattr(self, name)!r}.")
 
-        if not isinstance(self.n, int) or self.n < 1:
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python
+
+        def is_number(value: object) -> bool:
+            return is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+        def check_range(name: str, low: float, high: float, message: str, low_open: bool = False) -> None:
+            value = getattr(self, name)
+            if not is_number(value) or not (low < value if low_open else low <= value) or not value <= high:
+                fail(name, message)
+
+        if not is_int(self.n) or self.n < 1:
             fail("n", "must be an integer >= 1")
-        if self.best_of is not None:
-            if not isinstance(self.best_of, int) or self.best_of < self.n:
-                fail("best_of", f"must be an integer >= n ({self.n})")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            fail("presence_penalty", "must be in [-2, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            fail("frequency_penalty", "must be in [-2, 2]")
-        if not self.repetition_penalty > 0.0:
-            fail("repetition_penalty", "must be > 0")
-        if not 0.0 <= self.temperature <= 100.0:
-            fail("temperature", "must be in [0, 100]")
-        if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int):
-            fail("top_k", "must be an integer (0 or -1 disables it)")
-        if not 0.0 <= self.min_p <= 1.0:
-            fail("min_p", "must be in [0, 1]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", "must be an integer")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.best_of is not None and (not is_int(self.best_of) or self.best_of < self.n):
+            fail("best_of", f"must be an integer >= n ({self.n})")
+        check_range("presence_penalty", -2.0, 2.0, "must be a number in [-2, 2]")
+        check_range("frequency_penalty", -2.0, 2.0, "must be a number in [-2, 2]")
+        check_range("repetition_penalty", 0.0, math.inf, "must be a finite number > 0", low_open=True)
+        check_range("temperature", 0.0, 100.0, "must be a number in [0, 100]")
+        check_range("top_p", 0.0, 1.0, "must be a number in (0, 1]", low_open=True)
+        if not is_int(self.top_k) or self.top_k < 0:
+            fail("top_k", "must be an integer >= 1, or 0 / -1 to disable it")
+        check_range("min_p", 0.0, 1.0, "must be a number in [0, 1]")
+        if self.seed is not None and (not is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
+            fail("seed", "must be an integer that fits in 64 bits")
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             fail("max_tokens", "must be an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
             fail("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            fail("logprobs", "must be an integer >= 0")
-        if self.prompt_logprobs is not None and (
-            not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0
-        ):
-            fail("prompt_logprobs", "must be an integer >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 0):
+                fail(name, "must be an integer >= 0")
         if any(not isinstance(s, str) or not s for s in self.stop):
             fail("stop", "must be non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "must be non-negative integers")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens", "detokenize"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
 
     @property
     def greedy(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from octavo import LLM, CompletionOutput, Logprob, RequestOutput, SamplingParams
 
@@ -107,6 +108,8 @@ def test_chat_uses_the_template(llm):
     expected = llm.get_tokenizer().apply_chat_template(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=True, return_dict=False)
     assert output.prompt_token_ids == list(expected)
+    assert output.prompt == llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
     assert len(output.outputs[0].token_ids) == 4
 
 
@@ -117,6 +120,13 @@ def test_model_without_tokenizer_runs_token_ids(bare_llm):
     assert len(output.outputs[0].token_ids) == 3 and output.outputs[0].text == ""
     with pytest.raises(ValueError, match="no tokenizer"):
         bare_llm.generate("text", use_tqdm=False)
+    with pytest.raises(ValueError, match="stop strings need detokenized text: this model has no tokenizer"):
+        bare_llm.generate({"prompt_token_ids": [4, 5]}, SamplingParams(stop=["x"]), use_tqdm=False)
+
+
+def test_stop_strings_without_detokenizing_are_refused(llm):
+    with pytest.raises(ValueError, match="detokenize is False; use stop_token_ids"):
+        llm.generate("Hello", SamplingParams(stop=["x"], detokenize=False), use_tqdm=False)
 
 
 @pytest.mark.parametrize("prompt, message", [
@@ -136,6 +146,11 @@ def test_bad_prompts_raise_and_leave_engine_usable(llm, prompt, message):
 @pytest.mark.parametrize("field, value", [
     ("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("n", 0),
     ("min_p", 2.0), ("presence_penalty", 5.0), ("logprobs", -1), ("min_tokens", -1),
+    # wrong types: strings, None, bools where numbers belong, numbers where bools belong
+    ("temperature", "0.5"), ("top_p", None), ("presence_penalty", None), ("stop", 5), ("stop_token_ids", 5),
+    ("max_tokens", True), ("n", True), ("logprobs", True), ("ignore_eos", "yes"), ("detokenize", 1),
+    # out of range or not finite
+    ("top_k", -5), ("seed", 2**70), ("repetition_penalty", float("inf")), ("temperature", float("nan")),
 ])
 def test_invalid_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -153,7 +168,6 @@ def test_unsupported_architecture_lists_supported(tmp_path):
 def test_pickle_weights_refused_unless_allowed(tiny_model_factory, tmp_path):
     import shutil
 
-    import torch
     from safetensors.torch import load_file
 
     folder, _ = tiny_model_factory("gpt2")
@@ -187,3 +201,34 @@ def test_stop_strings_below_min_tokens_leave_the_text_whole(llm):
     held = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12, ignore_eos=True,
                                                   stop=[stop]), use_tqdm=False)[0].outputs[0]
     assert held.token_ids == full.token_ids and held.text == full.text
+
+
+def test_vllm_only_arguments_are_accepted_or_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported yet"):
+        LLM(str(tmp_path), device="cpu", tensor_parallel_size=2)
+
+
+def test_loading_options_give_the_same_model(tiny_model_factory, tmp_path, capsys):
+    """A sharded checkpoint (index file) loads to the same outputs as one file; the dtype and
+    load_format options, skip_tokenizer_init and the progress bar do what they say."""
+    folder, hf_model = tiny_model_factory("llama", with_tokenizer=True)
+    sharded = tmp_path / "sharded"
+    hf_model.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("*.safetensors"))) > 2
+    prompt = {"prompt_token_ids": [5, 9, 14, 3]}
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    def greedy(path, **options) -> list[int]:
+        llm = LLM(str(path), device="cpu", max_model_len=64, trust_remote_code=True, tensor_parallel_size=1,
+                  **options)
+        return llm.generate(prompt, params, use_tqdm=options.get("skip_tokenizer_init", False))[0] \
+            .outputs[0].token_ids
+
+    reference = greedy(folder, dtype="float32")
+    assert greedy(sharded, dtype="float32", skip_tokenizer_init=True) == reference
+    assert "Generating" in capsys.readouterr().err  # the progress bar
+    bf16 = LLM(str(folder), device="cpu", dtype="bfloat16", max_model_len=64)
+    assert bf16.llm_engine.dtype == torch.bfloat16 and next(bf16.llm_engine.model.parameters()).dtype == torch.bfloat16
+    assert len(bf16.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids) == 8
+    dummy = greedy(folder, dtype="float32", load_format="dummy")
+    assert len(dummy) == 8 and dummy != reference  # random weights, not the checkpoint's

@@ -195,6 +195,12 @@ class LLMEngine:
                 f"n/best_of ({params.num_samples}) exceeds max_num_seqs ({self.scheduler.max_num_seqs}); "
                 "lower it or start the engine with a larger max_num_seqs."
             )
+        if params.stop and (self.tokenizer is None or not params.detokenize):
+            raise ValueError(
+                "stop strings need detokenized text: "
+                + ("this model has no tokenizer" if self.tokenizer is None else "detokenize is False")
+                + "; use stop_token_ids instead."
+            )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > self.vocab_size:
