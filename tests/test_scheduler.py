@@ -121,7 +121,7 @@ def test_preempted_requests_finish_with_the_same_greedy_output(llama_folder):
     assert got == expected
 
 
-def test_kv_waste_is_under_one_block_per_running_sequence(llama_folder):
+def test_kv_waste_is_under_one_block_per_running_sequence(llama_folder, record_property):
     """PagedAttention's promise: at every step, allocated-but-unfilled slots < block_size per sequence."""
     block_size = 16
     llm = LLM(str(llama_folder), device="cpu", dtype="float32", max_model_len=256, block_size=block_size,
@@ -136,9 +136,13 @@ def test_kv_waste_is_under_one_block_per_running_sequence(llama_folder):
         engine.step()
         running = engine.scheduler.num_running
         if running:
-            waste = engine.scheduler.kv_waste_slots()
+            stats = engine.kv_cache_stats()
+            waste = stats.num_wasted_slots
+            assert waste == engine.scheduler.kv_waste_slots() and stats.num_filled_slots > 0
             assert waste < block_size * running
             worst_ratio = max(worst_ratio, waste / running)
+    record_property("peak_kv_waste_slots", engine.peak_kv_waste_slots)
+    record_property("worst_waste_per_sequence", worst_ratio)
     print(f"peak KV waste: {engine.peak_kv_waste_slots} slots over {engine.peak_running_at_waste} sequences; "
           f"worst per-sequence average {worst_ratio:.1f} of {block_size} slots")
     assert engine.kv_cache.pool.num_used_blocks == 0

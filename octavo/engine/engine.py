@@ -393,4 +393,6 @@ class LLMEngine:
             self.peak_running_at_waste = self.scheduler.num_running
 
     def kv_cache_stats(self) -> KVCacheStats:
-        return self.kv_cache.stats()
+        stats = self.kv_cache.stats()
+        stats.num_allocated_slots, stats.num_filled_slots = self.scheduler.kv_slot_usage()
+        return stats

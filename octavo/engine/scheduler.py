@@ -197,8 +197,12 @@ class Scheduler:
                 seq.seq_id, seq.token_ids, min(seq.num_computed_tokens, len(seq.token_ids)), seq.cache_salt_key
             )
 
+    def kv_slot_usage(self) -> tuple[int, int]:
+        """(allocated, filled) token slots over running sequences."""
+        allocated = sum(self.kv_cache.num_allocated_slots(seq.seq_id) for seq in self.running)
+        return allocated, sum(seq.num_computed_tokens for seq in self.running)
+
     def kv_waste_slots(self) -> int:
         """Allocated-but-unfilled token slots over running sequences (PagedAttention's waste)."""
-        return sum(
-            self.kv_cache.num_allocated_slots(seq.seq_id) - seq.num_computed_tokens for seq in self.running
-        )
+        allocated, filled = self.kv_slot_usage()
+        return allocated - filled

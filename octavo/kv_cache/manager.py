@@ -24,6 +24,14 @@ class KVCacheStats:
     prefix_cache_hits: int  # prompt tokens found
     num_shared_blocks: int  # blocks referenced by more than one sequence
     blocks_saved_by_sharing: int  # references beyond the first, summed
+    # Token slots in running sequences' blocks, as each sequence sees its table (filled in by the engine,
+    # which knows how many tokens each has computed): the gap is PagedAttention's internal waste.
+    num_allocated_slots: int = 0
+    num_filled_slots: int = 0
+
+    @property
+    def num_wasted_slots(self) -> int:
+        return self.num_allocated_slots - self.num_filled_slots
 
     @property
     def usage(self) -> float:
