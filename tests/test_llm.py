@@ -232,3 +232,17 @@ def test_loading_options_give_the_same_model(tiny_model_factory, tmp_path, capsy
     assert len(bf16.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids) == 8
     dummy = greedy(folder, dtype="float32", load_format="dummy")
     assert len(dummy) == 8 and dummy != reference  # random weights, not the checkpoint's
+
+
+def test_missing_checkpoint_tensor_is_named_as_in_the_checkpoint(tiny_model_factory, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = tiny_model_factory("llama")
+    shutil.copytree(folder, tmp_path / "model")
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.0.self_attn.q_proj.weight"]
+    save_file(weights, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing 1 tensors: model\.layers\.0\.self_attn\.q_proj\.weight$"):
+        LLM(str(tmp_path / "model"), device="cpu")

@@ -89,12 +89,17 @@ class CausalLM(nn.Module):
 
     def _check_all_loaded(self, params: dict, modules: dict, loaded: set[str]) -> None:
         missing = []
+        # Report fused shards by the checkpoint's own names (q_proj, not qkv_proj:q).
+        checkpoint_part = {value: key for key, value in self.stacked_params.items()}
         for name in params:
             module_name, _, param = name.rpartition(".")
             module = modules.get(module_name)
             if isinstance(module, MergedLinear):
-                missing += [f"{name}:{shard}" for shard in module.shard_offsets
-                            if f"{module_name}.{param}:{shard}" not in loaded]
+                parent, _, fused = module_name.rpartition(".")
+                missing += [
+                    ".".join(filter(None, [parent, checkpoint_part.get((fused, shard), f"{fused}:{shard}"), param]))
+                    for shard in module.shard_offsets if f"{module_name}.{param}:{shard}" not in loaded
+                ]
             elif name not in loaded and not (self.tie_word_embeddings and name == "lm_head.weight"):
                 missing.append(name)
         if missing:
