@@ -46,9 +46,16 @@ class EngineMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, labels, buckets=buckets, registry=self.registry).labels(model_name)
 
-        self.num_requests_running = gauge("octavo:num_requests_running", "Sequences running on the engine.")
-        self.num_requests_waiting = gauge("octavo:num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.num_requests_running = gauge("octavo:num_requests_running",
+                                          "Requests with a sequence running on the engine.")
+        self.num_requests_waiting = gauge("octavo:num_requests_waiting",
+                                          "Requests waiting to be scheduled, none of their sequences running.")
         self.kv_cache_usage = gauge("octavo:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).")
+        self.kv_cache_shared_blocks = gauge("octavo:kv_cache_shared_blocks",
+                                            "KV cache blocks referenced by more than one sequence.")
+        self.kv_cache_blocks_saved_by_sharing = gauge(
+            "octavo:kv_cache_blocks_saved_by_sharing",
+            "KV cache blocks that sharing saves: references to shared blocks beyond the first.")
         self.prefix_cache_queries = counter("octavo:prefix_cache_queries",
                                             "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("octavo:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
@@ -59,7 +66,8 @@ class EngineMetrics:
         self.time_to_first_token = histogram("octavo:time_to_first_token_seconds",
                                              "Arrival to first generated token.", _LATENCY_BUCKETS)
         self.time_per_output_token = histogram("octavo:time_per_output_token_seconds",
-                                               "Mean time between output tokens of a request.", _PER_TOKEN_BUCKETS)
+                                               "Time between consecutive output tokens of a request, one "
+                                               "observation per decode step.", _PER_TOKEN_BUCKETS)
         self.e2e_request_latency = histogram("octavo:e2e_request_latency_seconds",
                                              "Arrival to last token.", _REQUEST_BUCKETS)
         self.request_queue_time = histogram("octavo:request_queue_time_seconds",
@@ -71,6 +79,10 @@ class EngineMetrics:
         self.num_requests_waiting.set(num_waiting)
         self.kv_cache_usage.set(kv_cache_usage)
 
+    def set_kv_sharing(self, num_shared_blocks: int, blocks_saved: int) -> None:
+        self.kv_cache_shared_blocks.set(num_shared_blocks)
+        self.kv_cache_blocks_saved_by_sharing.set(blocks_saved)
+
     def set_prefix_cache_totals(self, queries: int, hits: int) -> None:
         """Advance the counters to the engine's running totals (the engine keeps totals, not deltas)."""
         seen_queries, seen_hits = self._prefix_totals
@@ -79,10 +91,9 @@ class EngineMetrics:
         self._prefix_totals = (queries, hits)
 
     def record_finished(self, finished_reason: str, e2e_latency: Optional[float] = None,
-                        queue_time: Optional[float] = None, time_per_output_token: Optional[float] = None) -> None:
+                        queue_time: Optional[float] = None) -> None:
         self._request_success.labels(self._model_name, finished_reason).inc()
-        for histogram, value in ((self.e2e_request_latency, e2e_latency), (self.request_queue_time, queue_time),
-                                 (self.time_per_output_token, time_per_output_token)):
+        for histogram, value in ((self.e2e_request_latency, e2e_latency), (self.request_queue_time, queue_time)):
             if value is not None:
                 histogram.observe(value)
 

@@ -3,6 +3,7 @@ by the official ``openai`` client and by raw HTTP for the malformed cases."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import signal
@@ -24,7 +25,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from octavo.config import CacheConfig, EngineConfig
 from octavo.engine.async_engine import AsyncLLMEngine
 from octavo.engine.engine import LLMEngine
-from octavo.entrypoints.openai.server import ServerSettings, build_app
+from octavo.entrypoints.openai.protocol import CompletionRequest
+from octavo.entrypoints.openai.server import (
+    ServerSettings,
+    _engine_config,
+    add_serve_arguments,
+    build_app,
+)
 from octavo.sampling_params import SamplingParams
 
 API_KEY = "test-key"
@@ -145,8 +152,15 @@ def test_health_models_and_metrics(server):
                  "octavo:prefix_cache_queries_total", "octavo:prefix_cache_hits_total",
                  "octavo:prompt_tokens_total", "octavo:generation_tokens_total",
                  "octavo:time_to_first_token_seconds_count", "octavo:time_per_output_token_seconds_count",
-                 "octavo:e2e_request_latency_seconds_count", "octavo:request_queue_time_seconds_count"):
+                 "octavo:e2e_request_latency_seconds_count", "octavo:request_queue_time_seconds_count",
+                 "octavo:kv_cache_shared_blocks", "octavo:kv_cache_blocks_saved_by_sharing"):
         assert name in metrics, name
+
+
+def test_docs_are_not_served(server):
+    with server.http() as http:  # not even with the key: nothing there is for clients
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            _assert_error_shape(http.get(path), 404)
 
 
 def test_completion_usage_and_finish(server):
@@ -260,6 +274,119 @@ def test_chat_logprobs(server):
         assert item.logprob >= max(top.logprob for top in item.top_logprobs) - 1e-4
 
 
+def test_chat_n_choices(server):
+    client = server.client()
+    kwargs = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}], "n": 3,
+              "max_tokens": 4, "temperature": 1.0, "seed": 11, "extra_body": {"ignore_eos": True}}
+    full = client.chat.completions.create(**kwargs)
+    assert sorted(c.index for c in full.choices) == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in full.choices)
+    assert full.usage.completion_tokens == 3 * 4
+    assert len({c.message.content for c in full.choices}) > 1  # distinct samples, not one copied
+    texts, finish, usage = collect_chat_stream(client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert texts == {c.index: c.message.content for c in full.choices}
+    assert finish == {0: "length", 1: "length", 2: "length"}
+    assert usage.model_dump() == full.usage.model_dump()
+
+
+def test_chat_stop_string(server):
+    client = server.client()
+    kwargs = {"model": MODEL, "messages": [{"role": "user", "content": "Paris is"}], "max_tokens": 12,
+              "temperature": 0, "extra_body": {"ignore_eos": True}}
+    text = client.chat.completions.create(**kwargs).choices[0].message.content
+    stop = next(ch for ch in text[2:] if ch != "\ufffd")
+    expected = text[: text.index(stop)]
+    stopped = client.chat.completions.create(stop=[stop], **kwargs).choices[0]
+    assert stopped.message.content == expected and stopped.finish_reason == "stop"
+    texts, finish, _ = collect_chat_stream(client.chat.completions.create(stop=stop, stream=True, **kwargs))
+    assert texts == {0: expected} and finish == {0: "stop"}
+
+
+def test_streamed_completion_logprobs(server):
+    client = server.client()
+    kwargs = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "logprobs": 2,
+              "extra_body": {"ignore_eos": True}}
+    full = client.completions.create(**kwargs).choices[0]
+    text, tokens, chosen, top, offsets = "", [], [], [], []
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            text += choice.text
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                chosen += choice.logprobs.token_logprobs
+                top += choice.logprobs.top_logprobs
+                offsets += choice.logprobs.text_offset
+    assert text == full.text and tokens == full.logprobs.tokens
+    assert chosen == pytest.approx(full.logprobs.token_logprobs, abs=1e-4)
+    assert [sorted(t) for t in top] == [sorted(t) for t in full.logprobs.top_logprobs]
+    assert offsets == full.logprobs.text_offset
+
+
+def test_streamed_chat_logprobs(server):
+    client = server.client()
+    kwargs = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
+              "logprobs": True, "top_logprobs": 3, "extra_body": {"ignore_eos": True}}
+    full = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    streamed = []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                streamed += choice.logprobs.content
+    assert len(streamed) == len(full) == 5
+    for got, want in zip(streamed, full):
+        assert got.token == want.token and got.bytes == want.bytes
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t.token for t in got.top_logprobs] == [t.token for t in want.top_logprobs]
+        assert len(got.top_logprobs) == 3
+
+
+def test_prompt_logprobs(server):
+    prompt = PROMPTS[3]
+    prompt_ids = server.tokenizer.encode(prompt)
+    with server.http() as http:
+        body = _completion(prompt=prompt, max_tokens=3, temperature=0, prompt_logprobs=2)
+        choice = http.post("/v1/completions", json=body).json()["choices"][0]
+        echoed = http.post("/v1/completions", json=_completion(
+            prompt=prompt, max_tokens=3, temperature=0, logprobs=4, echo=True, prompt_logprobs=1)).json()
+        chat = http.post("/v1/chat/completions", json=_chat(prompt_logprobs=0)).json()
+    entries = choice["prompt_logprobs"]
+    assert len(entries) == len(prompt_ids) and entries[0] is None
+    for token_id, entry in zip(prompt_ids[1:], entries[1:]):
+        assert str(token_id) in entry  # the prompt token itself, plus the top 2
+        assert all(e["rank"] <= 2 for t, e in entry.items() if t != str(token_id))
+        assert 2 <= len(entry) <= 3
+    # The same numbers as echo's logprobs; computed for 4, reported for the 1 asked.
+    echo_choice = echoed["choices"][0]
+    echo_logprobs = echo_choice["logprobs"]["token_logprobs"][1:len(prompt_ids)]
+    prompt_logprobs = [entry[str(t)]["logprob"] for t, entry in zip(prompt_ids[1:], entries[1:])]
+    assert echo_logprobs == pytest.approx(prompt_logprobs, abs=1e-4)
+    assert all(len(entry) <= 2 for entry in echo_choice["prompt_logprobs"][1:])
+    chat_prompt = server.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                       add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert len(chat["prompt_logprobs"]) == len(chat_prompt)
+    assert [list(entry) for entry in chat["prompt_logprobs"][1:]] == [[str(t)] for t in chat_prompt[1:]]
+
+
+def test_no_op_values_of_unsupported_params_are_accepted(server):
+    """Clients send these with harmless values by default; refusing them would break them."""
+    with server.http() as http:
+        completion = _completion(logit_bias={}, suffix="", stream_options={})
+        assert http.post("/v1/completions", json=completion).status_code == 200
+        chat = _chat(logit_bias=None, response_format={"type": "text"}, tools=[], tool_choice="none",
+                     functions=None, function_call="auto", stream_options=None)
+        assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    result = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, response_format={"type": "text"})
+    assert result.choices[0].finish_reason in ("length", "stop")
+
+
+def test_spaces_between_special_tokens_reaches_sampling_params():
+    request = CompletionRequest(prompt="hi", spaces_between_special_tokens=False)
+    assert request.to_sampling_params().spaces_between_special_tokens is False
+    assert CompletionRequest(prompt="hi").to_sampling_params().spaces_between_special_tokens is True
+
+
 def test_tokenize_detokenize(server):
     with server.http() as http:
         tokens = http.post("/tokenize", json={"model": MODEL, "prompt": PROMPTS[0]}).json()
@@ -326,6 +453,63 @@ def test_non_streaming_disconnect_aborts(server):
     assert wait_until(lambda: server.metrics()["octavo:kv_cache_usage_perc"] == 0.0, 5)
 
 
+# ---- metrics -------------------------------------------------------------------------------------
+def test_time_per_output_token_per_step(server):
+    """One inter-token interval per step that advanced the request: not one mean per request,
+    nor one per sample."""
+    count = "octavo:time_per_output_token_seconds_count"
+
+    def run(n: int) -> tuple[dict[str, float], dict[str, float]]:
+        assert wait_until(lambda: server.metrics()["octavo:num_requests_running"] == 0)
+        before = server.metrics()
+        server.client().completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=6, n=n, temperature=0,
+                                           extra_body={"ignore_eos": True})
+        return before, server.metrics()
+
+    before, after = run(1)
+    assert after[count] - before[count] == 5  # 6 tokens, 6 steps
+    assert after["octavo:time_per_output_token_seconds_sum"] > before["octavo:time_per_output_token_seconds_sum"]
+    assert after["octavo:time_to_first_token_seconds_count"] - before["octavo:time_to_first_token_seconds_count"] == 1
+    before, after = run(2)
+    assert after["octavo:generation_tokens_total"] - before["octavo:generation_tokens_total"] == 12
+    # Per sample it would be 10. The forked sample may trail its parent by a step with async
+    # scheduling, so the request advances in 6 or 7 steps.
+    assert after[count] - before[count] in (5, 6)
+
+
+def test_request_gauges_and_kv_sharing(server):
+    """n=4 is one running request, and its samples share the prompt's blocks until it ends."""
+    step = server.engine.engine.step
+
+    def slow_step():  # keep the request running while the gauges are read
+        time.sleep(0.01)
+        return step()
+
+    server.engine.engine.step = slow_step
+    seen: dict[str, float] = {}
+
+    def sharing() -> bool:
+        seen.update(server.metrics())
+        return seen["octavo:kv_cache_blocks_saved_by_sharing"] >= 6
+
+    body = _completion(prompt=[5] * 40, n=4, max_tokens=400, ignore_eos=True, stream=True)
+    try:
+        with server.http() as http, http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()  # kept: closing the iterator would end the request
+            next(lines)
+            # 40 prompt tokens: two full blocks that all 4 samples hold (3 references each saved).
+            assert wait_until(sharing, 10), seen
+            assert seen["octavo:kv_cache_shared_blocks"] >= 2
+            assert seen["octavo:num_requests_running"] == 1
+            assert seen["octavo:num_requests_waiting"] == 0
+    finally:
+        server.engine.engine.step = step
+    assert wait_until(lambda: server.metrics()["octavo:num_requests_running"] == 0)
+    after = server.metrics()
+    assert after["octavo:kv_cache_shared_blocks"] == 0 and after["octavo:kv_cache_blocks_saved_by_sharing"] == 0
+
+
 # ---- bad input ---------------------------------------------------------------------------------
 def _completion(**fields: Any) -> dict[str, Any]:
     return {"model": MODEL, "prompt": "Hello", "max_tokens": 2, **fields}
@@ -375,6 +559,33 @@ BAD_REQUESTS = {
     "oversized-body": ("/v1/completions", _completion(prompt="a" * (BODY_LIMIT + 10)), 413, None,
                        [str(BODY_LIMIT)]),
     "detokenize-out-of-vocab": ("/detokenize", {"tokens": [10**6]}, 400, "tokens", []),
+    "best-of-over-limit": ("/v1/completions", _completion(best_of=100), 400, "best_of", ["16", "100"]),
+    "too-many-prompts": ("/v1/completions", _completion(prompt=["hi"] * 65), 400, "prompt", ["64", "65"]),
+    "tokenize-no-prompt": ("/tokenize", {"model": MODEL}, 400, "prompt", ["prompt", "messages"]),
+    "detokenize-no-tokens": ("/detokenize", {"model": MODEL}, 400, "tokens", []),
+    "nan": ("/v1/completions", b'{"model": "tiny-llama", "prompt": "hi", "temperature": NaN}', 400, None, ["NaN"]),
+    "infinity": ("/v1/completions", b'{"model": "tiny-llama", "prompt": "hi", "top_p": -Infinity}', 400, None,
+                 ["Infinity"]),
+    "float-overflow": ("/v1/completions", b'{"model": "tiny-llama", "prompt": "hi", "temperature": 1e999}', 400,
+                       None, ["1e999"]),
+    "logit-bias": ("/v1/completions", _completion(logit_bias={"5": 10}), 400, "logit_bias", ["not supported"]),
+    "suffix": ("/v1/completions", _completion(suffix=" the end"), 400, "suffix", ["not supported"]),
+    "chat-logit-bias": ("/v1/chat/completions", _chat(logit_bias={"5": -100}), 400, "logit_bias", []),
+    "chat-response-format": ("/v1/chat/completions", _chat(response_format={"type": "json_object"}), 400,
+                             "response_format", ["not supported"]),
+    "chat-tools": ("/v1/chat/completions", _chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+                   "tools", ["not supported"]),
+    "chat-tool-choice": ("/v1/chat/completions", _chat(tool_choice="required"), 400, "tool_choice", []),
+    "chat-functions": ("/v1/chat/completions", _chat(functions=[{"name": "f"}]), 400, "functions", []),
+    "chat-function-call": ("/v1/chat/completions", _chat(function_call={"name": "f"}), 400, "function_call", []),
+    "stream-options-without-stream": ("/v1/completions", _completion(stream_options={"include_usage": True}), 400,
+                                      "stream_options", ["stream"]),
+    "chat-stream-options-without-stream": ("/v1/chat/completions", _chat(stream_options={"include_usage": True}),
+                                           400, "stream_options", []),
+    "prompt-logprobs-streamed": ("/v1/completions", _completion(prompt_logprobs=1, stream=True), 400,
+                                 "prompt_logprobs", []),
+    "prompt-logprobs-over-limit": ("/v1/completions", _completion(prompt_logprobs=50), 400, "prompt_logprobs",
+                                   ["20"]),
 }
 
 
@@ -482,6 +693,43 @@ def test_queue_full_is_503(model_folder):
         server.stop()
 
 
+def test_overload_refused_before_the_body_is_read(model_folder):
+    """Requests still sending their body count against the queue limit: the next one gets 503
+    with Retry-After at once, and the slow one is served when it arrives."""
+    server = start_server(model_folder, max_waiting_requests=1)
+    gate = threading.Event()
+    result: dict[str, int] = {}
+
+    def slow_body():
+        yield b'{"model": "tiny-llama", '
+        gate.wait(30)
+        yield b'"prompt": "Hello", "max_tokens": 2}'
+
+    def send_slowly() -> None:
+        with server.http() as http:
+            result["status"] = http.post("/v1/completions", content=slow_body(),
+                                         headers={"Content-Type": "application/json"}).status_code
+
+    sender = threading.Thread(target=send_slowly)
+    try:
+        with server.http() as http:
+            sender.start()
+            assert wait_until(lambda: http.post("/tokenize", json={"prompt": "hi"}).status_code == 503, 10)
+            refused = http.post("/v1/completions", json=_completion())
+            error = _assert_error_shape(refused, 503)
+            assert "overloaded" in error["message"] and error["code"] == "server_overloaded"
+            assert refused.headers["Retry-After"] == "1"
+            assert server.engine.num_waiting_requests == 0  # refused before anything was queued
+            gate.set()
+            sender.join(30)
+            assert result["status"] == 200
+            assert http.post("/tokenize", json={"prompt": "hi"}).status_code == 200
+            _assert_still_serving(http)
+    finally:
+        gate.set()
+        server.stop()
+
+
 def test_engine_failure_marks_unhealthy(model_folder):
     server = start_server(model_folder)
 
@@ -499,6 +747,19 @@ def test_engine_failure_marks_unhealthy(model_folder):
             assert httpx.get(f"{server.url}/metrics").status_code == 200
     finally:
         server.stop()
+
+
+# ---- the command line ----------------------------------------------------------------------------
+def test_serve_engine_flags():
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    default = _engine_config(parser.parse_args([]), "m")
+    assert default.cache.enable_prefix_caching and not default.enforce_eager
+    assert default.async_scheduling is None and default.load_format == "auto"
+    config = _engine_config(parser.parse_args(["--no-prefix-caching", "--enforce-eager", "--no-async-scheduling",
+                                               "--load-format", "dummy"]), "m")
+    assert not config.cache.enable_prefix_caching and config.enforce_eager
+    assert config.async_scheduling is False and config.load_format == "dummy"
 
 
 # ---- graceful shutdown -------------------------------------------------------------------------

@@ -147,6 +147,7 @@ class _Tracked:
     num_sent: list[int]
     num_generated: int = 0
     saw_first_token: bool = False
+    last_token_time: Optional[float] = None  # when the request last gained tokens
 
 
 class AsyncLLMEngine:
@@ -262,7 +263,7 @@ class AsyncLLMEngine:
         Raises ``ValueError`` (the engine rejected the input; nothing is queued) or an
         ``EngineUnavailableError``. Cancelling the await aborts the request.
         """
-        self._check_can_accept()
+        self.check_can_accept()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use.")
         stream = RequestStream(request_id, self._loop)
@@ -302,16 +303,19 @@ class AsyncLLMEngine:
             stream.fail(error)
         self._commands.put(_Abort([request_id]))
 
-    def _check_can_accept(self) -> None:
+    def check_can_accept(self, num_pending: int = 0) -> None:
+        """Raise the ``EngineUnavailableError`` a new request would get now. ``num_pending`` counts
+        requests a front end has let in but not yet queued (body being read, prompt tokenized)."""
         if self._error is not None:
             raise EngineDeadError(f"the engine is dead after an error in a step: {self._error!r}")
         if self._thread is None:
             raise EngineStoppingError("the engine is not started.")
         if not self._accepting:
             raise EngineStoppingError("the server is shutting down and takes no new requests.")
-        if self._num_waiting >= self.max_waiting_requests:
+        num_waiting = self._num_waiting + num_pending
+        if num_waiting >= self.max_waiting_requests:
             raise EngineOverloadedError(
-                f"the server is overloaded: {self._num_waiting} requests are already waiting "
+                f"the server is overloaded: {num_waiting} requests are already waiting "
                 f"(the limit is {self.max_waiting_requests}); retry later."
             )
 
@@ -395,10 +399,17 @@ class AsyncLLMEngine:
         self._tracked[command.request_id] = _Tracked(state, num_sent=[0] * len(state.seqs))
 
     def _abort_in_engine(self, request_ids: list[str]) -> None:
-        self.engine.abort_request(request_ids)
         for request_id in request_ids:
-            if self._tracked.pop(request_id, None) is not None:
-                self.metrics.record_finished("abort")
+            tracked = self._tracked.pop(request_id, None)
+            if tracked is None:
+                continue
+            if not tracked.saw_first_token:
+                # Prompts are counted at their first token; one aborted before that still had
+                # whatever part of its prompt was prefilled (read before the abort resets it).
+                first = tracked.state.seqs[0]
+                self.metrics.prompt_tokens.inc(min(first.num_computed_tokens, first.num_prompt_tokens))
+            self.metrics.record_finished("abort")
+        self.engine.abort_request(request_ids)
 
     def _step(self) -> None:
         outputs = self.engine.step()
@@ -430,7 +441,13 @@ class AsyncLLMEngine:
     def _record_progress(self, tracked: _Tracked, output: RequestOutput, now: float) -> None:
         seqs = tracked.state.seqs
         generated = sum(seq.num_output_tokens for seq in seqs)
-        self.metrics.generation_tokens.inc(generated - tracked.num_generated)
+        if generated > tracked.num_generated:
+            self.metrics.generation_tokens.inc(generated - tracked.num_generated)
+            # As vLLM: one inter-token interval per step that advanced the request, however many
+            # of its samples did, so the histogram shows every stall rather than a per-request mean.
+            if tracked.last_token_time is not None:
+                self.metrics.time_per_output_token.observe(now - tracked.last_token_time)
+            tracked.last_token_time = now
         tracked.num_generated = generated
         first = seqs[0]
         if not tracked.saw_first_token and first.first_token_time is not None:
@@ -439,13 +456,9 @@ class AsyncLLMEngine:
             self.metrics.time_to_first_token.observe(first.first_token_time - first.arrival_time)
         if not output.finished:
             return
-        longest = max(seqs, key=lambda seq: seq.num_output_tokens)
-        per_token = None
-        if longest.num_output_tokens > 1 and longest.first_token_time is not None:
-            per_token = (now - longest.first_token_time) / (longest.num_output_tokens - 1)
         queue_time = None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time
         self.metrics.record_finished(output.outputs[0].finish_reason or "abort", now - first.arrival_time,
-                                     queue_time, per_token)
+                                     queue_time)
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -454,5 +467,10 @@ class AsyncLLMEngine:
         self._last_stats_time = now
         stats = self.engine.kv_cache_stats()
         scheduler = self.engine.scheduler
-        self.metrics.set_scheduler_state(scheduler.num_running, scheduler.num_waiting, stats.usage)
+        # Requests, not sequences (as vLLM counts them): n samples of one request count once, and a
+        # request with any sample running counts as running.
+        running = {seq.request_id for seq in scheduler.running}
+        waiting = {seq.request_id for seq in scheduler.waiting} - running
+        self.metrics.set_scheduler_state(len(running), len(waiting), stats.usage)
         self.metrics.set_prefix_cache_totals(stats.prefix_cache_queries, stats.prefix_cache_hits)
+        self.metrics.set_kv_sharing(stats.num_shared_blocks, stats.blocks_saved_by_sharing)

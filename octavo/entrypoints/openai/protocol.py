@@ -1,9 +1,11 @@
 """Request and response bodies of the OpenAI-compatible API, in OpenAI's shapes.
 
 Requests accept OpenAI's parameters plus vLLM's sampling extensions (top_k, min_p,
-repetition_penalty, min_tokens, ...). Unknown fields are ignored, as OpenAI clients send
-vendor fields through ``extra_body``. ``to_sampling_params`` turns a request into
-``SamplingParams``, whose own checks raise ``ValueError`` naming the field.
+repetition_penalty, min_tokens, prompt_logprobs, ...). Unknown fields are ignored, as OpenAI
+clients send vendor fields through ``extra_body``; OpenAI parameters that octavo cannot honour
+(logit_bias, tools, ...) are refused unless their value is a no-op, never silently dropped.
+``to_sampling_params`` turns a request into ``SamplingParams``; it and ``SamplingParams``'s own
+checks raise ``ValueError`` naming the field.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from octavo.sampling_params import SamplingParams
 
@@ -62,8 +64,12 @@ class SamplingRequest(OpenAIBaseModel):
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     skip_special_tokens: Optional[bool] = True
+    spaces_between_special_tokens: Optional[bool] = True
     include_stop_str_in_output: Optional[bool] = False
+    prompt_logprobs: Optional[int] = None
     cache_salt: Optional[str] = None
+    # Accepted only with values that change nothing; see ``unsupported_params``.
+    logit_bias: Optional[dict[str, float]] = None
 
     @property
     def stop_list(self) -> list[str]:
@@ -75,9 +81,24 @@ class SamplingRequest(OpenAIBaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def unsupported_params(self) -> list[str]:
+        """Parameters set to a value whose effect octavo does not implement."""
+        return ["logit_bias"] if self.logit_bias else []
+
+    def _check_request(self) -> None:
+        unsupported = self.unsupported_params()
+        if unsupported:
+            raise ValueError(f"{unsupported[0]} is not supported by this server.")
+        # As vLLM: an empty object is harmless, any option without streaming is a mistake.
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true.")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available when stream is true.")
+
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
                          prompt_logprobs: Optional[int] = None) -> SamplingParams:
         """SamplingParams with OpenAI's defaults for parameters sent as null or left out."""
+        self._check_request()
         return SamplingParams(
             n=_default(self.n, 1),
             best_of=self.best_of,
@@ -98,6 +119,7 @@ class SamplingRequest(OpenAIBaseModel):
             prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             skip_special_tokens=_default(self.skip_special_tokens, True),
+            spaces_between_special_tokens=_default(self.spaces_between_special_tokens, True),
         )
 
 
@@ -114,10 +136,17 @@ class CompletionRequest(SamplingRequest):
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = None
     echo: Optional[bool] = False
+    suffix: Optional[str] = None
+
+    def unsupported_params(self) -> list[str]:
+        return super().unsupported_params() + (["suffix"] if self.suffix else [])
 
     def to_sampling_params(self) -> SamplingParams:
-        # With echo, the prompt's own logprobs are part of the answer.
-        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        # With echo, the prompt's own logprobs are part of the answer: compute enough for both.
+        wanted = [self.prompt_logprobs]
+        if self.echo and self.logprobs is not None:
+            wanted.append(self.logprobs)
+        prompt_logprobs = max((n for n in wanted if n is not None), default=None)
         return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
@@ -128,12 +157,25 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one token's prompt logprob (keyed by token id in ``prompt_logprobs``)."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# Per prompt token: token id -> its logprob; the first entry (no context) is null.
+PromptLogprobEntries = list[Optional[dict[int, PromptLogprob]]]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    prompt_logprobs: Optional[PromptLogprobEntries] = None
 
 
 class UsageInfo(BaseModel):
@@ -185,6 +227,10 @@ class ChatMessage(OpenAIBaseModel):
         return message
 
 
+class ResponseFormat(OpenAIBaseModel):
+    type: str
+
+
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
@@ -192,6 +238,24 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: Optional[bool] = True
+    # No structured output or tool calling: accepted only as no-ops, see ``unsupported_params``.
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    functions: Optional[list[dict[str, Any]]] = None
+    function_call: Optional[Union[str, dict[str, Any]]] = None
+
+    def unsupported_params(self) -> list[str]:
+        # "none" forbids calls and "auto" with no tools cannot make one: both are plain generation.
+        no_call = (None, "none", "auto")
+        checks = [
+            ("response_format", self.response_format is not None and self.response_format.type != "text"),
+            ("tools", bool(self.tools)),
+            ("tool_choice", self.tool_choice not in no_call),
+            ("functions", bool(self.functions)),
+            ("function_call", self.function_call not in no_call),
+        ]
+        return super().unsupported_params() + [name for name, unsupported in checks if unsupported]
 
     @property
     def requested_max_tokens(self) -> Optional[int]:
@@ -202,7 +266,7 @@ class ChatCompletionRequest(SamplingRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true.")
         logprobs = _default(self.top_logprobs, 0) if self.logprobs else None
-        return self._sampling_params(self.requested_max_tokens, logprobs)
+        return self._sampling_params(self.requested_max_tokens, logprobs, self.prompt_logprobs)
 
 
 class ChatLogProb(BaseModel):
@@ -239,6 +303,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: Optional[PromptLogprobEntries] = None
 
 
 class DeltaMessage(BaseModel):
@@ -287,12 +352,6 @@ class TokenizeRequest(OpenAIBaseModel):
     messages: Optional[list[ChatMessage]] = None
     add_special_tokens: Optional[bool] = True
     add_generation_prompt: Optional[bool] = True
-
-    @model_validator(mode="after")
-    def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt and messages.")
-        return self
 
 
 class TokenizeResponse(BaseModel):

@@ -16,6 +16,7 @@ import copy
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -25,7 +26,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -68,13 +69,15 @@ from octavo.entrypoints.openai.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    PromptLogprob,
+    PromptLogprobEntries,
     SamplingRequest,
     TokenizeRequest,
     TokenizeResponse,
     UsageInfo,
 )
 from octavo.metrics import CONTENT_TYPE, EngineMetrics
-from octavo.outputs import CompletionOutput, Logprob
+from octavo.outputs import CompletionOutput, Logprob, PromptLogprobs
 from octavo.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -159,6 +162,18 @@ def _param_of(message: str, request: BaseModel, aliases: dict[str, str]) -> Opti
 
 
 # ---- request reading -----------------------------------------------------------------------
+def _reject_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which are not JSON and would pass range checks.
+    raise _bad_request(f"the request body is not valid JSON: {name} is not a JSON number.")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 overflows to inf
+        raise _bad_request(f"the request body is not valid JSON: {text} is out of a number's range.")
+    return value
+
+
 async def _read_json(request: Request, limit: int) -> Any:
     """The body as JSON; 413 past ``limit`` bytes (checked before and while reading), 400 if malformed."""
     declared = request.headers.get("content-length", "")
@@ -170,7 +185,7 @@ async def _read_json(request: Request, limit: int) -> Any:
         if len(body) > limit:
             raise _too_large(limit)
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise _bad_request(f"the request body is not valid JSON: {exc}") from None
 
@@ -267,6 +282,7 @@ class OpenAIServing:
         # detokenizers; prompts are encoded on one worker thread so long ones never block the loop.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="octavo-tokenizer")
+        self.num_admitting = 0  # requests let in and not yet queued in the engine (or answered)
 
     def close(self) -> None:
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
@@ -274,6 +290,31 @@ class OpenAIServing:
     async def _off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_thread, lambda: fn(*args, **kwargs))
+
+    # ---- admission ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def admission(self) -> Iterator[Callable[[], None]]:
+        """Let a request in, or answer 503 before reading its body. Requests still being read or
+        tokenized count against the queue limit with the queued ones, so a flood is refused
+        before it costs any work. Yields the release, for once the request is queued; leaving
+        the block releases it in any case."""
+        try:
+            self.engine.check_can_accept(self.num_admitting)
+        except EngineUnavailableError as exc:
+            raise _unavailable(exc) from None
+        self.num_admitting += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.num_admitting -= 1
+
+        try:
+            yield release
+        finally:
+            release()
 
     # ---- validation --------------------------------------------------------------------
     def check_model(self, model: Optional[str]) -> None:
@@ -298,6 +339,7 @@ class OpenAIServing:
             ("n", params.n, settings.max_n),
             ("best_of", params.best_of or 0, settings.max_best_of),
             ("logprobs", params.logprobs or 0, max_logprobs),
+            ("prompt_logprobs", params.prompt_logprobs or 0, max_logprobs),
             ("stop", len(params.stop), settings.max_stop_strings),
         ]
         for name, value, limit in checks:
@@ -429,6 +471,22 @@ class OpenAIServing:
             ))
         return ChatLogProbs(content=content)
 
+    def _prompt_logprobs(self, prompt: _Prompt, entries: Optional[PromptLogprobs],
+                         num: Optional[int]) -> Optional[PromptLogprobEntries]:
+        """vLLM's ``prompt_logprobs``: per prompt token its own logprob and the top ``num``."""
+        if num is None or entries is None:
+            return None
+        return [
+            None if entry is None else {
+                token_id: PromptLogprob(logprob=max(lp.logprob, _MIN_LOGPROB), rank=lp.rank,
+                                        decoded_token=self._token_text(token_id, lp))
+                for token_id, lp in entry.items()
+                # The engine may have computed more (echo with more logprobs): keep what was asked.
+                if token_id == prompt_token or (lp.rank is not None and lp.rank <= num)
+            }
+            for prompt_token, entry in zip(prompt.token_ids, entries)
+        ]
+
     @staticmethod
     def _usage(prompts: list[_Prompt], finals: list[Optional[StreamingRequestOutput]]) -> UsageInfo:
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
@@ -437,7 +495,9 @@ class OpenAIServing:
                          total_tokens=prompt_tokens + completion_tokens)
 
     # ---- /v1/completions ---------------------------------------------------------------
-    async def create_completion(self, request: CompletionRequest, raw: Request) -> Response:
+    async def create_completion(self, request: CompletionRequest, raw: Request,
+                                queued: Callable[[], None]) -> Response:
+        """``queued`` is called once the request is in the engine's queue (see ``admission``)."""
         self.check_model(request.model)
         params = self._sampling_params(request, {})
         prompts = await self._completion_prompts(request.prompt)
@@ -445,16 +505,20 @@ class OpenAIServing:
             self._check_prompt(prompt, params, "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._add_all(request_id, prompts, params, request.cache_salt)
+        queued()
         if request.stream:
             return self._event_stream(streams, self._completion_events(request_id, request, params, prompts, streams))
         finals = await self._generate_all(raw, streams)
         choices = []
         for i, output in enumerate(finals):
+            prompt_logprobs = self._prompt_logprobs(prompts[i], output.prompt_logprobs, request.prompt_logprobs)
             for completion in output.outputs:
                 whole = CompletionDelta(completion.text, completion.token_ids, completion.logprobs)
                 if request.echo:
                     whole = self._with_echo(whole, prompts[i], output)
-                choices.append(self._completion_choice(params, completion, whole, i * params.n + completion.index, 0))
+                choice = self._completion_choice(params, completion, whole, i * params.n + completion.index, 0)
+                choice.prompt_logprobs = prompt_logprobs
+                choices.append(choice)
         response = CompletionResponse(id=request_id, model=self.settings.served_model_name, choices=choices,
                                       usage=self._usage(prompts, finals))
         return Response(response.model_dump_json(), media_type="application/json")
@@ -477,19 +541,24 @@ class OpenAIServing:
                                  prompts: list[_Prompt], streams: list[RequestStream]) -> AsyncIterator[str]:
         model, created = self.settings.served_model_name, int(time.time())
         finals: list[Optional[StreamingRequestOutput]] = [None] * len(streams)
-        offsets: dict[int, int] = {}  # choice index -> characters streamed so far
+        # choice index -> text offset of its next token: the token texts so far, as without streaming
+        # (the streamed text can lag behind the tokens while a stop string may be forming).
+        offsets: dict[int, int] = {}
+        started: set[int] = set()
         try:
             async for i, output in _merge(streams):
                 finals[i] = output
                 choices = []
                 for completion, delta in zip(output.outputs, output.deltas):
                     index = i * params.n + completion.index
-                    if index not in offsets and request.echo:
+                    if index not in started and request.echo:
                         delta = self._with_echo(delta, prompts[i], output)
-                    offset = offsets.get(index, 0)
-                    offsets[index] = offset + len(delta.text)
+                    started.add(index)
                     if delta.text or completion.finish_reason or (params.logprobs is not None and delta.token_ids):
-                        choices.append(self._completion_choice(params, completion, delta, index, offset))
+                        choice = self._completion_choice(params, completion, delta, index, offsets.get(index, 0))
+                        if choice.logprobs is not None:
+                            offsets[index] = offsets.get(index, 0) + sum(map(len, choice.logprobs.tokens))
+                        choices.append(choice)
                 if choices:
                     yield _sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=choices))
             if request.include_usage:
@@ -500,7 +569,9 @@ class OpenAIServing:
         yield _SSE_DONE
 
     # ---- /v1/chat/completions ------------------------------------------------------------
-    async def create_chat_completion(self, request: ChatCompletionRequest, raw: Request) -> Response:
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw: Request,
+                                     queued: Callable[[], None]) -> Response:
+        """``queued`` is called once the request is in the engine's queue (see ``admission``)."""
         self.check_model(request.model)
         aliases = {"logprobs": "top_logprobs"}
         if request.max_completion_tokens is not None:
@@ -510,6 +581,7 @@ class OpenAIServing:
         self._check_prompt(prompt, params, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._add_all(request_id, [prompt], params, request.cache_salt)
+        queued()
         if request.stream:
             return self._event_stream(streams, self._chat_events(request_id, request, params, prompt, streams[0]))
         (final,) = await self._generate_all(raw, streams)
@@ -524,8 +596,10 @@ class OpenAIServing:
             )
             for completion in final.outputs
         ]
-        response = ChatCompletionResponse(id=request_id, model=self.settings.served_model_name, choices=choices,
-                                          usage=self._usage([prompt], [final]))
+        response = ChatCompletionResponse(
+            id=request_id, model=self.settings.served_model_name, choices=choices,
+            usage=self._usage([prompt], [final]),
+            prompt_logprobs=self._prompt_logprobs(prompt, final.prompt_logprobs, request.prompt_logprobs))
         return Response(response.model_dump_json(), media_type="application/json")
 
     async def _chat_events(self, request_id: str, request: ChatCompletionRequest, params: SamplingParams,
@@ -561,6 +635,8 @@ class OpenAIServing:
     # ---- /tokenize, /detokenize --------------------------------------------------------
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self.check_model(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise _bad_request("give exactly one of prompt and messages.", "prompt")
         if request.messages is not None:
             tokens = await self._chat_token_ids(request.messages, bool(request.add_generation_prompt))
         else:
@@ -602,17 +678,21 @@ def _api_key_check(settings: ServerSettings) -> Callable[[Request], Awaitable[No
 
 
 def _api_routes(serving: OpenAIServing) -> APIRouter:
-    """The key-protected routes (everything but /health and /metrics)."""
+    """The key-protected routes (everything but /health and /metrics). Every POST passes
+    ``admission`` before its body is read."""
     router = APIRouter(dependencies=[Depends(_api_key_check(serving.settings))])
     limit = serving.settings.max_request_body_bytes
 
     @router.post("/v1/completions")
     async def completions(raw: Request) -> Response:
-        return await serving.create_completion(await _parse(raw, CompletionRequest, limit), raw)
+        with serving.admission() as queued:
+            return await serving.create_completion(await _parse(raw, CompletionRequest, limit), raw, queued)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(raw: Request) -> Response:
-        return await serving.create_chat_completion(await _parse(raw, ChatCompletionRequest, limit), raw)
+        with serving.admission() as queued:
+            return await serving.create_chat_completion(await _parse(raw, ChatCompletionRequest, limit), raw,
+                                                        queued)
 
     @router.get("/v1/models")
     async def models() -> ModelList:
@@ -620,11 +700,13 @@ def _api_routes(serving: OpenAIServing) -> APIRouter:
 
     @router.post("/tokenize")
     async def tokenize(raw: Request) -> TokenizeResponse:
-        return await serving.tokenize(await _parse(raw, TokenizeRequest, limit))
+        with serving.admission():
+            return await serving.tokenize(await _parse(raw, TokenizeRequest, limit))
 
     @router.post("/detokenize")
     async def detokenize(raw: Request) -> DetokenizeResponse:
-        return await serving.detokenize(await _parse(raw, DetokenizeRequest, limit))
+        with serving.admission():
+            return await serving.detokenize(await _parse(raw, DetokenizeRequest, limit))
 
     return router
 
@@ -686,7 +768,9 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
             await engine.shutdown()
             serving.close()
 
-    app = FastAPI(title="octavo", version=__version__, lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: they would be open without the API key.
+    app = FastAPI(title="octavo", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.include_router(_api_routes(serving))
     app.include_router(_open_routes(engine))
     _add_exception_handlers(app)
@@ -739,6 +823,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--block-size", type=_positive_int, default=16)
     engine.add_argument("--max-num-seqs", type=_positive_int, default=256)
     engine.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
+    engine.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching.")
+    engine.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs.")
+    engine.add_argument("--no-async-scheduling", action="store_true",
+                        help="wait for each step's tokens before planning the next (default on CUDA: overlap).")
+    engine.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy or pt.")
     engine.add_argument("--seed", type=int, default=0)
 
     limits = parser.add_argument_group("request limits")
@@ -749,7 +838,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-prompts-per-request", type=_positive_int, default=64)
     limits.add_argument("--max-request-body-bytes", type=parse_bytes, default=8 << 20)
     limits.add_argument("--max-waiting-requests", type=_positive_int, default=1024,
-                        help="requests waiting for their first token beyond which new ones get 503.")
+                        help="requests waiting for their first token (or still being read and tokenized) "
+                             "beyond which new ones get 503.")
 
 
 def _engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
@@ -759,8 +849,11 @@ def _engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         device=args.device,
         max_model_len=args.max_model_len,
         seed=args.seed,
+        load_format=args.load_format,
+        enforce_eager=args.enforce_eager,
+        async_scheduling=False if args.no_async_scheduling else None,
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
-                          kv_cache_memory=args.kv_cache_memory),
+                          kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                   max_num_batched_tokens=args.max_num_batched_tokens),
     )
