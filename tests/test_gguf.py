@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import time
@@ -324,6 +325,8 @@ def test_dequantize_quantized_data_matches_gguf(qtype):
 
 @pytest.mark.parametrize("qtype", [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K])
 def test_dequantize_k_quants_match_gguf(qtype):
+    """Random raw blocks with sane fp16 scales, because ``gguf.quants`` cannot quantize to K-quants
+    (only dequantize them) and the default SmolLM2 Q4_1 file holds none."""
     rng = np.random.default_rng(100 + int(qtype))
     raw = _random_blocks(qtype, 3 * 5, rng).reshape(3, -1)  # 3 rows of 5 super-blocks
     ref = gguf.quants.dequantize(raw, qtype)
@@ -636,6 +639,27 @@ def test_pre_tokenizer_default_follows_llama_cpp(tmp_path):
         "Hello", ",", f"{g}world", "!!", g, "123", "45", g, "$", "x"]
     missing = load_gguf_tokenizer(_write_vocab_gguf(tmp_path / "m.gguf", None))
     assert _pieces(missing, "a 1234") == _pieces(ours, "a 1234")
+
+
+@pytest.mark.parametrize("pre, pieces", [
+    # one sample through every step: letters, punctuation, digit runs, newline, CJK and Hangul
+    ("deepseek-llm", ["Hello", ",", " world", "!", " ", "12345", "\n", "中文", "\u2126\u212a\u1f7d",
+                      " ", "한국"]),
+    ("deepseek-coder", ["Hello", ",", " world", "!", " ", "1", "2", "3", "4", "5", "\n",
+                        "中文\u2126\u212a\u1f7d", " ", "한국"]),
+    ("deepseek-v3", ["Hello", ",", " world", "!", " ", "123", "45", "\n", "中文", "\u2126\u212a\u1f7d",
+                     " 한국"]),
+])
+def test_pre_tokenizer_deepseek_follows_llama_cpp(tmp_path, caplog, pre, pieces):
+    """Expected splits worked out by hand from llama.cpp's regexes (src/llama-vocab.cpp). The Ohm
+    sign, Kelvin sign and U+1F7D check that the letter class kept those exact code points (NFC
+    would swap them for look-alikes, and "中文" would then swallow them)."""
+    with caplog.at_level(logging.WARNING):
+        tok = load_gguf_tokenizer(_write_vocab_gguf(tmp_path / "d.gguf", pre))
+    assert "not known" not in caplog.text  # no GPT-2 fallback
+    text = "Hello, world! 12345\n中文\u2126\u212a\u1f7d 한국"
+    decode = tok.backend_tokenizer.decoder.decode  # byte-level spelling -> text
+    assert [decode([piece]) for piece in _pieces(tok, text)] == pieces
 
 
 def test_tokenizer_special_tokens_template_and_eot(tmp_path):

@@ -755,11 +755,11 @@ def test_serve_engine_flags():
     add_serve_arguments(parser)
     default = _engine_config(parser.parse_args([]), "m")
     assert default.cache.enable_prefix_caching and not default.enforce_eager
-    assert default.async_scheduling is None and default.load_format == "auto"
+    assert default.async_scheduling is None and default.load_format == "auto" and not default.allow_pickle_weights
     config = _engine_config(parser.parse_args(["--no-prefix-caching", "--enforce-eager", "--no-async-scheduling",
-                                               "--load-format", "dummy"]), "m")
+                                               "--load-format", "dummy", "--allow-pickle-weights"]), "m")
     assert not config.cache.enable_prefix_caching and config.enforce_eager
-    assert config.async_scheduling is False and config.load_format == "dummy"
+    assert config.async_scheduling is False and config.load_format == "dummy" and config.allow_pickle_weights
 
 
 # ---- graceful shutdown -------------------------------------------------------------------------

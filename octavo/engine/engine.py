@@ -52,7 +52,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        path = loader.check_model_path(config.model)
+        path = loader.check_model_path(config.model, config.load_format)
         self.model_path = path
         self.hf_config = loader.load_hf_config(path)
         self.dtype = resolve_dtype(config.dtype, loader.checkpoint_dtype(self.hf_config), self.device)

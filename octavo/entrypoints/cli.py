@@ -32,6 +32,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="wait for each step's tokens before planning the next (default on CUDA: overlap)")
     parser.add_argument("--load-format", default="auto", help="auto | safetensors | gguf | dummy | pt")
+    parser.add_argument("--allow-pickle-weights", action="store_true",
+                        help="load pickled *.bin/*.pt weights (they can run code: only for trusted sources)")
     parser.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
 
 
@@ -41,7 +43,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
-        enforce_eager=args.enforce_eager, load_format=args.load_format, seed=args.seed,
+        enforce_eager=args.enforce_eager, load_format=args.load_format,
+        allow_pickle_weights=args.allow_pickle_weights, seed=args.seed,
         async_scheduling=False if args.no_async_scheduling else None,
     )
 
@@ -103,11 +106,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    print("Chatting. /reset clears the history, /exit quits, Ctrl-C stops a reply.")
+    print("Chatting. /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
     while True:
         try:
             line = input("> ").strip()
-        except (EOFError, KeyboardInterrupt):
+        except KeyboardInterrupt:  # like a shell: drop the line, ask again
+            print()
+            continue
+        except EOFError:
             print()
             return 0
         if not line:
@@ -181,8 +187,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # bad model path or options: a message, not a traceback
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
 
 

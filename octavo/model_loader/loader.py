@@ -24,10 +24,13 @@ _LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_
 
 
 def is_gguf(path: str | Path) -> bool:
-    return str(path).lower().endswith(".gguf")
+    """True for a file that starts with the GGUF magic, whatever its name (``.bin`` GGUFs exist)."""
+    from octavo.model_loader.gguf_loader import is_gguf_file
+
+    return is_gguf_file(Path(path).expanduser())
 
 
-def check_model_path(model: str) -> Path:
+def check_model_path(model: str, load_format: str = "auto") -> Path:
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -36,7 +39,25 @@ def check_model_path(model: str) -> Path:
         )
     if path.is_dir() and not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model folder?")
+    check_load_format(path, load_format)
     return path
+
+
+def check_load_format(path: Path, load_format: str) -> None:
+    """A model file must be a GGUF, and ``load_format="gguf"`` must name one."""
+    if path.is_dir():
+        if load_format == "gguf":
+            raise ValueError(f"load_format='gguf' needs a GGUF file, but {path} is a folder.")
+        return
+    if not is_gguf(path):
+        raise ValueError(
+            f"{path} is a file but not a GGUF file (it does not start with b'GGUF'); pass a GGUF file or a "
+            "Hugging Face model folder (with config.json)."
+        )
+    if load_format not in ("auto", "gguf", "dummy"):
+        raise ValueError(
+            f"{path} is a GGUF file, which load_format={load_format!r} cannot read; use 'auto' or 'gguf'."
+        )
 
 
 def load_hf_config(path: Path):
@@ -85,6 +106,7 @@ def build_model(
     allow_pickle_weights: bool = False,
     seed: int = 0,
 ) -> CausalLM:
+    check_load_format(path, load_format)  # callers other than the engine may not have checked
     model_class = resolve_model_class(hf_config)
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -95,14 +117,15 @@ def build_model(
         torch.set_default_dtype(previous_dtype)
     if load_format == "dummy":
         _init_dummy_weights(model, seed)
-    elif is_gguf(path) or load_format == "gguf":
+    elif is_gguf(path):
         from octavo.model_loader.gguf_loader import iter_gguf_weights
 
         model.load_weights(iter_gguf_weights(path, dtype))
     else:
         from octavo.model_loader.weights import iter_checkpoint
 
-        model.load_weights(iter_checkpoint(path, allow_pickle_weights or load_format == "pt"))
+        # pickles can run code when loaded: only the explicit opt-in allows them, never load_format
+        model.load_weights(iter_checkpoint(path, allow_pickle_weights))
     return model.eval()
 
 

@@ -828,6 +828,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--no-async-scheduling", action="store_true",
                         help="wait for each step's tokens before planning the next (default on CUDA: overlap).")
     engine.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy or pt.")
+    engine.add_argument("--allow-pickle-weights", action="store_true",
+                        help="load pickled *.bin/*.pt weights (they can run code: only for trusted sources).")
     engine.add_argument("--seed", type=int, default=0)
 
     limits = parser.add_argument_group("request limits")
@@ -850,6 +852,7 @@ def _engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         max_model_len=args.max_model_len,
         seed=args.seed,
         load_format=args.load_format,
+        allow_pickle_weights=args.allow_pickle_weights,
         enforce_eager=args.enforce_eager,
         async_scheduling=False if args.no_async_scheduling else None,
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
