@@ -246,3 +246,19 @@ def test_missing_checkpoint_tensor_is_named_as_in_the_checkpoint(tiny_model_fact
     save_file(weights, tmp_path / "model" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing 1 tensors: model\.layers\.0\.self_attn\.q_proj\.weight$"):
         LLM(str(tmp_path / "model"), device="cpu")
+
+
+def test_hf_folders_load_without_the_gguf_package(tiny_model_factory):
+    """The GPU images carry no ``gguf``: only GGUF files may need it."""
+    import subprocess
+    import sys
+
+    folder, _ = tiny_model_factory("llama")
+    script = ("import sys; sys.modules['gguf'] = None\n"
+              "from octavo import LLM, SamplingParams\n"
+              f"llm = LLM({str(folder)!r}, device='cpu', max_model_len=32)\n"
+              "print(len(llm.generate({'prompt_token_ids': [5, 6]}, SamplingParams(max_tokens=3, ignore_eos=True),"
+              " use_tqdm=False)[0].outputs[0].token_ids))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "3"

@@ -42,6 +42,8 @@ from gguf.constants import (
 )
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
+from octavo.model_loader.loader import is_gguf as is_gguf_file
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -172,18 +174,6 @@ def _check_path(path: str | os.PathLike) -> Path:
             f"{p} is a directory; pass the path of the .gguf file itself.{hint}"
         )
     return p
-
-
-def is_gguf_file(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a regular file starting with the GGUF magic (cheap: reads 4 bytes)."""
-    try:
-        p = Path(path)
-        if not p.is_file():
-            return False
-        with open(p, "rb") as f:
-            return f.read(4) == _MAGIC_BYTES
-    except (OSError, TypeError, ValueError):
-        return False
 
 
 @functools.lru_cache(maxsize=4)

@@ -24,10 +24,14 @@ _LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_
 
 
 def is_gguf(path: str | Path) -> bool:
-    """True for a file that starts with the GGUF magic, whatever its name (``.bin`` GGUFs exist)."""
-    from octavo.model_loader.gguf_loader import is_gguf_file
-
-    return is_gguf_file(Path(path).expanduser())
+    """True for a file that starts with the GGUF magic, whatever its name (``.bin`` GGUFs exist).
+    Reads 4 bytes and needs no ``gguf`` package, so folders load where it is not installed."""
+    file = Path(path).expanduser()
+    try:
+        with open(file, "rb") as handle:
+            return file.is_file() and handle.read(4) == b"GGUF"
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def check_model_path(model: str, load_format: str = "auto") -> Path:
