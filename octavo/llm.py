@@ -143,12 +143,13 @@ class LLM:
         """Beam search; one output per prompt whose ``sequences`` are best first."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        token_ids = [self.llm_engine.tokenize_prompt(prompt)[1] for prompt in prompts]
+        tokenized = [self.llm_engine.tokenize_prompt(prompt) for prompt in prompts]
+        token_ids = [ids for _, ids, _ in tokenized]
         for ids in token_ids:
             self.llm_engine.validate_prompt(ids, SamplingParams(max_tokens=params.max_tokens,
                                                                 logprobs=2 * params.beam_width))
         with tqdm(total=params.max_tokens, desc="Beam search", unit="tok", disable=not use_tqdm) as bar:
-            return run_beam_search(self.llm_engine, token_ids, params, bar)
+            return run_beam_search(self.llm_engine, token_ids, params, bar, [salt for _, _, salt in tokenized])
 
     def _run(self, prompts: list[PromptInput], params_list: list[SamplingParams], use_tqdm: bool
              ) -> list[RequestOutput]:

@@ -1,13 +1,14 @@
-"""Memory sharing: parallel samples fork blocks, copy-on-write, best_of, beam search, prefix caching."""
+"""Memory sharing: parallel samples fork blocks, copy-on-write, best_of, prefix caching.
+
+Beam search, which shares blocks between beams, is tested in test_beam_search.py."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-import torch
 
-from octavo import LLM, BeamSearchParams, SamplingParams
+from octavo import LLM, SamplingParams
 from tests.conftest import VOCAB_SIZE
 
 PROMPT = [random.Random(5).randrange(3, VOCAB_SIZE) for _ in range(30)]  # 30 % 4 != 0: a partial last block
@@ -126,46 +127,6 @@ def test_eviction_under_memory_pressure_keeps_outputs_correct(folder):
         assert got == expected + expected[:3]
     assert tight.llm_engine.kv_cache.pool.num_evictions > 0
     assert tight.llm_engine.kv_cache_stats().prefix_cache_hits > 0
-
-
-def test_beam_width_one_equals_greedy(folder):
-    llm = make_llm(folder)
-    greedy = llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(temperature=0.0, max_tokens=8,
-                                                                      ignore_eos=True), use_tqdm=False)[0]
-    beams = llm.beam_search([{"prompt_token_ids": PROMPT}], BeamSearchParams(beam_width=1, max_tokens=8,
-                                                                            ignore_eos=True))[0]
-    assert beams.sequences[0].output_tokens == greedy.outputs[0].token_ids
-    assert beams.sequences[0].tokens[: len(PROMPT)] == PROMPT
-
-
-@pytest.mark.parametrize("arch, width", [("llama", 2), ("qwen3", 3), ("gpt2", 4)])
-def test_beam_search_matches_transformers(tiny_model_factory, arch, width):
-    from transformers import GenerationConfig
-
-    folder, model = tiny_model_factory(arch)
-    llm = make_llm(folder)
-    prompts = [PROMPT[:9], PROMPT[:17]]
-    outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts],
-                              BeamSearchParams(beam_width=width, max_tokens=6, ignore_eos=True))
-    config = GenerationConfig(num_beams=width, num_return_sequences=width, max_new_tokens=6, do_sample=False,
-                              eos_token_id=None, pad_token_id=0, early_stopping=False, length_penalty=1.0)
-    model.generation_config.eos_token_id = None
-    for prompt, output in zip(prompts, outputs):
-        with torch.no_grad():
-            reference = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
-                                       dtype=torch.long), generation_config=config)
-        expected = [row[len(prompt):].tolist() for row in reference]
-        assert [beam.output_tokens for beam in output.sequences] == expected
-        scores = [beam.cum_logprob for beam in output.sequences]
-        assert scores == sorted(scores, reverse=True)
-
-
-def test_beam_search_shares_prefix_blocks(folder):
-    llm = make_llm(folder)
-    llm.beam_search([{"prompt_token_ids": PROMPT}], BeamSearchParams(beam_width=4, max_tokens=6, ignore_eos=True))
-    stats = llm.llm_engine.kv_cache_stats()
-    assert stats.prefix_cache_hits > 0
-    assert stats.num_used_blocks == 0  # every dropped or finished beam released its blocks
 
 
 def test_forked_samples_count_towards_max_num_seqs(folder):
