@@ -122,10 +122,15 @@ class _PromptSearch:
             self.done = best_possible <= beam_score(self.hypotheses[-1], length_penalty)
 
 
+def num_beam_candidates(beam_width: int, num_eos_ids: int) -> int:
+    """Candidates kept per round (transformers' count): enough that ``beam_width`` non-EOS ones remain."""
+    return max(2, 1 + num_eos_ids) * beam_width
+
+
 def run_beam_search(engine, prompt_token_ids: list[list[int]], params: BeamSearchParams,
                     progress=None, cache_salts: Optional[list[Optional[str]]] = None) -> list[BeamSearchOutput]:
     eos = frozenset() if params.ignore_eos else frozenset(engine.eos_token_ids)
-    num_candidates = max(2, 1 + len(eos)) * params.beam_width  # transformers' count: always w non-EOS left
+    num_candidates = num_beam_candidates(params.beam_width, len(eos))
     step_params = SamplingParams(temperature=params.temperature, max_tokens=1, logprobs=num_candidates,
                                  ignore_eos=True, detokenize=False)
     salts = cache_salts or [None] * len(prompt_token_ids)

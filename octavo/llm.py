@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from octavo.beam_search import BeamSearchOutput, BeamSearchParams, run_beam_search
+from octavo.beam_search import BeamSearchOutput, BeamSearchParams, num_beam_candidates, run_beam_search
 from octavo.config import CacheConfig, EngineConfig, SchedulerConfig
 from octavo.engine.engine import LLMEngine, PromptInput
 from octavo.outputs import RequestOutput
@@ -145,9 +145,10 @@ class LLM:
             prompts = [prompts]
         tokenized = [self.llm_engine.tokenize_prompt(prompt) for prompt in prompts]
         token_ids = [ids for _, ids, _ in tokenized]
+        num_eos = 0 if params.ignore_eos else len(self.llm_engine.eos_token_ids)
+        check = SamplingParams(max_tokens=params.max_tokens, logprobs=num_beam_candidates(params.beam_width, num_eos))
         for ids in token_ids:
-            self.llm_engine.validate_prompt(ids, SamplingParams(max_tokens=params.max_tokens,
-                                                                logprobs=2 * params.beam_width))
+            self.llm_engine.validate_prompt(ids, check)
         with tqdm(total=params.max_tokens, desc="Beam search", unit="tok", disable=not use_tqdm) as bar:
             return run_beam_search(self.llm_engine, token_ids, params, bar, [salt for _, _, salt in tokenized])
 

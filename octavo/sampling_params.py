@@ -7,8 +7,11 @@ runs unchanged. Every invalid value raises ``ValueError`` naming the field.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Union
+
+import numpy as np
 
 # Below this temperature sampling is treated as greedy (argmax).
 _GREEDY_EPSILON = 1e-5
@@ -49,7 +52,7 @@ class SamplingParams:
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}.")
         if self.stop_token_ids is None:
             self.stop_token_ids = []
-        elif isinstance(self.stop_token_ids, (list, tuple)):
+        elif isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
             self.stop_token_ids = list(self.stop_token_ids)
         else:
             raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}.")
@@ -61,11 +64,13 @@ class SamplingParams:
         def fail(name: str, message: str) -> None:
             raise ValueError(f"{name} {message}, got {getattr(self, name)!r}.")
 
+        # numbers.* admits numpy and other numeric scalars; bools are Integral to Python but not numbers here.
         def is_int(value: object) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python
+            return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
         def is_number(value: object) -> bool:
-            return is_int(value) or (isinstance(value, float) and math.isfinite(value))
+            return is_int(value) or (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+                                     and math.isfinite(value))
 
         def check_range(name: str, low: float, high: float, message: str, low_open: bool = False) -> None:
             value = getattr(self, name)
@@ -102,7 +107,7 @@ class SamplingParams:
             fail("stop_token_ids", "must be non-negative integers")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
                      "spaces_between_special_tokens", "detokenize"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
                 fail(name, "must be true or false")
 
     @property

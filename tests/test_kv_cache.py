@@ -172,20 +172,29 @@ TestKVCacheMachine.settings = settings(max_examples=150, stateful_step_count=40,
 
 
 def test_gpu_share_ignores_memory_other_engines_hold(monkeypatch):
-    """The KV budget is this engine's share minus its own weights and activation peak: a second
-    engine in the same process gets the same budget as the first, not what the first left over."""
+    """The KV budget is this engine's share minus its own weights (measured in this process) and
+    activation peak: a second engine gets the same budget as the first, not what the first left."""
     from octavo.worker import kv_cache_memory
 
     gib = 2**30
     total = 80 * gib
-    free_now = {"bytes": 56 * gib - 2 * gib}  # another engine holds 24 GiB; this one loaded 2 GiB of weights
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_now["bytes"], total))
-    budget = kv_cache_memory.cuda_kv_cache_bytes(torch.device("cuda"), 0.3, gib, free_at_start=56 * gib)
-    assert budget == int(total * 0.3) - 2 * gib - gib
-    # A share larger than what was free at start is refused with the numbers to change.
-    with pytest.raises(RuntimeError, match="gpu_memory_utilization=0.9 asks for 72.00 GiB"):
-        kv_cache_memory.cuda_kv_cache_bytes(torch.device("cuda"), 0.9, gib, free_at_start=56 * gib)
+    card = {"free": 56 * gib, "reserved": 24 * gib}  # another engine in this process holds 24 GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (card["free"], total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: card["reserved"])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    device = torch.device("cuda")
+    reserved_at_start = kv_cache_memory.check_cuda_share(device, 0.3)
+    card["free"] -= 2 * gib  # this engine loads 2 GiB of weights...
+    card["reserved"] += 2 * gib
+    card["free"] -= 10 * gib  # ...while another process takes 10 GiB, which is not this engine's
+    assert kv_cache_memory.cuda_kv_cache_bytes(device, 0.3, gib, reserved_at_start) == int(total * 0.3) - 3 * gib
+    # Never more than is free now.
+    card["free"] = 5 * gib
+    assert kv_cache_memory.cuda_kv_cache_bytes(device, 0.3, gib, reserved_at_start) == 4 * gib
+    # A share larger than what is free at start is refused up front, with the numbers to change.
+    with pytest.raises(ValueError, match="gpu_memory_utilization=0.9 asks for 72.00 GiB, but only 5.00 GiB"):
+        kv_cache_memory.check_cuda_share(device, 0.9)
     # Weights that leave nothing of the share for the cache are refused too.
-    free_now["bytes"] = 56 * gib - 23 * gib
+    card.update(free=40 * gib, reserved=24 * gib + 23 * gib)
     with pytest.raises(RuntimeError, match="no GPU memory left for the KV cache"):
-        kv_cache_memory.cuda_kv_cache_bytes(torch.device("cuda"), 0.3, 2 * gib, free_at_start=56 * gib)
+        kv_cache_memory.cuda_kv_cache_bytes(device, 0.3, 2 * gib, reserved_at_start)

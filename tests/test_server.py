@@ -714,7 +714,8 @@ def test_overload_refused_before_the_body_is_read(model_folder):
     try:
         with server.http() as http:
             sender.start()
-            assert wait_until(lambda: http.post("/tokenize", json={"prompt": "hi"}).status_code == 503, 10)
+            assert wait_until(lambda: http.post("/v1/completions", json=_completion()).status_code == 503, 10)
+            assert http.post("/tokenize", json={"prompt": "hi"}).status_code == 200  # never reaches the queue
             refused = http.post("/v1/completions", json=_completion())
             error = _assert_error_shape(refused, 503)
             assert "overloaded" in error["message"] and error["code"] == "server_overloaded"

@@ -23,7 +23,7 @@ from octavo.kv_cache.manager import KVCacheManager, KVCacheStats
 from octavo.model_loader import loader
 from octavo.outputs import CompletionOutput, Logprob, RequestOutput
 from octavo.sampling_params import SamplingParams
-from octavo.worker.kv_cache_memory import bytes_per_block, cpu_kv_cache_bytes, cuda_free_bytes, cuda_kv_cache_bytes
+from octavo.worker.kv_cache_memory import bytes_per_block, check_cuda_share, cpu_kv_cache_bytes, cuda_kv_cache_bytes
 from octavo.worker.model_runner import LaunchedStep, ModelRunner, SampledToken
 from octavo.worker.sampler import make_generator
 
@@ -58,8 +58,9 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, loader.checkpoint_dtype(self.hf_config), self.device)
         self.max_model_len = loader.derive_max_model_len(self.hf_config, config.max_model_len)
         torch.manual_seed(config.seed)
-        # What was free before this engine took anything: its memory share is measured against it.
-        self._cuda_free_at_start = cuda_free_bytes(self.device) if self.device.type == "cuda" else 0
+        # The share must be free before loading; the engine's own use is measured from here.
+        self._cuda_reserved_at_start = (check_cuda_share(self.device, config.cache.gpu_memory_utilization)
+                                        if self.device.type == "cuda" else 0)
 
         started = time.perf_counter()
         self.model = loader.build_model(
@@ -113,7 +114,7 @@ class LLMEngine:
         elif self.device.type == "cuda":
             peak = self.runner.profile_peak_activation_bytes(max_batched_tokens, self.max_model_len, max_num_seqs)
             num_blocks = cuda_kv_cache_bytes(self.device, cache.gpu_memory_utilization, peak,
-                                             self._cuda_free_at_start) // per_block
+                                             self._cuda_reserved_at_start) // per_block
         else:
             num_blocks = cpu_kv_cache_bytes(cache.kv_cache_memory) // per_block
             if cache.kv_cache_memory is None:

@@ -31,7 +31,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="wait for each step's tokens before planning the next (default on CUDA: overlap)")
-    parser.add_argument("--load-format", default="auto", help="auto | safetensors | gguf | dummy | pt")
+    parser.add_argument("--load-format", default="auto",
+                        help="auto | safetensors | gguf | dummy | pt (pickles also need --allow-pickle-weights)")
     parser.add_argument("--allow-pickle-weights", action="store_true",
                         help="load pickled *.bin/*.pt weights (they can run code: only for trusted sources)")
     parser.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")

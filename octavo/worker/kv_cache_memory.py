@@ -21,30 +21,32 @@ def cpu_kv_cache_bytes(kv_cache_memory: int | None) -> int:
     return kv_cache_memory if kv_cache_memory is not None else DEFAULT_CPU_KV_CACHE_BYTES
 
 
-def cuda_free_bytes(device: torch.device) -> int:
-    """Free memory on the card, after collecting unreachable engines and returning this process's cached
-    but unused blocks (so an engine built after another was dropped gets the memory back)."""
-    gc.collect()
+def check_cuda_share(device: torch.device, gpu_memory_utilization: float) -> int:
+    """Before an engine takes anything: refuse a share larger than what is free now (as vLLM does),
+    and return how much this process has reserved so far, to measure the engine's own use against."""
+    gc.collect()  # engines the caller dropped give their memory back
     torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(device)[0]
+    free, total = torch.cuda.mem_get_info(device)
+    share = int(total * gpu_memory_utilization)
+    if free < share:
+        raise ValueError(
+            f"gpu_memory_utilization={gpu_memory_utilization} asks for {share / 2**30:.2f} GiB, but only "
+            f"{free / 2**30:.2f} GiB of {total / 2**30:.2f} GiB is free (other processes or engines hold the "
+            "rest). Lower gpu_memory_utilization or free the GPU."
+        )
+    return torch.cuda.memory_reserved(device)
 
 
 def cuda_kv_cache_bytes(device: torch.device, gpu_memory_utilization: float, peak_activation_bytes: int,
-                        free_at_start: int) -> int:
+                        reserved_at_start: int) -> int:
     """The KV share of this engine's ``utilization * total``, as in vLLM: the share minus what this engine
-    itself holds (weights, measured as the fall in free memory since ``free_at_start``) and the activation
-    peak of a worst-case step. Memory held by others (another engine in the process, other processes) does
-    not shrink the share; a share larger than what was free at start is refused, so the budget always fits."""
+    itself holds (weights and buffers: this process's reserved memory since ``reserved_at_start``) and the
+    activation peak of a worst-case step. Memory held by others does not shrink the share, but the budget
+    never exceeds what is free now."""
     free, total = torch.cuda.mem_get_info(device)
     share = int(total * gpu_memory_utilization)
-    if free_at_start < share:
-        raise RuntimeError(
-            f"gpu_memory_utilization={gpu_memory_utilization} asks for {share / 2**30:.2f} GiB, but only "
-            f"{free_at_start / 2**30:.2f} GiB of {total / 2**30:.2f} GiB was free when the engine started "
-            "(other processes or engines hold the rest). Lower gpu_memory_utilization or free the GPU."
-        )
-    own = free_at_start - free
-    budget = share - own - peak_activation_bytes
+    own = max(torch.cuda.memory_reserved(device) - reserved_at_start, 0)
+    budget = min(share - own, free) - peak_activation_bytes
     logger.info(
         "GPU memory: total %.2f GiB, share %.2f GiB, weights and buffers %.2f GiB, activation peak %.2f GiB, "
         "KV budget %.2f GiB",
@@ -54,7 +56,8 @@ def cuda_kv_cache_bytes(device: torch.device, gpu_memory_utilization: float, pea
         raise RuntimeError(
             f"no GPU memory left for the KV cache at gpu_memory_utilization={gpu_memory_utilization}: the "
             f"weights and buffers take {own / 2**30:.2f} GiB and a worst-case step "
-            f"{peak_activation_bytes / 2**30:.2f} GiB of the {share / 2**30:.2f} GiB share. Raise "
-            "gpu_memory_utilization, lower max_num_batched_tokens, or use a smaller model."
+            f"{peak_activation_bytes / 2**30:.2f} GiB of the {share / 2**30:.2f} GiB share "
+            f"({free / 2**30:.2f} GiB is free). Raise gpu_memory_utilization, lower max_num_batched_tokens, "
+            "or use a smaller model."
         )
     return budget

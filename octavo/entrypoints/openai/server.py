@@ -678,8 +678,8 @@ def _api_key_check(settings: ServerSettings) -> Callable[[Request], Awaitable[No
 
 
 def _api_routes(serving: OpenAIServing) -> APIRouter:
-    """The key-protected routes (everything but /health and /metrics). Every POST passes
-    ``admission`` before its body is read."""
+    """The key-protected routes (everything but /health and /metrics). Generation requests pass
+    ``admission`` before their body is read."""
     router = APIRouter(dependencies=[Depends(_api_key_check(serving.settings))])
     limit = serving.settings.max_request_body_bytes
 
@@ -700,13 +700,12 @@ def _api_routes(serving: OpenAIServing) -> APIRouter:
 
     @router.post("/tokenize")
     async def tokenize(raw: Request) -> TokenizeResponse:
-        with serving.admission():
-            return await serving.tokenize(await _parse(raw, TokenizeRequest, limit))
+        # No admission: the engine's queue does not limit work that never reaches it.
+        return await serving.tokenize(await _parse(raw, TokenizeRequest, limit))
 
     @router.post("/detokenize")
     async def detokenize(raw: Request) -> DetokenizeResponse:
-        with serving.admission():
-            return await serving.detokenize(await _parse(raw, DetokenizeRequest, limit))
+        return await serving.detokenize(await _parse(raw, DetokenizeRequest, limit))
 
     return router
 
@@ -827,7 +826,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs.")
     engine.add_argument("--no-async-scheduling", action="store_true",
                         help="wait for each step's tokens before planning the next (default on CUDA: overlap).")
-    engine.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy or pt.")
+    engine.add_argument("--load-format", default="auto",
+                        help="auto, safetensors, gguf, dummy or pt (pickles also need --allow-pickle-weights).")
     engine.add_argument("--allow-pickle-weights", action="store_true",
                         help="load pickled *.bin/*.pt weights (they can run code: only for trusted sources).")
     engine.add_argument("--seed", type=int, default=0)
