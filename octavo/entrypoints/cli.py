@@ -4,28 +4,54 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
-from typing import Optional
+from typing import Optional, Union
 
 from octavo.sampling_params import SamplingParams
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
-    """Model and engine flags shared by every subcommand."""
-    help_model = "HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``1073741824``, ``512MiB``, ``2G``, ``64k``: a size in bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (try 1073741824, 512MiB or 2GiB).")
+    value = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}.")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}.")
+    return value
+
+
+def add_engine_arguments(parser: Union[argparse.ArgumentParser, argparse._ArgumentGroup],
+                         model_positional: bool = False) -> None:
+    """Model and engine flags shared by every subcommand (serve included)."""
+    help_model = "HF model folder or GGUF file (default: the embedded SmolLM2-135M-Instruct)"
     if model_positional:
         parser.add_argument("model", nargs="?", default=None, help=help_model)
     else:
         parser.add_argument("--model", "-m", default=None, help=help_model)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--max-model-len", type=positive_int, default=None,
+                        help="context length (default: the model's)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                         help="share of GPU memory for weights, activations and KV cache (default: 0.9)")
-    parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes on CPU (default: 2 GiB)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step (default: 256)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+    parser.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
+                        help="KV cache size on CPU, e.g. 512MiB (default: 2GiB)")
+    parser.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default: 16)")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=256,
+                        help="most sequences in one step (default: 256)")
+    parser.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                         help="most tokens in one step (default: 8192)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import threading
 import time
@@ -47,6 +46,7 @@ from octavo.engine.async_engine import (
     StreamingRequestOutput,
 )
 from octavo.engine.engine import LLMEngine
+from octavo.entrypoints.cli import add_engine_arguments, parse_bytes, positive_int
 from octavo.entrypoints.openai.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -777,31 +777,8 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
 
 # ---- the command line ----------------------------------------------------------------------
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """``1073741824``, ``512MiB``, ``2G``, ``64k``: a size in bytes (binary units)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text.lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (try 1073741824, 512MiB or 2GiB).")
-    value = int(match.group(1)) * _SIZE_UNITS[match.group(2)]
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}.")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}.")
-    return value
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``octavo serve``."""
-    parser.add_argument("model", nargs="?", default=None,
-                        help="Hugging Face model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct).")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface).")
     server.add_argument("--port", type=int, default=8000)
@@ -812,34 +789,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds in-flight requests get to finish after SIGTERM/SIGINT.")
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16.")
-    engine.add_argument("--device", default="auto", help="auto, cpu or cuda.")
-    engine.add_argument("--max-model-len", type=_positive_int, default=None)
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    engine.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
-                        help="KV cache size on CPU, e.g. 512MiB (default 2GiB).")
-    engine.add_argument("--block-size", type=_positive_int, default=16)
-    engine.add_argument("--max-num-seqs", type=_positive_int, default=256)
-    engine.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
-    engine.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching.")
-    engine.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs.")
-    engine.add_argument("--no-async-scheduling", action="store_true",
-                        help="wait for each step's tokens before planning the next (default on CUDA: overlap).")
-    engine.add_argument("--load-format", default="auto",
-                        help="auto, safetensors, gguf, dummy or pt (pickles also need --allow-pickle-weights).")
-    engine.add_argument("--allow-pickle-weights", action="store_true",
-                        help="load pickled *.bin/*.pt weights (they can run code: only for trusted sources).")
-    engine.add_argument("--seed", type=int, default=0)
+    # The same engine flags as generate and chat.
+    add_engine_arguments(parser.add_argument_group("engine"), model_positional=True)
 
     limits = parser.add_argument_group("request limits")
-    limits.add_argument("--max-n", type=_positive_int, default=16, help="largest n.")
-    limits.add_argument("--max-best-of", type=_positive_int, default=16, help="largest best_of.")
-    limits.add_argument("--max-logprobs", type=_positive_int, default=20, help="largest logprobs / top_logprobs.")
-    limits.add_argument("--max-stop-strings", type=_positive_int, default=16)
-    limits.add_argument("--max-prompts-per-request", type=_positive_int, default=64)
+    limits.add_argument("--max-n", type=positive_int, default=16, help="largest n.")
+    limits.add_argument("--max-best-of", type=positive_int, default=16, help="largest best_of.")
+    limits.add_argument("--max-logprobs", type=positive_int, default=20, help="largest logprobs / top_logprobs.")
+    limits.add_argument("--max-stop-strings", type=positive_int, default=16)
+    limits.add_argument("--max-prompts-per-request", type=positive_int, default=64)
     limits.add_argument("--max-request-body-bytes", type=parse_bytes, default=8 << 20)
-    limits.add_argument("--max-waiting-requests", type=_positive_int, default=1024,
+    limits.add_argument("--max-waiting-requests", type=positive_int, default=1024,
                         help="requests waiting for their first token (or still being read and tokenized) "
                              "beyond which new ones get 503.")
 
