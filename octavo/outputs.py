@@ -44,3 +44,30 @@ class RequestOutput:
     prompt_logprobs: Optional[PromptLogprobs] = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class CompletionDelta:
+    """What one sample added since its last delivered output: stream-safe text, tokens, logprobs."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: Optional[SampleLogprobs] = None
+
+    def followed_by(self, later: CompletionDelta) -> CompletionDelta:
+        """This delta and a later one, as one."""
+        logprobs = None if self.logprobs is None else self.logprobs + (later.logprobs or [])
+        return CompletionDelta(self.text + later.text, self.token_ids + later.token_ids, logprobs)
+
+
+@dataclass
+class StreamingRequestOutput(RequestOutput):
+    """A ``RequestOutput`` plus, per returned sample, what is new since the last delivered output.
+
+    ``deltas`` is filled only when every generated sample is returned (``best_of`` unset or equal
+    to ``n``): with ``best_of > n`` the kept samples are known only at the end. The logprobs lists
+    in ``outputs`` keep growing until the request finishes; read them from the finished output,
+    and use the deltas while streaming.
+    """
+
+    deltas: list[CompletionDelta] = field(default_factory=list)

@@ -91,13 +91,13 @@ def test_async_outputs_equal_sync_outputs(model_folder):
     expected = sync_llm.generate(prompts(), params, use_tqdm=False)
     async_llm = make_llm(model_folder, async_scheduling=True)
     pipelined = []
-    original = async_llm.llm_engine.runner.launch
+    original = async_llm.llm_engine.core.runner.launch
 
     def spy(batch, tables, previous=None):
         pipelined.append(previous is not None)
         return original(batch, tables, previous)
 
-    async_llm.llm_engine.runner.launch = spy
+    async_llm.llm_engine.core.runner.launch = spy
     got = async_llm.generate(prompts(), params, use_tqdm=False)
     assert not pipelined[0] and any(pipelined), "plain steps first (n=2, penalties), then pipelined ones"
     assert summary(got) == summary(expected)
@@ -106,21 +106,21 @@ def test_async_outputs_equal_sync_outputs(model_folder):
     assert len(expected[2].outputs[0].token_ids) < 30
 
     engine = async_llm.llm_engine
-    assert engine._in_flight is None
-    assert engine.kv_cache.pool.num_used_blocks == 0
+    assert engine.core._in_flight is None
+    assert engine.core.kv_cache.pool.num_used_blocks == 0
 
 
 def test_async_pipeline_runs_when_no_request_needs_the_host(model_folder):
     llm = make_llm(model_folder, async_scheduling=True)
     engine = llm.llm_engine
     launches = []
-    original = engine.runner.launch
+    original = engine.core.runner.launch
 
     def spy(batch, tables, previous=None):
         launches.append(previous is not None)
         return original(batch, tables, previous)
 
-    engine.runner.launch = spy
+    engine.core.runner.launch = spy
     llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=10), use_tqdm=False)
     assert sum(launches) >= len(launches) - 2, "steps should be queued behind the one in flight"
 
@@ -144,15 +144,15 @@ def test_abort_with_a_step_in_flight(model_folder):
                 finished[output.request_id] = output
         steps += 1
         if steps == 4:
-            assert engine._in_flight is not None
+            assert engine.core._in_flight is not None
             engine.abort_request(["1", "4"])
             # The id is free again at once; the new request must not pick up the old tokens.
             engine.add_request("1", prompts(1)[1], SamplingParams(temperature=0.0, max_tokens=16))
     assert "4" not in finished
     for request_id, output in finished.items():
         assert output.outputs[0].token_ids == reference[int(request_id)].outputs[0].token_ids
-    assert engine.kv_cache.pool.num_used_blocks == 0
-    assert all(seq.num_pending_tokens == 0 for seq in engine.scheduler.running)
+    assert engine.core.kv_cache.pool.num_used_blocks == 0
+    assert all(seq.num_pending_tokens == 0 for seq in engine.core.scheduler.running)
 
 
 def test_streaming_with_async_scheduling_matches_final_text(model_folder):
@@ -185,7 +185,7 @@ def test_prefix_blocks_are_found_by_the_next_step(model_folder):
                 outputs[output.request_id] = output
         cached[async_scheduling] = outputs["second"].num_cached_tokens
         assert outputs["second"].outputs[0].token_ids == outputs["first"].outputs[0].token_ids
-        assert engine._in_flight is None and engine.kv_cache.pool.num_used_blocks == 0
+        assert engine.core._in_flight is None and engine.core.kv_cache.pool.num_used_blocks == 0
     assert cached[True] == cached[False] > 0
 
 
@@ -194,18 +194,18 @@ def test_pending_counts_return_to_zero_after_a_stop(model_folder):
     greedy = llm.generate(prompts(), SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)
     engine = llm.llm_engine
     seqs = []
-    original = engine.runner.launch
+    original = engine.core.runner.launch
 
     def spy(batch, tables, previous=None):
         seqs.extend(batch.seqs)
         return original(batch, tables, previous)
 
-    engine.runner.launch = spy
+    engine.core.runner.launch = spy
     stops = [SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[o.outputs[0].token_ids[4]])
              for o in greedy]
     outputs = llm.generate(prompts(), stops, use_tqdm=False)
     assert all(o.outputs[0].finish_reason == "stop" for o in outputs)
-    assert engine._in_flight is None, "an idle engine keeps no step in flight"
+    assert engine.core._in_flight is None, "an idle engine keeps no step in flight"
     assert {seq.num_pending_tokens for seq in seqs} == {0}
     assert all(seq.num_tokens == len(seq.token_ids) for seq in seqs)
 
@@ -227,9 +227,9 @@ def test_parallel_samples_fork_with_a_step_in_flight(model_folder, blocks, budge
                        max_num_batched_tokens=budget)
         results[async_scheduling] = llm.generate(batch, params, use_tqdm=False)
         engine = llm.llm_engine
-        assert engine.kv_cache.pool.num_used_blocks == 0
+        assert engine.core.kv_cache.pool.num_used_blocks == 0
         if blocks is not None:
-            assert engine.scheduler.num_preemptions > 0, "the small pool was meant to force preemption"
+            assert engine.core.scheduler.num_preemptions > 0, "the small pool was meant to force preemption"
     assert summary(results[True]) == summary(results[False])
     assert [len(o.outputs) for o in results[True]] == [3] * (len(lengths) - 1) + [2]
 

@@ -138,20 +138,20 @@ def test_beam_width_one_equals_greedy(llama):
 def run_tracking_peak(llm: LLM, params: BeamSearchParams):
     """Beam search while recording the peak number of used KV blocks and the prefill tokens run."""
     engine = llm.llm_engine
-    peak, original = 0, engine.runner.launch
-    computed_before = engine.num_prefill_tokens_computed
+    peak, original = 0, engine.core.runner.launch
+    computed_before = engine.core.num_prefill_tokens_computed
 
     def spy(batch, tables, previous=None):
         nonlocal peak
-        peak = max(peak, engine.kv_cache.pool.num_used_blocks)
+        peak = max(peak, engine.core.kv_cache.pool.num_used_blocks)
         return original(batch, tables, previous)
 
-    engine.runner.launch = spy
+    engine.core.runner.launch = spy
     try:
         output = llm.beam_search([{"prompt_token_ids": PROMPT}], params)[0]
     finally:
-        engine.runner.launch = original
-    return output, peak, engine.num_prefill_tokens_computed - computed_before
+        engine.core.runner.launch = original
+    return output, peak, engine.core.num_prefill_tokens_computed - computed_before
 
 
 def test_beam_search_shares_blocks_and_keeps_prefix_stats_honest(llama):

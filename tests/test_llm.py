@@ -228,7 +228,7 @@ def test_loading_options_give_the_same_model(tiny_model_factory, tmp_path, capsy
     assert greedy(sharded, dtype="float32", skip_tokenizer_init=True) == reference
     assert "Generating" in capsys.readouterr().err  # the progress bar
     bf16 = LLM(str(folder), device="cpu", dtype="bfloat16", max_model_len=64)
-    assert bf16.llm_engine.dtype == torch.bfloat16 and next(bf16.llm_engine.model.parameters()).dtype == torch.bfloat16
+    assert bf16.llm_engine.dtype == torch.bfloat16 and next(bf16.llm_engine.core.model.parameters()).dtype == torch.bfloat16
     assert len(bf16.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids) == 8
     dummy = greedy(folder, dtype="float32", load_format="dummy")
     assert len(dummy) == 8 and dummy != reference  # random weights, not the checkpoint's

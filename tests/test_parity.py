@@ -71,12 +71,12 @@ def test_greedy_matches_hf_under_paging_stress(arch, async_scheduling, tiny_mode
     llm = make_llm(folder, num_gpu_blocks_override=40, max_num_batched_tokens=16,
                    async_scheduling=async_scheduling)
     engine = llm.llm_engine
-    engine.kv_cache.pool.shuffle_free_queue(random.Random(1))
+    engine.core.kv_cache.pool.shuffle_free_queue(random.Random(1))
 
     chunked = []
     non_contiguous = []
     pending_inputs = []
-    original_launch = engine.runner.launch
+    original_launch = engine.core.runner.launch
 
     def spying_launch(batch, block_tables, previous=None):
         for seq, num_new, table in zip(batch.seqs, batch.num_new_tokens, block_tables):
@@ -88,15 +88,15 @@ def test_greedy_matches_hf_under_paging_stress(arch, async_scheduling, tiny_mode
                 pending_inputs.append(seq.seq_id)
         return original_launch(batch, block_tables, previous)
 
-    engine.runner.launch = spying_launch
+    engine.core.runner.launch = spying_launch
     assert engine_greedy(llm, prompts) == hf_references[arch]
     # Asynchronous steps take their input tokens from the step still in flight.
     assert bool(pending_inputs) == async_scheduling
-    assert engine.scheduler.num_preemptions > 0, "the KV budget was meant to force preemption"
+    assert engine.core.scheduler.num_preemptions > 0, "the KV budget was meant to force preemption"
     assert chunked, "the token budget was meant to force chunked prefill"
     assert non_contiguous, "shuffled free list should give non-contiguous block tables"
-    assert engine.kv_cache.pool.num_free_blocks == engine.kv_cache.pool.num_blocks
-    engine.kv_cache.pool.check_invariants()
+    assert engine.core.kv_cache.pool.num_free_blocks == engine.core.kv_cache.pool.num_blocks
+    engine.core.kv_cache.pool.check_invariants()
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

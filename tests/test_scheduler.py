@@ -85,9 +85,11 @@ def test_new_requests_join_a_running_batch(llama_folder):
         engine.step()
     engine.add_request("b", {"prompt_token_ids": [8, 9, 10, 11]}, greedy(5))
     engine.step()
-    running = {seq.request_id for seq in engine.scheduler.running}
+    names = {state.core_id: state.request_id for state in engine.outputs.requests.values()}
+    running = {names[seq.request_id] for seq in engine.core.scheduler.running}
     assert running == {"a", "b"}
-    assert engine.requests["a"].seqs[0].num_output_tokens == 4  # 1 from the prefill, 3 decodes
+    first = next(seq for seq in engine.core.scheduler.running if names[seq.request_id] == "a")
+    assert first.num_output_tokens == 4  # 1 from the prefill, 3 decodes
     outputs = {}
     while engine.has_unfinished_requests():
         for output in engine.step():
@@ -103,10 +105,10 @@ def test_abort_frees_blocks_at_any_time(llama_folder):
     engine.add_request("prefilling", {"prompt_token_ids": list(range(3, 40))}, greedy())
     engine.add_request("waiting", {"prompt_token_ids": list(range(3, 20))}, greedy())
     engine.step()
-    assert engine.kv_cache.pool.num_used_blocks > 0
+    assert engine.core.kv_cache.pool.num_used_blocks > 0
     engine.abort_request(["prefilling", "waiting", "unknown-id"])
     assert not engine.has_unfinished_requests()
-    assert engine.kv_cache.pool.num_used_blocks == 0
+    assert engine.core.kv_cache.pool.num_used_blocks == 0
     assert engine.step() == []
 
 
@@ -117,7 +119,7 @@ def test_preempted_requests_finish_with_the_same_greedy_output(llama_folder):
                 num_gpu_blocks_override=20)
     expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, greedy(30), use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in tight.generate(prompts, greedy(30), use_tqdm=False)]
-    assert tight.llm_engine.scheduler.num_preemptions > 0
+    assert tight.llm_engine.core.scheduler.num_preemptions > 0
     assert got == expected
 
 
@@ -134,15 +136,15 @@ def test_kv_waste_is_under_one_block_per_running_sequence(llama_folder, record_p
         engine.add_request(str(index), {"prompt_token_ids": prompt}, greedy(rng.randint(5, 80)))
     while engine.has_unfinished_requests():
         engine.step()
-        running = engine.scheduler.num_running
+        running = engine.core.scheduler.num_running
         if running:
             stats = engine.kv_cache_stats()
             waste = stats.num_wasted_slots
-            assert waste == engine.scheduler.kv_waste_slots() and stats.num_filled_slots > 0
+            assert waste == engine.core.scheduler.kv_waste_slots() and stats.num_filled_slots > 0
             assert waste < block_size * running
             worst_ratio = max(worst_ratio, waste / running)
-    record_property("peak_kv_waste_slots", engine.peak_kv_waste_slots)
+    record_property("peak_kv_waste_slots", engine.core.peak_kv_waste_slots)
     record_property("worst_waste_per_sequence", worst_ratio)
-    print(f"peak KV waste: {engine.peak_kv_waste_slots} slots over {engine.peak_running_at_waste} sequences; "
+    print(f"peak KV waste: {engine.core.peak_kv_waste_slots} slots over {engine.core.peak_running_at_waste} sequences; "
           f"worst per-sequence average {worst_ratio:.1f} of {block_size} slots")
-    assert engine.kv_cache.pool.num_used_blocks == 0
+    assert engine.core.kv_cache.pool.num_used_blocks == 0

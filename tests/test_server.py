@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -24,7 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from octavo.config import CacheConfig, EngineConfig
 from octavo.engine.async_engine import AsyncLLMEngine
-from octavo.engine.engine import LLMEngine
 from octavo.entrypoints.openai.protocol import CompletionRequest
 from octavo.entrypoints.openai.server import (
     ServerSettings,
@@ -40,6 +40,7 @@ MAX_MODEL_LEN = 512  # the tiny llama's max_position_embeddings
 BODY_LIMIT = 256 << 10
 KV_CACHE_BYTES = 2 << 20  # 256 blocks of 16 tokens: the concurrency test has to preempt
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FAULTS = Path(__file__).resolve().parent / "core_faults"  # see its sitecustomize.py
 PROMPTS = ["Hello, my name is", "The capital of France is", "héllo wörld", "Paris is", "octavo"]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -68,11 +69,25 @@ class Server:
         return values
 
 
-def start_server(folder: Path, max_waiting_requests: int = 1024, **settings: Any) -> Server:
+def faults_env(**faults: Any) -> dict[str, str]:
+    """Environment for a process whose engine core should slow, hold or fail its steps."""
+    env = {f"OCTAVO_TEST_{name.upper()}": str(value) for name, value in faults.items()}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULTS), str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return env
+
+
+def start_server(folder: Path, max_waiting_requests: int = 1024, faults: Optional[dict[str, Any]] = None,
+                 **settings: Any) -> Server:
     # Pipelined steps, as on a GPU: outputs trail by one step and aborts meet steps in flight.
-    engine = LLMEngine(EngineConfig(model=str(folder), dtype="float32", device="cpu", async_scheduling=True,
-                                    cache=CacheConfig(kv_cache_memory=KV_CACHE_BYTES)))
-    async_engine = AsyncLLMEngine(engine, max_waiting_requests=max_waiting_requests)
+    config = EngineConfig(model=str(folder), dtype="float32", device="cpu", async_scheduling=True,
+                          cache=CacheConfig(kv_cache_memory=KV_CACHE_BYTES))
+    saved = dict(os.environ)
+    os.environ.update(faults_env(**faults) if faults else {})
+    try:  # the engine core's process starts here and takes this environment
+        async_engine = AsyncLLMEngine(config, max_waiting_requests=max_waiting_requests)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     app = build_app(async_engine, ServerSettings(served_model_name=MODEL, model_path=str(folder), api_key=API_KEY,
                                                  max_request_body_bytes=BODY_LIMIT, **settings))
     sock = socket.socket()
@@ -91,7 +106,7 @@ def start_server(folder: Path, max_waiting_requests: int = 1024, **settings: Any
         thread.join(timeout=30)
         sock.close()
 
-    return Server(f"http://127.0.0.1:{port}", async_engine, engine.tokenizer, stop)
+    return Server(f"http://127.0.0.1:{port}", async_engine, async_engine.tokenizer, stop)
 
 
 @pytest.fixture(scope="module")
@@ -440,7 +455,7 @@ def test_concurrent_streams_with_cancellations(server):
     metrics = server.metrics()
     assert metrics["octavo:num_requests_running"] == 0 and metrics["octavo:num_requests_waiting"] == 0
     assert metrics["octavo:request_success_total[abort]"] - aborted_before >= num_requests // 3 // 2
-    assert not server.engine.engine.has_unfinished_requests()
+    assert server.engine.num_unfinished_requests == 0
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
@@ -477,15 +492,9 @@ def test_time_per_output_token_per_step(server):
     assert after[count] - before[count] in (5, 6)
 
 
-def test_request_gauges_and_kv_sharing(server):
+def test_request_gauges_and_kv_sharing(model_folder):
     """n=4 is one running request, and its samples share the prompt's blocks until it ends."""
-    step = server.engine.engine.step
-
-    def slow_step():  # keep the request running while the gauges are read
-        time.sleep(0.01)
-        return step()
-
-    server.engine.engine.step = slow_step
+    server = start_server(model_folder, faults={"step_delay_s": 0.01})  # keeps the request running
     seen: dict[str, float] = {}
 
     def sharing() -> bool:
@@ -503,11 +512,38 @@ def test_request_gauges_and_kv_sharing(server):
             assert seen["octavo:kv_cache_shared_blocks"] >= 2
             assert seen["octavo:num_requests_running"] == 1
             assert seen["octavo:num_requests_waiting"] == 0
+        assert wait_until(lambda: server.metrics()["octavo:num_requests_running"] == 0)
+        after = server.metrics()
+        assert after["octavo:kv_cache_shared_blocks"] == 0 and after["octavo:kv_cache_blocks_saved_by_sharing"] == 0
     finally:
-        server.engine.engine.step = step
-    assert wait_until(lambda: server.metrics()["octavo:num_requests_running"] == 0)
-    after = server.metrics()
-    assert after["octavo:kv_cache_shared_blocks"] == 0 and after["octavo:kv_cache_blocks_saved_by_sharing"] == 0
+        server.stop()
+
+
+def test_gauges_count_requests_while_a_step_runs(model_folder, tmp_path):
+    """While the core is busy in one step, requests that arrive show as waiting at once, and the
+    one in the step as running (the gauges do not wait for the step to end)."""
+    hold = tmp_path / "hold"
+    server = start_server(model_folder, faults={"hold_file": hold})
+    try:
+        with server.http() as http:
+            first = threading.Thread(target=lambda: http.post("/v1/completions", json=_completion(max_tokens=4)))
+            first.start()
+            assert wait_until(lambda: server.metrics()["octavo:num_requests_running"] == 1, 10)
+            hold.touch()  # the next step waits: the core is "busy"
+            time.sleep(0.3)
+            with server.http() as other:
+                threads = [threading.Thread(target=lambda: other.post("/v1/completions", json=_completion()))
+                           for _ in range(3)]
+                for thread in threads:
+                    thread.start()
+                assert wait_until(lambda: server.metrics()["octavo:num_requests_waiting"] == 3, 10), server.metrics()
+                hold.unlink()
+                for thread in threads + [first]:
+                    thread.join(30)
+        assert wait_until(lambda: server.metrics()["octavo:num_requests_waiting"] == 0, 10)
+    finally:
+        hold.unlink(missing_ok=True)
+        server.stop()
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -645,9 +681,8 @@ def test_openai_client_error_types(server):
 
 # ---- the async engine on its own ----------------------------------------------------------------
 def test_async_engine_generate_and_abort(model_folder):
-    engine = LLMEngine(EngineConfig(model=str(model_folder), dtype="float32", device="cpu",
-                                    cache=CacheConfig(kv_cache_memory=KV_CACHE_BYTES)))
-    async_engine = AsyncLLMEngine(engine)
+    async_engine = AsyncLLMEngine(EngineConfig(model=str(model_folder), dtype="float32", device="cpu",
+                                               cache=CacheConfig(kv_cache_memory=KV_CACHE_BYTES)))
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop=["zz"])
 
     async def run() -> None:
@@ -664,20 +699,24 @@ def test_async_engine_generate_and_abort(model_folder):
         assert async_engine.num_unfinished_requests == 0
         with pytest.raises(ValueError):
             await async_engine.add_request("bad", {"prompt_token_ids": []}, params)
+        for _ in range(100):  # the core reports its gauges once it is idle again
+            stats = async_engine.latest_stats
+            if stats is not None and stats.num_running_requests == 0 and stats.kv_cache_usage == 0.0:
+                break
+            await asyncio.sleep(0.05)
+        assert stats.num_running_requests == 0 and stats.kv_cache_usage == 0.0
         await async_engine.shutdown()
 
     asyncio.run(run())
-    assert not engine.has_unfinished_requests()
-    assert engine.kv_cache_stats().num_used_blocks == 0
     assert not async_engine.is_healthy
+    assert async_engine.client.process.poll() == 0  # the core process ended cleanly
 
 
 # ---- overload, engine failure --------------------------------------------------------------------
-def test_queue_full_is_503(model_folder):
-    server = start_server(model_folder, max_waiting_requests=1)
-    gate = threading.Event()
-    step = server.engine.engine.step
-    server.engine.engine.step = lambda: (gate.wait(30), step())[1]  # hold the first request in the queue
+def test_queue_full_is_503(model_folder, tmp_path):
+    hold = tmp_path / "hold"
+    hold.touch()  # hold the first request in the queue
+    server = start_server(model_folder, max_waiting_requests=1, faults={"hold_file": hold})
     try:
         with server.http() as http, server.http() as other:
             first = threading.Thread(target=lambda: http.post("/v1/completions", json=_completion()))
@@ -685,11 +724,11 @@ def test_queue_full_is_503(model_folder):
             assert wait_until(lambda: server.engine.num_waiting_requests == 1, 10)
             error = _assert_error_shape(other.post("/v1/completions", json=_completion()), 503)
             assert "overloaded" in error["message"]
-            gate.set()
+            hold.unlink()
             first.join(30)
             _assert_still_serving(other)
     finally:
-        gate.set()
+        hold.unlink(missing_ok=True)
         server.stop()
 
 
@@ -732,20 +771,20 @@ def test_overload_refused_before_the_body_is_read(model_folder):
 
 
 def test_engine_failure_marks_unhealthy(model_folder):
-    server = start_server(model_folder)
-
-    def broken_step():
-        raise RuntimeError("simulated device failure")
-
-    server.engine.engine.step = broken_step
+    """A step that raises ends the core loudly: every request after it gets 503 engine_dead."""
+    server = start_server(model_folder, faults={"fail_step": 1})
     try:
         with server.http() as http:
             error = _assert_error_shape(http.post("/v1/completions", json=_completion()), 503)
-            assert "dead" in error["message"]
+            assert "dead" in error["message"] and "simulated device failure" in error["message"]
+            assert error["code"] == "engine_dead"
             streamed = http.post("/v1/completions", json=_completion(stream=True))
             assert streamed.status_code == 503
-            _assert_error_shape(httpx.get(f"{server.url}/health"), 503)
+            health = _assert_error_shape(httpx.get(f"{server.url}/health"), 503)
+            assert health["code"] == "engine_dead"
             assert httpx.get(f"{server.url}/metrics").status_code == 200
+        assert wait_until(lambda: server.engine.client.process.poll() is not None, 10)
+        assert server.engine.client.process.returncode == 1
     finally:
         server.stop()
 
@@ -765,15 +804,8 @@ def test_serve_engine_flags():
 
 # ---- graceful shutdown -------------------------------------------------------------------------
 _SERVE_SCRIPT = """
-import argparse, sys, time
-from octavo.engine.engine import LLMEngine
+import argparse, sys
 from octavo.entrypoints.openai.server import add_serve_arguments, run_server
-
-step = LLMEngine.step
-def paced_step(self):  # a predictable pace, so that one request outlives the drain and one does not
-    time.sleep(0.02)
-    return step(self)
-LLMEngine.step = paced_step
 
 parser = argparse.ArgumentParser()
 add_serve_arguments(parser)
@@ -815,6 +847,8 @@ def test_sigterm_drains_in_flight_requests(model_folder):
         [sys.executable, "-c", _SERVE_SCRIPT, str(model_folder), "--port", str(port), "--dtype", "float32",
          "--device", "cpu", "--kv-cache-memory", "2MiB", "--served-model-name", MODEL, "--shutdown-timeout", "2"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # A predictable pace, so that one request outlives the drain and one does not.
+        env={**os.environ, **faults_env(step_delay_s=0.02)},
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -29,19 +29,19 @@ def run_tracking_peak(llm: LLM, prompts, params):
     """Generate while recording the peak number of used KV blocks and the copy-on-write copies."""
     engine = llm.llm_engine
     peak, copies = 0, []
-    original = engine.runner.launch
+    original = engine.core.runner.launch
 
     def spy(batch, tables, previous=None):
         nonlocal peak
-        peak = max(peak, engine.kv_cache.pool.num_used_blocks)
+        peak = max(peak, engine.core.kv_cache.pool.num_used_blocks)
         copies.extend(batch.block_copies)
         return original(batch, tables, previous)
 
-    engine.runner.launch = spy
+    engine.core.runner.launch = spy
     try:
         return llm.generate(prompts, params, use_tqdm=False), peak, copies
     finally:
-        engine.runner.launch = original
+        engine.core.runner.launch = original
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -57,7 +57,7 @@ def test_parallel_samples_match_separate_seeded_requests_with_fewer_blocks(folde
     # Copy-on-write: the shared, partly filled last prompt block was copied for n - 1 of the samples.
     assert len(copies) == n - 1
     assert shared_peak < separate_peak
-    assert llm.llm_engine.kv_cache.pool.num_used_blocks == 0
+    assert llm.llm_engine.core.kv_cache.pool.num_used_blocks == 0
 
 
 def test_copy_on_write_keeps_forks_apart_greedy(folder):
@@ -91,10 +91,10 @@ def test_prefix_cache_hit_skips_compute_and_keeps_outputs(folder):
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     first = llm.generate({"prompt_token_ids": PROMPT}, greedy, use_tqdm=False)[0]
     assert first.num_cached_tokens == 0
-    computed_before = engine.num_prefill_tokens_computed
+    computed_before = engine.core.num_prefill_tokens_computed
     second = llm.generate({"prompt_token_ids": PROMPT}, greedy, use_tqdm=False)[0]
     assert second.num_cached_tokens == 28  # 7 full blocks of 4; the partial block is recomputed
-    assert engine.num_prefill_tokens_computed - computed_before == 2
+    assert engine.core.num_prefill_tokens_computed - computed_before == 2
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
     stats = engine.kv_cache_stats()
     assert stats.prefix_cache_hits == 28 and stats.prefix_cache_queries == 60
@@ -125,7 +125,7 @@ def test_eviction_under_memory_pressure_keeps_outputs_correct(folder):
     for _ in range(2):  # the second pass hits what the first left cached, and evicts as it goes
         got = [o.outputs[0].token_ids for o in tight.generate(prompts + prompts[:3], greedy, use_tqdm=False)]
         assert got == expected + expected[:3]
-    assert tight.llm_engine.kv_cache.pool.num_evictions > 0
+    assert tight.llm_engine.core.kv_cache.pool.num_evictions > 0
     assert tight.llm_engine.kv_cache_stats().prefix_cache_hits > 0
 
 
@@ -136,4 +136,4 @@ def test_forked_samples_count_towards_max_num_seqs(folder):
     engine.add_request("b", {"prompt_token_ids": PROMPT[:9]}, SamplingParams(n=2, max_tokens=6, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
-        assert engine.scheduler.num_running <= 3
+        assert engine.core.scheduler.num_running <= 3

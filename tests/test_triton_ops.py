@@ -270,12 +270,12 @@ def test_engine_on_the_triton_backend_matches_the_reference(arch, tiny_model_fac
         llm = LLM(str(folder), device=DEVICE, dtype="float32", attention_backend=backend, max_model_len=64,
                   block_size=4, max_num_batched_tokens=12, enforce_eager=True,
                   gpu_memory_utilization=0.1)  # both engines share the card on CUDA
-        def spy(*args, metadata_of=llm.llm_engine.runner._metadata, **kwargs):
+        def spy(*args, metadata_of=llm.llm_engine.core.runner._metadata, **kwargs):
             metadata = metadata_of(*args, **kwargs)
             mixed.append(metadata.prefill is not None)
             return metadata
 
-        llm.llm_engine.runner._metadata = spy
+        llm.llm_engine.core.runner._metadata = spy
         results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)
         outputs[backend] = [o.outputs[0].token_ids for o in results]
     assert outputs["triton"] == outputs["torch"]

@@ -38,11 +38,11 @@ def measure(num_seqs: int, prompt_len: int, steps: int, async_scheduling: bool, 
     _tiny_config(vocab_size).save_pretrained(folder)
     llm = LLM(str(folder), load_format="dummy", device="cpu", dtype="float32", skip_tokenizer_init=True,
               max_model_len=prompt_len + steps + 16, max_num_seqs=num_seqs, async_scheduling=async_scheduling,
-              max_num_batched_tokens=max(8192, num_seqs * prompt_len))
+              max_num_batched_tokens=max(8192, num_seqs * prompt_len), engine_core_process=False)
     engine = llm.llm_engine
-    hidden_size = engine.model.config.hidden_size
-    engine.model.forward = lambda input_ids, positions, metadata: torch.zeros(input_ids.shape[0], hidden_size)
-    engine.model.compute_logits = lambda hidden: torch.zeros(hidden.shape[0], vocab_size)
+    hidden_size = engine.core.model.config.hidden_size
+    engine.core.model.forward = lambda input_ids, positions, metadata: torch.zeros(input_ids.shape[0], hidden_size)
+    engine.core.model.compute_logits = lambda hidden: torch.zeros(hidden.shape[0], vocab_size)
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
     for index in range(num_seqs):

@@ -29,20 +29,20 @@ def peak_blocks(llm: LLM, prompts: list[dict], params) -> tuple[int, float]:
     """Generate; the pool's peak used-block count (sampled before every step) and the seconds taken."""
     engine = llm.llm_engine
     peak = 0
-    original = engine.runner.launch
+    original = engine.core.runner.launch
 
     def spy(batch, tables, previous=None):
         nonlocal peak
-        peak = max(peak, engine.kv_cache.pool.num_used_blocks)
+        peak = max(peak, engine.core.kv_cache.pool.num_used_blocks)
         return original(batch, tables, previous)
 
-    engine.runner.launch = spy
+    engine.core.runner.launch = spy
     try:
         started = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - started
     finally:
-        engine.runner.launch = original
+        engine.core.runner.launch = original
     return peak, elapsed
 
 
@@ -79,9 +79,9 @@ def shared_prefix(model: str, common: dict, vocab: int, num_requests: int, prefi
     for caching in (False, True):
         llm = LLM(model, enable_prefix_caching=caching, **common)
         llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
-        llm.llm_engine.kv_cache.pool.reset_prefix_cache()
+        llm.llm_engine.core.kv_cache.pool.reset_prefix_cache()
         engine = llm.llm_engine
-        computed_before = engine.num_prefill_tokens_computed
+        computed_before = engine.core.num_prefill_tokens_computed
         started = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=True)
         elapsed = time.perf_counter() - started
@@ -89,7 +89,7 @@ def shared_prefix(model: str, common: dict, vocab: int, num_requests: int, prefi
         total_tokens = sum(len(p["prompt_token_ids"]) + output_len for p in prompts)
         rows.append({
             "prefix_caching": caching,
-            "prefill_tokens_computed": engine.num_prefill_tokens_computed - computed_before,
+            "prefill_tokens_computed": engine.core.num_prefill_tokens_computed - computed_before,
             "cached_prompt_tokens": sum(r.num_cached_tokens for r in results),
             "seconds": elapsed,
             "requests_per_s": num_requests / elapsed,
@@ -125,7 +125,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from octavo.model_loader.default_model import default_model_path
 
     model = args.model or str(default_model_path())
-    common = dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    # The figures are read inside the core (block counts), so it runs in this process.
+    common = dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, engine_core_process=False)
     if model.startswith("dummy:"):
         model = str(write_dummy_model(model.split(":", 1)[1], Path(tempfile.mkdtemp(prefix="octavo-sharing-"))))
         common["load_format"] = "dummy"

@@ -72,16 +72,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     llm = LLM(model, load_format="dummy" if args.model.startswith("dummy:") else "auto", device=args.device,
               max_model_len=max_len, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
-              skip_tokenizer_init=True, async_scheduling=False)  # phases timed one after another
+              skip_tokenizer_init=True, async_scheduling=False, engine_core_process=False)  # phases timed one after another
     engine = llm.llm_engine
     device = engine.device
     totals: dict[str, float] = defaultdict(float)
-    engine.scheduler.schedule = _timed("schedule", engine.scheduler.schedule, totals, device)
-    engine.runner.prepare_inputs = _timed("prepare", engine.runner.prepare_inputs, totals, device)
-    engine.runner.sampler.sample = _timed("sample", engine.runner.sampler.sample, totals, device)
-    if engine.runner.decode_graphs is not None:
-        engine.runner.decode_graphs.run = _timed("forward", engine.runner.decode_graphs.run, totals, device)
-    engine.model.forward = _timed("forward", engine.model.forward, totals, device)
+    engine.core.scheduler.schedule = _timed("schedule", engine.core.scheduler.schedule, totals, device)
+    engine.core.runner.prepare_inputs = _timed("prepare", engine.core.runner.prepare_inputs, totals, device)
+    engine.core.runner.sampler.sample = _timed("sample", engine.core.runner.sampler.sample, totals, device)
+    if engine.core.runner.decode_graphs is not None:
+        engine.core.runner.decode_graphs.run = _timed("forward", engine.core.runner.decode_graphs.run, totals, device)
+    engine.core.model.forward = _timed("forward", engine.core.model.forward, totals, device)
 
     for index, request in enumerate(requests):
         engine.add_request(str(index), {"prompt_token_ids": request.prompt_token_ids},
@@ -92,13 +92,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     profiled_decode = profiled_prefill = False
     while engine.has_unfinished_requests():
         totals.clear()
-        batch_is_decode = all(seq.num_computed_tokens == seq.num_tokens - 1 for seq in engine.scheduler.running) \
-            and not engine.scheduler.waiting and engine.scheduler.running
-        full_batch = len(engine.scheduler.running) == args.max_num_seqs
+        batch_is_decode = all(seq.num_computed_tokens == seq.num_tokens - 1 for seq in engine.core.scheduler.running) \
+            and not engine.core.scheduler.waiting and engine.core.scheduler.running
+        full_batch = len(engine.core.scheduler.running) == args.max_num_seqs
         profile_decode = batch_is_decode and not profiled_decode and full_batch
         # A mixed step late in the run: a prefill chunk beside hundreds of decoding sequences.
         profile_prefill = (not batch_is_decode and not profiled_prefill
-                           and len(engine.scheduler.running) >= args.max_num_seqs // 2)
+                           and len(engine.core.scheduler.running) >= args.max_num_seqs // 2)
         if device.type == "cuda" and (profile_decode or profile_prefill):
             profiled_decode |= profile_decode
             profiled_prefill |= profile_prefill
@@ -108,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             averages = prof.key_averages()
             kernel_us = sum(e.self_device_time_total for e in averages)
             label = "decode step" if profile_decode else "step with prefill"
-            print(f"one {label} ({len(engine.scheduler.running)} running): GPU kernel time {kernel_us / 1e3:.2f} ms")
+            print(f"one {label} ({len(engine.core.scheduler.running)} running): GPU kernel time {kernel_us / 1e3:.2f} ms")
             for event in sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)[:8]:
                 print(f"  {event.self_device_time_total / 1e3:8.2f} ms  {event.count:5d}x  {event.key[:90]}")
             continue
@@ -141,10 +141,10 @@ def _pipelined_wait_share(model: str, args: argparse.Namespace, requests, max_le
     """Run the workload with asynchronous scheduling; time spent blocked on the device's tokens."""
     llm = LLM(model, load_format="dummy" if args.model.startswith("dummy:") else "auto", device=args.device,
               max_model_len=max_len, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
-              skip_tokenizer_init=True, async_scheduling=True)
+              skip_tokenizer_init=True, async_scheduling=True, engine_core_process=False)
     engine = llm.llm_engine
     waited = 0.0
-    launch = engine.runner.launch
+    launch = engine.core.runner.launch
 
     def timed_launch(*launch_args):
         launched = launch(*launch_args)
@@ -160,7 +160,7 @@ def _pipelined_wait_share(model: str, args: argparse.Namespace, requests, max_le
         launched.wait = timed_wait
         return launched
 
-    engine.runner.launch = timed_launch
+    engine.core.runner.launch = timed_launch
     for index, request in enumerate(requests):
         engine.add_request(str(index), {"prompt_token_ids": request.prompt_token_ids},
                            SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True),

@@ -1,42 +1,37 @@
-"""AsyncLLMEngine: the synchronous, single-threaded engine behind an asyncio front end.
+"""AsyncLLMEngine: the asyncio front end of a server, over an engine core in its own process.
 
-``LLMEngine`` is not thread-safe, so one background thread owns it. Between steps that thread
-drains a command queue (add, abort, stop); then it runs ``step()`` and hands the step's outputs
-to the event loop in a single ``call_soon_threadsafe``. Request handlers never touch the
-engine: they post commands and await their request's ``RequestStream``. With nothing to do the
-thread blocks on the command queue instead of spinning, and if a step raises, the engine is
-marked dead and every stream gets the error.
+Requests are tokenized and checked by the caller, then sent to the core; the core's per-step
+outputs arrive on the event loop, where the output processor turns them into text and
+each request's ``RequestStream`` gets them. HTTP, JSON, detokenization and stop strings run
+here; the scheduler and the model run in the core's process, so they never wait for the GIL.
+If the core fails or exits, every stream gets ``EngineDeadError`` at once, ``is_dead`` turns
+true and the ``on_dead`` callbacks run (the server exits non-zero, for a supervisor to restart).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
-from dataclasses import dataclass, field, fields
-from typing import AsyncIterator, Optional, Union
+from dataclasses import dataclass
+from itertools import count
+from typing import AsyncIterator, Callable, Optional, Union
 
-import torch
-
-from octavo.engine.engine import LLMEngine, PromptInput, RequestState
+from octavo.config import EngineConfig
+from octavo.engine.core_client import AsyncProcessCoreClient, EngineDeadError, EngineUnavailableError
+from octavo.engine.input_processor import InputProcessor, PromptInput
+from octavo.engine.messages import CoreRequest, CoreStats, StepOutputs
+from octavo.engine.output_processor import OutputProcessor, RequestState
 from octavo.metrics import EngineMetrics
-from octavo.outputs import RequestOutput, SampleLogprobs
+from octavo.outputs import CompletionDelta, StreamingRequestOutput
 from octavo.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# How often the step thread refreshes the gauges while busy (KV stats walk every block).
-_STATS_INTERVAL_S = 0.1
-
-
-class EngineUnavailableError(RuntimeError):
-    """The engine cannot take or finish a request now; a server answers 503."""
-
-
-class EngineDeadError(EngineUnavailableError):
-    """A step raised: the engine stopped for good."""
+__all__ = [
+    "AsyncLLMEngine", "CompletionDelta", "EngineDeadError", "EngineOverloadedError", "EngineStoppingError",
+    "EngineUnavailableError", "RequestStream", "StreamingRequestOutput",
+]
 
 
 class EngineOverloadedError(EngineUnavailableError):
@@ -47,33 +42,6 @@ class EngineStoppingError(EngineUnavailableError):
     """The engine is draining or stopped: it takes no new requests."""
 
 
-@dataclass
-class CompletionDelta:
-    """What one sample added since its last delivered output: stream-safe text, tokens, logprobs."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: Optional[SampleLogprobs] = None
-
-    def followed_by(self, later: CompletionDelta) -> CompletionDelta:
-        """This delta and a later one, as one."""
-        logprobs = None if self.logprobs is None else self.logprobs + (later.logprobs or [])
-        return CompletionDelta(self.text + later.text, self.token_ids + later.token_ids, logprobs)
-
-
-@dataclass
-class StreamingRequestOutput(RequestOutput):
-    """A ``RequestOutput`` plus, per returned sample, what is new since the last delivered output.
-
-    ``deltas`` is filled only when every generated sample is returned (``best_of`` unset or equal
-    to ``n``): with ``best_of > n`` the kept samples are known only at the end. The logprobs lists
-    in ``outputs`` keep growing on the step thread until the request finishes; read them from the
-    finished output, and use the deltas while streaming.
-    """
-
-    deltas: list[CompletionDelta] = field(default_factory=list)
-
-
 class RequestStream:
     """One request's outputs on the event loop, read with ``async for``.
 
@@ -81,11 +49,10 @@ class RequestStream:
     snapshot kept), so a slow reader holds one pending output, not one per step.
     """
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self.accepted: asyncio.Future[None] = loop.create_future()
         self.finished = False  # the finished output, or an error, has been read
-        self.waiting = True  # accepted into the queue, no output yet
+        self.waiting = True  # accepted, no output yet
         self._pending: Optional[StreamingRequestOutput] = None
         self._error: Optional[BaseException] = None
         self._closed = False  # nothing will be put any more
@@ -99,8 +66,6 @@ class RequestStream:
         self._ready.set()
 
     def fail(self, error: BaseException) -> None:
-        if not self.accepted.done():
-            self.accepted.set_exception(error)
         self._error = error
         self._closed = True
         self._ready.set()
@@ -124,80 +89,79 @@ class RequestStream:
 
 
 @dataclass
-class _Add:
-    request_id: str
-    prompt: PromptInput
-    params: Optional[SamplingParams]
-    arrival_time: float
+class _Progress:
+    """Metrics bookkeeping of one live request."""
 
-
-@dataclass
-class _Abort:
-    request_ids: list[str]
-
-
-_STOP = object()
-
-
-@dataclass
-class _Tracked:
-    """Step-thread bookkeeping for one request: what was delivered, what was counted."""
-
-    state: RequestState
-    num_sent: list[int]
     num_generated: int = 0
-    saw_first_token: bool = False
-    last_token_time: Optional[float] = None  # when the request last gained tokens
+    last_token_time: Optional[float] = None
 
 
 class AsyncLLMEngine:
-    """Runs ``engine`` on a background thread and serves its requests as async streams.
+    """Starts the engine core for ``config`` (loading the model) and serves its requests as streams.
 
     ``max_waiting_requests`` bounds the requests accepted but not yet producing output; beyond
     it ``add_request`` raises ``EngineOverloadedError`` rather than queueing without limit.
     """
 
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 1024,
-                 metrics: Optional[EngineMetrics] = None) -> None:
+    def __init__(self, config: EngineConfig, max_waiting_requests: int = 1024,
+                 metrics: Optional[EngineMetrics] = None, log_level: str = "info") -> None:
         if max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}.")
-        self.engine = engine
+        self.config = config
+        self.inputs = InputProcessor(config)
         self.max_waiting_requests = max_waiting_requests
-        self.metrics = metrics or EngineMetrics(engine.model_path.name)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
+        self.metrics = metrics or EngineMetrics(self.inputs.model_path.name)
+        self.client = AsyncProcessCoreClient(config, self.inputs.eos_token_ids, log_level)
+        self.info = self.client.info
+        self.outputs = OutputProcessor(self.inputs.tokenizer)
+        self.on_dead: list[Callable[[BaseException], None]] = []
+        self._core_ids = count()
+        self._started = False
+        self._stopped = False
         self._accepting = True
         self._drain_task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._error: Optional[BaseException] = None
-        # Event-loop side.
         self._streams: dict[str, RequestStream] = {}
+        self._ids: dict[str, int] = {}  # request id -> core id
+        self._progress: dict[int, _Progress] = {}
         self._num_waiting = 0
-        # Step-thread side.
-        self._tracked: dict[str, _Tracked] = {}
-        self._last_stats_time = 0.0
+        self._latest_stats: Optional[CoreStats] = None
 
     # ---- read-only views ---------------------------------------------------------------
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self.inputs.tokenizer
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self.inputs.max_model_len
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.vocab_size
+        return self.inputs.vocab_size
+
+    @property
+    def model_path(self):
+        return self.inputs.model_path
 
     @property
     def is_dead(self) -> bool:
         return self._error is not None
 
     @property
+    def latest_stats(self) -> Optional[CoreStats]:
+        """The core's gauges as last reported (it reports as steps start and when it goes idle)."""
+        return self._latest_stats
+
+    @property
+    def dead_reason(self) -> Optional[BaseException]:
+        return self._error
+
+    @property
     def is_healthy(self) -> bool:
-        """Started, its thread alive and no step has failed."""
-        return self._error is None and self._thread is not None and self._thread.is_alive()
+        """Started, its core alive and no step has failed."""
+        return self._error is None and self._started and not self._stopped
 
     @property
     def accepting(self) -> bool:
@@ -214,12 +178,12 @@ class AsyncLLMEngine:
 
     # ---- life cycle --------------------------------------------------------------------
     def start(self) -> None:
-        """Start the step thread; outputs are delivered to the running event loop."""
-        if self._thread is not None:
+        """Start taking the core's outputs on the running event loop."""
+        if self._started:
             raise RuntimeError("the engine is already started.")
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="octavo-engine", daemon=True)
-        self._thread.start()
+        self._started = True
+        self.client.start(self._on_outputs, self._on_dead)
 
     def begin_drain(self, timeout: Optional[float] = None) -> None:
         """Refuse new requests from now on; accepted ones carry on, and with ``timeout`` those still
@@ -244,37 +208,43 @@ class AsyncLLMEngine:
             self._abort(request_id, EngineStoppingError("the request was aborted: the server is shutting down."))
 
     async def shutdown(self, timeout: float = 0.0) -> None:
-        """``drain(timeout)``, then stop the step thread."""
+        """``drain(timeout)``, then stop the engine core."""
         await self.drain(timeout)
-        if self._thread is not None:
-            self._commands.put(_STOP)
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._stopped = True
+        await self.client.shutdown()
 
     # ---- requests ----------------------------------------------------------------------
     def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
-        """The engine's prompt checks (``ValueError``), for a front end to answer before queueing.
-        They read only fixed model limits, so any thread may call them."""
-        self.engine.validate_prompt(token_ids, params)
+        """The engine's prompt checks (``ValueError``), for a front end to answer before queueing."""
+        self.inputs.validate_prompt(token_ids, params)
 
     async def add_request(self, request_id: str, prompt: PromptInput,
                           params: Optional[SamplingParams] = None) -> RequestStream:
-        """Queue a request and return its stream once the engine has accepted it.
+        """Queue a request and return its stream.
 
-        Raises ``ValueError`` (the engine rejected the input; nothing is queued) or an
-        ``EngineUnavailableError``. Cancelling the await aborts the request.
+        Raises ``ValueError`` (bad input; nothing is queued) or an ``EngineUnavailableError``.
         """
+        return self.add_request_now(request_id, prompt, params)
+
+    def add_request_now(self, request_id: str, prompt: PromptInput,
+                        params: Optional[SamplingParams] = None) -> RequestStream:
+        """``add_request`` without the await (for callers already on the event loop)."""
         self.check_can_accept()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use.")
-        stream = RequestStream(request_id, self._loop)
+        params = params or SamplingParams()
+        text, token_ids, cache_salt = self.inputs.tokenize_prompt(prompt)
+        self.inputs.validate_prompt(token_ids, params)
+        core_id = next(self._core_ids)
+        state = self.outputs.new_request(request_id, core_id, text, token_ids, params, stream=True)
+        stream = RequestStream(request_id)
         self._streams[request_id] = stream
+        self._ids[request_id] = core_id
+        self._progress[core_id] = _Progress()
         self._num_waiting += 1
-        self._commands.put(_Add(request_id, prompt, params, time.monotonic()))
-        try:
-            await stream.accepted
-        except asyncio.CancelledError:
-            self.abort(request_id)
-            raise
+        self.client.add([CoreRequest(core_id, token_ids, CoreRequest.sampling_fields(params), state.arrival_time,
+                                     cache_salt)])
+        self._publish_gauges()
         return stream
 
     async def generate(self, request_id: str, prompt: PromptInput,
@@ -289,8 +259,8 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: Union[str, list[str]]) -> None:
-        """Abort requests and free their blocks (on the step thread, between steps); their streams
-        get nothing more. Unknown or finished ids are ignored."""
+        """Abort requests and free their blocks; their streams get nothing more. Unknown or
+        finished ids are ignored."""
         for one in [request_id] if isinstance(request_id, str) else request_id:
             self._abort(one, None)
 
@@ -298,17 +268,27 @@ class AsyncLLMEngine:
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return
+        core_id = self._ids.pop(request_id)
+        state = self.outputs.remove(core_id)
+        self._progress.pop(core_id, None)
         self._mark_started(stream)
         if error is not None:
             stream.fail(error)
-        self._commands.put(_Abort([request_id]))
+        if state is not None:
+            if state.first_token_time is None:
+                # Prompts are counted at their first token; one aborted before that counts here.
+                self.metrics.prompt_tokens.inc(len(state.prompt_token_ids))
+            self.metrics.record_finished("abort")
+        if not self.is_dead:
+            self.client.abort([core_id])
+        self._publish_gauges()
 
     def check_can_accept(self, num_pending: int = 0) -> None:
         """Raise the ``EngineUnavailableError`` a new request would get now. ``num_pending`` counts
         requests a front end has let in but not yet queued (body being read, prompt tokenized)."""
         if self._error is not None:
-            raise EngineDeadError(f"the engine is dead after an error in a step: {self._error!r}")
-        if self._thread is None:
+            raise EngineDeadError(f"the engine is dead: {self._error}")
+        if not self._started or self._stopped:
             raise EngineStoppingError("the engine is not started.")
         if not self._accepting:
             raise EngineStoppingError("the server is shutting down and takes no new requests.")
@@ -324,153 +304,81 @@ class AsyncLLMEngine:
             stream.waiting = False
             self._num_waiting -= 1
 
-    # ---- event-loop side of the hand-over ------------------------------------------------
-    def _deliver_acceptance(self, accepted: list[str], rejected: list[tuple[str, Exception]]) -> None:
-        for request_id in accepted:
-            stream = self._streams.get(request_id)
-            if stream is not None and not stream.accepted.done():
-                stream.accepted.set_result(None)
-        for request_id, error in rejected:
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
+    # ---- the core's outputs, on the event loop ---------------------------------------------
+    def _on_outputs(self, message: StepOutputs) -> None:
+        if message.stats is not None:
+            self._latest_stats = message.stats
+            self.metrics.set_prefix_cache_totals(message.stats.prefix_cache_queries, message.stats.prefix_cache_hits)
+            self.metrics.set_kv_sharing(message.stats.num_shared_blocks, message.stats.blocks_saved_by_sharing)
+        if message.outputs:
+            step = self.outputs.process(message.outputs)
+            if step.stopped_samples:
+                core_ids, indices = zip(*step.stopped_samples)
+                self.client.abort(list(core_ids), list(indices))
+            now = time.monotonic()
+            for state in step.advanced:
+                self._record_progress(state, now)
+            for state, output in step.outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is None:
+                    continue
                 self._mark_started(stream)
-                stream.fail(error)
+                stream.put(output)
+                if output.finished:
+                    self._finish(state, output.outputs[0].finish_reason or "abort", now)
+            for state, error in step.refused:
+                stream = self._streams.get(state.request_id)
+                if stream is not None:
+                    self._finish(state, None, now)
+                    stream.fail(ValueError(error))
+        self._publish_gauges()
 
-    def _deliver_outputs(self, outputs: list[StreamingRequestOutput]) -> None:
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue  # aborted after this step had started
-            self._mark_started(stream)
-            stream.put(output)
-            if output.finished:
-                del self._streams[output.request_id]
+    def _finish(self, state: RequestState, finish_reason: Optional[str], now: float) -> None:
+        self._mark_started(self._streams.pop(state.request_id))
+        del self._ids[state.request_id]
+        self._progress.pop(state.core_id, None)
+        if finish_reason is not None:
+            queue_time = (None if state.first_scheduled_time is None
+                          else state.first_scheduled_time - state.arrival_time)
+            self.metrics.record_finished(finish_reason, now - state.arrival_time, queue_time)
 
-    def _fail_all(self, cause: BaseException) -> None:
-        for stream in self._streams.values():
-            self._mark_started(stream)
-            error = EngineDeadError(f"the engine is dead after an error in a step: {cause!r}")
-            error.__cause__ = cause
-            stream.fail(error)
-        self._streams.clear()
-
-    # ---- the step thread -----------------------------------------------------------------
-    def _run(self) -> None:
-        if self.engine.device.type == "cuda":
-            torch.cuda.set_device(self.engine.device)  # the current device is per thread
-        try:
-            while self._handle_commands(block=not self.engine.has_unfinished_requests()):
-                if self.engine.has_unfinished_requests():
-                    self._step()
-        except BaseException as exc:  # any failure kills the engine, never silently
-            logger.exception("engine step failed; the engine is dead")
-            self._error = exc
-            self._loop.call_soon_threadsafe(self._fail_all, exc)
-
-    def _handle_commands(self, block: bool) -> bool:
-        """Apply queued commands (waiting for one when ``block``); False once told to stop."""
-        commands = []
-        if block:
-            self._publish_stats(force=True)
-            commands.append(self._commands.get())
-        while not self._commands.empty():
-            commands.append(self._commands.get_nowait())
-        accepted: list[str] = []
-        rejected: list[tuple[str, Exception]] = []
-        running = True
-        for command in commands:
-            if command is _STOP:
-                running = False
-            elif isinstance(command, _Add):
-                try:
-                    self._add(command)
-                    accepted.append(command.request_id)
-                except Exception as exc:  # noqa: BLE001 - a bad request is the requester's error
-                    rejected.append((command.request_id, exc))
-            else:
-                self._abort_in_engine(command.request_ids)
-        if accepted or rejected:
-            self._loop.call_soon_threadsafe(self._deliver_acceptance, accepted, rejected)
-        return running
-
-    def _add(self, command: _Add) -> None:
-        self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
-        state = self.engine.requests[command.request_id]
-        self._tracked[command.request_id] = _Tracked(state, num_sent=[0] * len(state.seqs))
-
-    def _abort_in_engine(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            tracked = self._tracked.pop(request_id, None)
-            if tracked is None:
-                continue
-            if not tracked.saw_first_token:
-                # Prompts are counted at their first token; one aborted before that still had
-                # whatever part of its prompt was prefilled (read before the abort resets it).
-                first = tracked.state.seqs[0]
-                self.metrics.prompt_tokens.inc(min(first.num_computed_tokens, first.num_prompt_tokens))
-            self.metrics.record_finished("abort")
-        self.engine.abort_request(request_ids)
-
-    def _step(self) -> None:
-        outputs = self.engine.step()
-        now = time.monotonic()
-        delivered = [self._with_deltas(output, now) for output in outputs]
-        self._publish_stats()
-        if delivered:
-            self._loop.call_soon_threadsafe(self._deliver_outputs, delivered)
-
-    def _with_deltas(self, output: RequestOutput, now: float) -> StreamingRequestOutput:
-        tracked = self._tracked[output.request_id]
-        deltas = []
-        if len(tracked.state.seqs) == len(output.outputs):  # every sample returned, in sample order
-            for completion, detokenizer in zip(output.outputs, tracked.state.detokenizers):
-                sent = tracked.num_sent[completion.index]
-                num_tokens = len(completion.token_ids)
-                deltas.append(CompletionDelta(
-                    text=detokenizer.take_stream_delta(completion.finish_reason is not None),
-                    token_ids=completion.token_ids[sent:],
-                    logprobs=None if completion.logprobs is None else completion.logprobs[sent:num_tokens],
-                ))
-                tracked.num_sent[completion.index] = num_tokens
-        self._record_progress(tracked, output, now)
-        if output.finished:
-            del self._tracked[output.request_id]
-        values = {f.name: getattr(output, f.name) for f in fields(RequestOutput)}
-        return StreamingRequestOutput(**values, deltas=deltas)
-
-    def _record_progress(self, tracked: _Tracked, output: RequestOutput, now: float) -> None:
-        seqs = tracked.state.seqs
-        generated = sum(seq.num_output_tokens for seq in seqs)
-        if generated > tracked.num_generated:
-            self.metrics.generation_tokens.inc(generated - tracked.num_generated)
+    def _record_progress(self, state: RequestState, now: float) -> None:
+        progress = self._progress.get(state.core_id)
+        if progress is None:
+            return
+        generated = state.num_generated_tokens
+        if generated > progress.num_generated:
+            self.metrics.generation_tokens.inc(generated - progress.num_generated)
             # As vLLM: one inter-token interval per step that advanced the request, however many
             # of its samples did, so the histogram shows every stall rather than a per-request mean.
-            if tracked.last_token_time is not None:
-                self.metrics.time_per_output_token.observe(now - tracked.last_token_time)
-            tracked.last_token_time = now
-        tracked.num_generated = generated
-        first = seqs[0]
-        if not tracked.saw_first_token and first.first_token_time is not None:
-            tracked.saw_first_token = True
-            self.metrics.prompt_tokens.inc(len(tracked.state.prompt_token_ids))
-            self.metrics.time_to_first_token.observe(first.first_token_time - first.arrival_time)
-        if not output.finished:
-            return
-        queue_time = None if first.first_scheduled_time is None else first.first_scheduled_time - first.arrival_time
-        self.metrics.record_finished(output.outputs[0].finish_reason or "abort", now - first.arrival_time,
-                                     queue_time)
+            if progress.last_token_time is not None:
+                self.metrics.time_per_output_token.observe(now - progress.last_token_time)
+            else:
+                self.metrics.prompt_tokens.inc(len(state.prompt_token_ids))
+                self.metrics.time_to_first_token.observe(now - state.arrival_time)
+            progress.last_token_time = now
+        progress.num_generated = generated
 
-    def _publish_stats(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_stats_time < _STATS_INTERVAL_S:
+    def _publish_gauges(self) -> None:
+        """Running as the core last saw it (refreshed as its steps start); waiting is every live
+        request the core is not running, including those still on their way to it."""
+        stats = self._latest_stats
+        running = min(stats.num_running_requests, len(self._streams)) if stats is not None else 0
+        self.metrics.set_scheduler_state(running, len(self._streams) - running,
+                                         stats.kv_cache_usage if stats is not None else 0.0)
+
+    def _on_dead(self, error: BaseException) -> None:
+        if self._error is not None or self._stopped:
             return
-        self._last_stats_time = now
-        stats = self.engine.kv_cache_stats()
-        scheduler = self.engine.scheduler
-        # Requests, not sequences (as vLLM counts them): n samples of one request count once, and a
-        # request with any sample running counts as running.
-        running = {seq.request_id for seq in scheduler.running}
-        waiting = {seq.request_id for seq in scheduler.waiting} - running
-        self.metrics.set_scheduler_state(len(running), len(waiting), stats.usage)
-        self.metrics.set_prefix_cache_totals(stats.prefix_cache_queries, stats.prefix_cache_hits)
-        self.metrics.set_kv_sharing(stats.num_shared_blocks, stats.blocks_saved_by_sharing)
+        logger.error("the engine is dead: %s", error)
+        self._error = error
+        for stream in self._streams.values():
+            self._mark_started(stream)
+            failure = EngineDeadError(f"the engine is dead: {error}")
+            failure.__cause__ = error
+            stream.fail(failure)
+        self._streams.clear()
+        self._ids.clear()
+        self._progress.clear()
+        for callback in self.on_dead:
+            callback(error)

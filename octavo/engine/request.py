@@ -37,7 +37,7 @@ class Sequence:
     def __init__(
         self,
         seq_id: int,
-        request_id: str,
+        request_id: int,
         sample_index: int,
         prompt_token_ids: list[int],
         params: SamplingParams,
@@ -45,6 +45,7 @@ class Sequence:
         generator: Optional[torch.Generator] = None,
         cache_salt: Optional[str] = None,
         arrival_time: Optional[float] = None,
+        count_prefix_stats: bool = True,
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -54,6 +55,7 @@ class Sequence:
         self.generator = generator
         self.cache_salt_key: Optional[bytes] = cache_salt.encode() if cache_salt else None
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.count_prefix_stats = count_prefix_stats  # beam search's own look-ups stay out of the hit rate
         self.num_prompt_tokens = len(prompt_token_ids)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0

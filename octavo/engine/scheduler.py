@@ -155,7 +155,8 @@ class Scheduler:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
                 seq.num_cached_prompt_tokens = min(num_computed, seq.num_prompt_tokens)
-                self.kv_cache.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_prompt_tokens)
+                if seq.count_prefix_stats:
+                    self.kv_cache.record_prefix_query(seq.num_prompt_tokens, seq.num_cached_prompt_tokens)
             seq.num_computed_tokens = num_computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -92,20 +92,23 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def stream_completion(llm, prompt, params: SamplingParams) -> str:
     """Run one request to completion, printing text as it arrives; Ctrl-C stops it early."""
     engine = llm.llm_engine
-    request_id = f"cli-{id(params)}-{len(engine.requests)}"
+    request_id = f"cli-{id(params)}-{engine.num_unfinished_requests}"
     engine.add_request(request_id, prompt, params)
-    state = engine.requests[request_id]
-    detokenizer = state.detokenizers[0]
+    text, finished = "", False
     try:
-        while not state.finished:
-            engine.step()
-            sys.stdout.write(detokenizer.take_stream_delta(finished=state.finished))
-            sys.stdout.flush()
+        while not finished:
+            for output in engine.step():
+                if output.request_id == request_id:
+                    finished = output.finished
+                    delta = output.deltas[0].text
+                    text += delta
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
     except KeyboardInterrupt:
         engine.abort_request(request_id)
         sys.stdout.write(" [stopped]")
     sys.stdout.write("\n")
-    return detokenizer.text
+    return text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

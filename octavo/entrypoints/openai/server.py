@@ -45,7 +45,6 @@ from octavo.engine.async_engine import (
     RequestStream,
     StreamingRequestOutput,
 )
-from octavo.engine.engine import LLMEngine
 from octavo.entrypoints.cli import add_engine_arguments, parse_bytes, positive_int
 from octavo.entrypoints.openai.protocol import (
     ChatCompletionChoice,
@@ -89,6 +88,8 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 _MIN_LOGPROB = -9999.0
 # Seconds uvicorn waits past the drain timeout before it cancels requests that are still open.
 _SHUTDOWN_BACKSTOP_S = 5.0
+# After the engine core dies, the server answers 503 for this long, then exits non-zero.
+_DEAD_ENGINE_GRACE_S = 1.0
 # nginx's "client closed request": the status of a response nobody will read.
 _CLIENT_CLOSED_REQUEST = 499
 _SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
@@ -142,6 +143,8 @@ def _as_api_error(error: Exception) -> APIError:
         return error
     if isinstance(error, EngineUnavailableError):
         return _unavailable(error)
+    if isinstance(error, ValueError):  # the engine refused the request's input
+        return _bad_request(str(error))
     return APIError(500, f"internal server error ({type(error).__name__}).", "server_error")
 
 
@@ -847,6 +850,11 @@ class _DrainingServer(uvicorn.Server):
         self._engine = engine
         self._drain_timeout = drain_timeout
 
+    def exit_after_engine_death(self, _: BaseException) -> None:
+        """Answer in-flight and new requests with 503 for a moment, then stop serving, so that the
+        process exits non-zero and a supervisor restarts it."""
+        asyncio.get_running_loop().call_later(_DEAD_ENGINE_GRACE_S, setattr, self, "should_exit", True)
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         if not self.should_exit:
             logger.info("shutting down: in-flight requests get up to %gs to finish", self._drain_timeout)
@@ -875,17 +883,22 @@ def run_server(args: argparse.Namespace) -> None:
 
         model = str(default_model_path())
     served_model_name = args.served_model_name or args.model or Path(model).stem
-    engine = LLMEngine(_engine_config(args, model))
-    async_engine = AsyncLLMEngine(engine, args.max_waiting_requests, EngineMetrics(served_model_name))
+    async_engine = AsyncLLMEngine(_engine_config(args, model), args.max_waiting_requests,
+                                  EngineMetrics(served_model_name), log_level=args.log_level)
     settings = _server_settings(args, served_model_name, model)
     app = build_app(async_engine, settings)
-    stats = engine.kv_cache_stats()
+    info = async_engine.info
     logger.info(
         "serving %s as %r on http://%s:%d | dtype %s | device %s | KV cache %d tokens | max_model_len %d%s",
-        model, served_model_name, args.host, args.port, str(engine.dtype).removeprefix("torch."), engine.device,
-        stats.num_blocks * engine.block_size, engine.max_model_len, " | API key required" if settings.api_key else "",
+        model, served_model_name, args.host, args.port, info.dtype, info.device, info.num_blocks * info.block_size,
+        info.max_model_len, " | API key required" if settings.api_key else "",
     )
     # uvicorn's own deadline is only a backstop: the engine's drain ends requests first.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + _SHUTDOWN_BACKSTOP_S)
-    _DrainingServer(config, async_engine, args.shutdown_timeout).run()
+    server = _DrainingServer(config, async_engine, args.shutdown_timeout)
+    async_engine.on_dead.append(server.exit_after_engine_death)
+    server.run()
+    if async_engine.is_dead:
+        logger.error("exiting: the engine core died (%s)", async_engine.dead_reason)
+        raise SystemExit(1)

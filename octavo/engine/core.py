@@ -1,0 +1,354 @@
+"""EngineCore: the scheduler, KV cache, model runner and sampler, in token ids.
+
+Each ``step()`` asks the scheduler what runs, has the model runner compute it, appends the
+sampled tokens and applies the token-level stops (EOS, stop token ids, ``max_tokens``, the
+context length). It returns, per request that advanced, each sample's new tokens. Text never
+enters here: detokenization and stop strings are the front end's, which ends a sample that
+hits a stop string by aborting it. The core runs in its own process behind
+``core_client.ProcessCoreClient`` (``core_process.py``), or in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from itertools import count
+from typing import Iterable, Optional
+
+import torch
+
+from octavo.config import EngineConfig, resolve_device, resolve_dtype
+from octavo.engine.messages import CoreInfo, CoreOutput, CoreRequest, CoreStats, SampleDelta
+from octavo.engine.request import Sequence, SequenceStatus
+from octavo.engine.scheduler import ScheduledBatch, Scheduler
+from octavo.kv_cache.manager import KVCacheManager, KVCacheStats
+from octavo.model_loader import loader
+from octavo.sampling_params import SamplingParams
+from octavo.worker.kv_cache_memory import bytes_per_block, check_cuda_share, cpu_kv_cache_bytes, cuda_kv_cache_bytes
+from octavo.worker.model_runner import LaunchedStep, ModelRunner, SampledToken
+from octavo.worker.sampler import make_generator
+
+logger = logging.getLogger(__name__)
+
+
+def default_max_num_batched_tokens(config: EngineConfig, max_model_len: int) -> int:
+    sched = config.scheduler
+    if sched.max_num_batched_tokens:
+        return sched.max_num_batched_tokens
+    return 8192 if sched.enable_chunked_prefill else max(8192, max_model_len)
+
+
+def check_request_fits(token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
+                       max_num_seqs: int) -> None:
+    """The checks every request passes before it is queued (``ValueError`` naming what to change).
+    They read only fixed model limits, so a front end can answer them without the core."""
+    if not token_ids:
+        raise ValueError("the prompt is empty; give at least one token.")
+    if min(token_ids) < 0 or max(token_ids) >= vocab_size:
+        bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+        raise ValueError(f"prompt token id {bad} is out of the vocabulary [0, {vocab_size}).")
+    if params.num_samples > max_num_seqs:
+        raise ValueError(
+            f"n/best_of ({params.num_samples}) exceeds max_num_seqs ({max_num_seqs}); "
+            "lower it or start the engine with a larger max_num_seqs."
+        )
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(params, name)
+        if value is not None and value > vocab_size:
+            raise ValueError(f"{name} ({value}) exceeds the vocabulary size ({vocab_size}).")
+    max_tokens = params.max_tokens or 1
+    if len(token_ids) + max_tokens > max_model_len:
+        raise ValueError(
+            f"this model's maximum context length is {max_model_len} tokens, but the request has "
+            f"{len(token_ids)} prompt tokens and max_tokens={max_tokens} "
+            f"({len(token_ids) + max_tokens} in all). Shorten the prompt or lower max_tokens."
+        )
+
+
+@dataclass
+class _CoreRequestState:
+    core_id: int
+    params: SamplingParams
+    seqs: list[Sequence]
+    count_prefix_stats: bool
+    # What the front end needs beside the token ids.
+    send_logprobs: bool  # each sampled token's logprob (logprobs, or best_of ranking)
+    sent_first_scheduled: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+class EngineCore:
+    """The step loop's state; not thread-safe (one thread or process owns it)."""
+
+    def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int]) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        path = loader.check_model_path(config.model, config.load_format)
+        self.model_path = path
+        self.hf_config = loader.load_hf_config(path)
+        self.dtype = resolve_dtype(config.dtype, loader.checkpoint_dtype(self.hf_config), self.device)
+        self.max_model_len = loader.derive_max_model_len(self.hf_config, config.max_model_len)
+        self.vocab_size = self.hf_config.vocab_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        torch.manual_seed(config.seed)
+        # The share must be free before loading; the engine's own use is measured from here.
+        self._cuda_reserved_at_start = (check_cuda_share(self.device, config.cache.gpu_memory_utilization)
+                                        if self.device.type == "cuda" else 0)
+
+        started = time.perf_counter()
+        self.model = loader.build_model(
+            path, self.hf_config, self.dtype, self.device, self.max_model_len,
+            config.load_format, config.allow_pickle_weights, config.seed,
+        )
+        logger.info("loaded %s (%s, %s) in %.1fs", path, self.dtype, self.device, time.perf_counter() - started)
+
+        cache, sched = config.cache, config.scheduler
+        self.block_size = cache.block_size
+        max_batched = default_max_num_batched_tokens(config, self.max_model_len)
+        if not sched.enable_chunked_prefill and max_batched < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({self.max_model_len}) "
+                "with chunked prefill off: long prompts could never run. Raise it or enable chunked prefill."
+            )
+        self.runner = ModelRunner(self.model, self.device, self.dtype, self.block_size, self.eos_token_ids,
+                                  config.attention_backend)
+        num_blocks = self._num_kv_blocks(max_batched, sched.max_num_seqs)
+        self.runner.allocate_kv_cache(num_blocks)
+        if not config.enforce_eager:
+            self.runner.capture_cuda_graphs(sched.max_num_seqs, self.max_model_len)
+        self.kv_cache = KVCacheManager(num_blocks, self.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, sched.max_num_seqs, max_batched, sched.enable_chunked_prefill)
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens; max_model_len %d",
+            num_blocks, self.block_size, num_blocks * self.block_size, self.max_model_len,
+        )
+
+        self.requests: dict[int, _CoreRequestState] = {}
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._in_flight: Optional[tuple[ScheduledBatch, LaunchedStep]] = None
+        self._seq_ids = count()
+        self.peak_kv_waste_slots = 0
+        self.peak_running_at_waste = 0
+        self.num_prefill_tokens_computed = 0
+
+    def info(self) -> CoreInfo:
+        return CoreInfo(num_blocks=self.kv_cache.pool.num_blocks, block_size=self.block_size,
+                        dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+                        max_model_len=self.max_model_len, max_num_seqs=self.scheduler.max_num_seqs)
+
+    # ---- sizing ------------------------------------------------------------------------
+    def _num_kv_blocks(self, max_batched_tokens: int, max_num_seqs: int) -> int:
+        cache = self.config.cache
+        per_block = bytes_per_block(len(self.runner.attention_layers), self.block_size, self.runner.num_kv_heads,
+                                    self.runner.head_dim, self.dtype)
+        if cache.num_gpu_blocks_override is not None:
+            num_blocks = cache.num_gpu_blocks_override
+        elif self.device.type == "cuda":
+            peak = self.runner.profile_peak_activation_bytes(max_batched_tokens, self.max_model_len, max_num_seqs)
+            num_blocks = cuda_kv_cache_bytes(self.device, cache.gpu_memory_utilization, peak,
+                                             self._cuda_reserved_at_start) // per_block
+        else:
+            num_blocks = cpu_kv_cache_bytes(cache.kv_cache_memory) // per_block
+            if cache.kv_cache_memory is None:
+                # The default budget is generous; never hold more than a full batch can use.
+                num_blocks = min(num_blocks, max_num_seqs * -(-self.max_model_len // self.block_size))
+        needed = -(-self.max_model_len // self.block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * self.block_size} tokens, fewer than max_model_len "
+                f"({self.max_model_len}): lower max_model_len or give the cache more memory "
+                "(gpu_memory_utilization on GPU, kv_cache_memory on CPU)."
+            )
+        return num_blocks
+
+    # ---- requests ----------------------------------------------------------------------
+    def add_request(self, request: CoreRequest) -> None:
+        """Queue a request; raises ValueError (nothing queued) on bad input."""
+        if request.core_id in self.requests:
+            raise ValueError(f"request {request.core_id} is already queued.")
+        params = request.sampling_params()
+        check_request_fits(request.prompt_token_ids, params, self.vocab_size, self.max_model_len,
+                           self.scheduler.max_num_seqs)
+        token_ids = request.prompt_token_ids
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
+        seqs = []
+        for index in range(params.num_samples):
+            generator = make_generator(params.seed + index, self.device) if params.seed is not None else None
+            seqs.append(Sequence(next(self._seq_ids), request.core_id, index, token_ids, params, max_tokens,
+                                 generator, request.cache_salt, request.arrival_time, request.count_prefix_stats))
+        send_logprobs = params.logprobs is not None or params.num_samples > params.n
+        self.requests[request.core_id] = _CoreRequestState(request.core_id, params, seqs,
+                                                           request.count_prefix_stats, send_logprobs)
+        # Only the first sample computes the prompt; the others fork from it (sharing blocks).
+        seqs[0].pending_forks = seqs[1:]
+        self.scheduler.add(seqs[0])
+
+    def abort_requests(self, core_ids: Iterable[int],
+                       sample_indices: Optional[Iterable[Optional[list[int]]]] = None) -> None:
+        """Stop requests (or only the listed samples of each) and free their blocks; unknown ids
+        are ignored."""
+        core_ids = list(core_ids)
+        per_request = list(sample_indices) if sample_indices is not None else [None] * len(core_ids)
+        for core_id, indices in zip(core_ids, per_request):
+            state = self.requests.get(core_id)
+            if state is None:
+                continue
+            seqs = state.seqs if indices is None else [state.seqs[i] for i in indices if 0 <= i < len(state.seqs)]
+            for seq in seqs:
+                seq.pending_forks = [child for child in seq.pending_forks if child not in seqs]
+            self.scheduler.abort(seqs)
+            if state.finished:
+                del self.requests[core_id]
+        self._drop_in_flight_if_idle()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step ----------------------------------------------------------------------
+    def step(self) -> list[CoreOutput]:
+        """Run one iteration; returns an output for every request that advanced.
+
+        With asynchronous scheduling (CUDA by default) the step is pipelined: it plans and
+        queues step ``k`` on the device, then processes the tokens of step ``k - 1`` while the
+        device computes, so host work hides behind device work. The outputs therefore trail
+        the device by one step, and a sequence that stops on a token costs one discarded token
+        of compute.
+        """
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self._in_flight is not None:
+                return self._process(*self._take_in_flight())
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending (a request that can never fit).")
+            return []
+        if not self.async_scheduling:
+            return self._process(batch, self._launch(batch, None))
+        previous = self._in_flight
+        self._in_flight = (batch, self._launch(batch, previous[1] if previous else None))
+        outputs = self._process(*previous) if previous is not None else []
+        self._drop_in_flight_if_idle()
+        return outputs
+
+    def _drop_in_flight_if_idle(self) -> None:
+        """With every request gone, the step in flight holds only tokens nobody wants: collect it
+        now, so an idle engine has nothing pending."""
+        if not self.requests and self._in_flight is not None:
+            self._process(*self._take_in_flight())
+
+    def _take_in_flight(self) -> tuple[ScheduledBatch, LaunchedStep]:
+        in_flight, self._in_flight = self._in_flight, None
+        return in_flight
+
+    def _launch(self, batch: ScheduledBatch, previous: Optional[LaunchedStep]) -> LaunchedStep:
+        """Queue the batch on the device and advance the host's counters as if it had run."""
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            if seq.num_output_tokens == 0 and seq.num_pending_tokens == 0:
+                self.num_prefill_tokens_computed += num_new
+        block_tables = [self.kv_cache.block_table(seq.seq_id) for seq in batch.seqs]
+        launched = self.runner.launch(batch, block_tables, previous)
+        self.scheduler.on_step_launched(batch)
+        # Index filled blocks now, not when the tokens arrive, so the very next step's new
+        # requests can hit them (their K/V is written before any later step reads it).
+        self.scheduler.cache_full_blocks(batch.seqs)
+        for seq in launched.samplers:
+            seq.num_pending_tokens += 1
+        self._track_waste()
+        return launched
+
+    def _process(self, batch: ScheduledBatch, launched: LaunchedStep) -> list[CoreOutput]:
+        """Take a launched step's tokens: append them, apply token-level stops, build outputs."""
+        result = launched.wait()
+        outputs: dict[int, CoreOutput] = {}
+        for seq in batch.seqs:
+            state = self.requests.get(seq.request_id)
+            if state is not None and seq.seq_id in result.prompt_logprobs:
+                entries = result.prompt_logprobs[seq.seq_id]
+                seq.prompt_logprobs.extend(entries)
+                output = outputs.get(state.core_id) or self._new_output(state)
+                output.prompt_logprobs = (output.prompt_logprobs or []) + entries
+                outputs[state.core_id] = output
+            if seq.seq_id not in result.sampled:
+                continue
+            family = [seq] + (self.scheduler.fork(seq) if seq.pending_forks and state is not None else [])
+            for member in family:
+                member.num_pending_tokens -= 1
+                if state is None or member.is_finished:
+                    continue  # aborted, or stopped on the token before (one step was in flight)
+                output = outputs.get(state.core_id) or self._new_output(state)
+                outputs[state.core_id] = output
+                self._append_token(state, member, result.sampled[member.seq_id], output)
+        for core_id, output in outputs.items():
+            state = self.requests[core_id]
+            if state.finished:
+                output.finished = True
+                del self.requests[core_id]
+        return list(outputs.values())
+
+    def _new_output(self, state: _CoreRequestState) -> CoreOutput:
+        output = CoreOutput(state.core_id, [], num_cached_tokens=state.seqs[0].num_cached_prompt_tokens)
+        if not state.sent_first_scheduled:
+            state.sent_first_scheduled = True
+            output.first_scheduled_time = state.seqs[0].first_scheduled_time
+        return output
+
+    def _append_token(self, state: _CoreRequestState, seq: Sequence, sampled: SampledToken,
+                      output: CoreOutput) -> None:
+        params = seq.params
+        token = sampled.token_id
+        seq.append_token(token, sampled.logprob)
+        delta = next((d for d in output.samples if d.index == seq.sample_index), None)
+        if delta is None:
+            delta = SampleDelta(seq.sample_index, [])
+            if state.send_logprobs:
+                delta.new_logprobs = []
+            if params.logprobs is not None:
+                delta.top_logprobs = []
+            output.samples.append(delta)
+        delta.new_token_ids.append(token)
+        if delta.new_logprobs is not None:
+            delta.new_logprobs.append(sampled.logprob)
+        if delta.top_logprobs is not None:  # the sampler's table always includes the sampled token
+            delta.top_logprobs.append(sampled.top_logprobs or {})
+
+        status = None
+        if seq.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                status, delta.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+            elif token in self.eos_token_ids and not params.ignore_eos:
+                status = SequenceStatus.FINISHED_STOPPED
+        if status is None and (seq.num_output_tokens >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len):
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            delta.finish_reason = status.value
+            self.scheduler.finish(seq, status)
+
+    # ---- stats -------------------------------------------------------------------------
+    def _track_waste(self) -> None:
+        waste = self.scheduler.kv_waste_slots()
+        if waste > self.peak_kv_waste_slots:
+            self.peak_kv_waste_slots = waste
+            self.peak_running_at_waste = self.scheduler.num_running
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        stats = self.kv_cache.stats()
+        stats.num_allocated_slots, stats.num_filled_slots = self.scheduler.kv_slot_usage()
+        return stats
+
+    def stats(self) -> CoreStats:
+        """Requests, not sequences (as vLLM counts them): n samples of one request count once, and a
+        request with any sample running counts as running."""
+        stats = self.kv_cache.stats()
+        scheduler = self.scheduler
+        running = {seq.request_id for seq in scheduler.running}
+        waiting = {seq.request_id for seq in scheduler.waiting} - running
+        return CoreStats(
+            num_running_requests=len(running), num_waiting_requests=len(waiting), kv_cache_usage=stats.usage,
+            prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
+            num_shared_blocks=stats.num_shared_blocks, blocks_saved_by_sharing=stats.blocks_saved_by_sharing,
+            num_preemptions=scheduler.num_preemptions,
+        )

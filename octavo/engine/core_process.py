@@ -1,0 +1,149 @@
+"""The engine core's own process: ``python -m octavo.engine.core_process --input ADDR --output ADDR``.
+
+It loads the model, says ``Ready``, then runs a busy loop: take every queued command (add,
+abort, shutdown), run one step, send its outputs. Idle, it blocks on the command socket. The
+front end's HTTP handling, tokenization and detokenization never run in this interpreter, so
+they never take the GIL from the step loop. A failure ends the process loudly: the front end
+gets a ``CoreFailed`` message naming the error, and then sees the exit code. A request the core
+refuses fails alone.
+
+Started as a module (not forked or spawned by multiprocessing), so the user's ``__main__`` is
+never imported again here, and CUDA is initialised only in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Optional
+
+import zmq
+
+from octavo.engine.core import EngineCore
+from octavo.engine.messages import (
+    AbortRequests,
+    AddRequests,
+    CoreFailed,
+    CoreOutput,
+    Ready,
+    Shutdown,
+    StepOutputs,
+    decode_startup,
+    decode_to_core,
+    encode,
+)
+
+logger = logging.getLogger("octavo.engine.core_process")
+
+# Gauges (running/waiting requests, KV usage) are refreshed at most this often while busy.
+STATS_INTERVAL_S = 0.1
+# While idle the loop wakes this often to notice that the front end has gone.
+_IDLE_POLL_MS = 500
+
+
+class CoreLoop:
+    """The busy loop around an ``EngineCore``, talking over two zmq sockets."""
+
+    def __init__(self, core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int) -> None:
+        self.core = core
+        self.inbox = inbox
+        self.outbox = outbox
+        self.parent_pid = parent_pid
+        self._last_stats = 0.0
+
+    def run(self) -> None:
+        core = self.core
+        while True:
+            refused: list[CoreOutput] = []
+            changed = False
+            timeout = 0 if core.has_unfinished_requests() else _IDLE_POLL_MS
+            while self.inbox.poll(timeout):
+                message = decode_to_core(self.inbox.recv())
+                if isinstance(message, Shutdown):
+                    return
+                changed = True
+                timeout = 0
+                if isinstance(message, AddRequests):
+                    refused += self._add(message)
+                elif isinstance(message, AbortRequests):
+                    core.abort_requests(message.core_ids, message.sample_indices)
+            if os.getppid() != self.parent_pid:
+                logger.warning("the front end is gone; the engine core stops")
+                return
+            # Gauges as requests arrive and as steps start, not only after a step ends.
+            now = time.monotonic()
+            stats = None
+            if changed or now - self._last_stats >= STATS_INTERVAL_S:
+                stats, self._last_stats = core.stats(), now
+            if refused or stats is not None:
+                self._send(StepOutputs(refused, stats))
+            if core.has_unfinished_requests():
+                outputs = core.step()
+                stats = None if core.has_unfinished_requests() else core.stats()  # idle now: show it
+                if outputs or stats is not None:
+                    self._send(StepOutputs(outputs, stats))
+
+    def _add(self, message: AddRequests) -> list[CoreOutput]:
+        refused = []
+        for request in message.requests:
+            try:
+                self.core.add_request(request)
+            except Exception as exc:  # noqa: BLE001 - bad input fails its request, never the engine
+                refused.append(CoreOutput(request.core_id, [], finished=True, error=str(exc) or repr(exc)))
+        return refused
+
+    def _send(self, message: StepOutputs) -> None:
+        self.outbox.send(encode(message), copy=False)
+
+
+def _fail(outbox: zmq.Socket, exc: BaseException, during_startup: bool) -> None:
+    outbox.send(encode(CoreFailed(type(exc).__name__, str(exc) or repr(exc), during_startup)))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="octavo engine core (started by the front end)")
+    parser.add_argument("--input", required=True, help="zmq address of the command socket")
+    parser.add_argument("--output", required=True, help="zmq address of the output socket")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
+    # Ctrl-C reaches the whole process group; the front end decides what it means (stop one
+    # reply in `octavo chat`, drain a server) and tells the core.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    config, eos_token_ids = decode_startup(sys.stdin.buffer.read())
+
+    context = zmq.Context()
+    inbox = context.socket(zmq.PULL)
+    inbox.connect(args.input)
+    outbox = context.socket(zmq.PUSH)
+    outbox.connect(args.output)
+    try:
+        try:
+            core = EngineCore(config, eos_token_ids)
+        except BaseException as exc:
+            logger.error("the engine core failed to start: %s", exc)
+            _fail(outbox, exc, during_startup=True)
+            return 1
+        outbox.send(encode(Ready(core.info())))
+        try:
+            CoreLoop(core, inbox, outbox, args.parent_pid).run()
+        except BaseException as exc:  # any failure kills the engine, never silently
+            logger.error("engine step failed; the engine core stops:\n%s", traceback.format_exc())
+            _fail(outbox, exc, during_startup=False)
+            return 1
+        return 0
+    finally:
+        inbox.close(linger=0)
+        outbox.close(linger=2000)  # let the last message (a failure, say) reach the front end
+        context.term()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
