@@ -124,9 +124,13 @@ def test_fused_experts_with_no_tokens():
 
 def test_tiles_follow_rows_per_expert(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    decode, prefill = fused_moe.moe_tiles(2 * 8, 8), fused_moe.moe_tiles(2 * 8192, 8)
-    assert decode.block_m < prefill.block_m
-    assert fused_moe.moe_tiles(2 * 256, 8).block_m == 64
+    bf16 = [fused_moe.moe_tiles(2 * tokens, 8, torch.bfloat16) for tokens in (1, 32, 64, 128, 256, 8192)]
+    assert [tiles.block_m for tiles in bf16] == sorted(tiles.block_m for tiles in bf16)
+    assert bf16[0].block_m == 16 and bf16[-1].block_m == 128
+    # Mixtral decode at 256 sequences: 64 rows per expert fit one 128-row block.
+    assert bf16[4].block_m == 128
+    fp32 = fused_moe.moe_tiles(2 * 256, 8, torch.float32)
+    assert fp32.block_m == 128 and fp32.gate_up.block_k == bf16[4].gate_up.block_k // 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,30 +56,40 @@ class MoeTiles:
     group_m: int = 8  # row blocks that walk the columns together, so their weight tiles meet in L2
 
 
-def moe_tiles(num_pairs: int, num_experts: int) -> MoeTiles:
+def moe_tiles(num_pairs: int, num_experts: int, dtype: torch.dtype) -> MoeTiles:
     """Tiles for a batch of ``num_pairs`` (token, expert) pairs, from shapes only.
 
-    The row block follows the expected rows per expert: small for decode, where each expert
-    sees a handful of tokens and the kernels stream weights, larger for prefill, where they
-    are compute bound. The interpreter gets tiny tiles so CPU tests stay quick.
+    The row block is about twice the mean rows per expert, so that most experts fit one block
+    and each weight tile is streamed once (decode is bound by reading the expert weights);
+    prefill gets the large tiles of a compute-bound GEMM. The gate/up kernel keeps two
+    accumulators, so its column block counts double. Sizes follow public tunings for Mixtral on
+    H100/H200. Four-byte dtypes (fp32 tests) take half the depth, to stay within shared memory.
+    The interpreter gets tiny tiles so CPU tests stay quick.
     """
     if _interpreting():
         return MoeTiles(16, GemmTiles(16, 16, 1, 1), GemmTiles(16, 32, 1, 1), group_m=2)
     rows_per_expert = num_pairs / num_experts
-    if rows_per_expert <= 16:
-        return MoeTiles(16, GemmTiles(64, 128, 4, 4), GemmTiles(64, 128, 4, 4))
-    if rows_per_expert <= 40:
-        return MoeTiles(32, GemmTiles(64, 128, 4, 4), GemmTiles(64, 128, 4, 4))
-    if rows_per_expert <= 256:
-        return MoeTiles(64, GemmTiles(64, 64, 4, 4), GemmTiles(64, 64, 4, 4))
-    return MoeTiles(128, GemmTiles(64, 64, 8, 3), GemmTiles(128, 64, 8, 3))
+    if rows_per_expert <= 8:
+        tiles = MoeTiles(16, GemmTiles(64, 128, 4, 4), GemmTiles(64, 128, 4, 4))
+    elif rows_per_expert <= 16:
+        tiles = MoeTiles(32, GemmTiles(64, 128, 4, 3), GemmTiles(128, 128, 4, 3))
+    elif rows_per_expert <= 32:
+        tiles = MoeTiles(64, GemmTiles(64, 128, 8, 4), GemmTiles(128, 128, 8, 4))
+    else:
+        tiles = MoeTiles(128, GemmTiles(128, 64, 8, 4), GemmTiles(256, 64, 8, 4))
+    if dtype.itemsize == 4:
+        def narrow(gemm: GemmTiles) -> GemmTiles:
+            return GemmTiles(min(gemm.block_n, 64), gemm.block_k // 2, gemm.num_warps, gemm.num_stages)
+
+        tiles = MoeTiles(tiles.block_m, narrow(tiles.gate_up), narrow(tiles.down), tiles.group_m)
+    return tiles
 
 
 def _align_chunk(block_e: int) -> int:
-    """Pairs the sorting program takes per step: a ``[chunk, experts]`` tile of about 8K values."""
+    """Pairs the sorting program takes per step: a ``[chunk, experts]`` tile of about 16K values."""
     if _interpreting():
         return 16
-    return max(16, min(1024, 8192 // block_e))
+    return max(16, min(1024, 16384 // block_e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +153,8 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple
         block_e = _next_pow2(num_experts)
         _align_kernel[(1,)](
             topk_ids.reshape(-1), sorted_pairs, block_experts, num_pairs, num_blocks,
-            BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=_align_chunk(block_e), BLOCK_B=64 if not _interpreting() else 16,
-            num_warps=4,
+            BLOCK_E=block_e, BLOCK_M=block_m, CHUNK=_align_chunk(block_e), BLOCK_B=16 if _interpreting() else 64,
+            num_warps=8,
         )
     return sorted_pairs, block_experts
 
@@ -260,7 +270,7 @@ def fused_experts(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: t
     if num_tokens == 0:
         return torch.empty_like(hidden)
     num_pairs = num_tokens * top_k
-    tiles = moe_tiles(num_pairs, num_experts)
+    tiles = moe_tiles(num_pairs, num_experts, hidden.dtype)
     sorted_pairs, block_experts = align_pairs(topk_ids.contiguous(), num_experts, tiles.block_m)
     num_blocks = block_experts.shape[0]
     precision = _dot_precision(hidden.dtype)
