@@ -109,6 +109,18 @@ def test_fused_experts_match_reference(num_tokens, num_experts, top_k, dtype):
     check_against_reference(num_tokens, num_experts, top_k, hidden=48, inter=40, dtype=dtype, seed=num_tokens)
 
 
+@pytest.mark.skipif(CUDA, reason="the CUDA tests run these tiles on the GPU")
+@pytest.mark.parametrize("num_tokens,dtype", [(3, torch.float16), (50, torch.float16), (100, torch.float32),
+                                              (300, torch.float16)])
+def test_gpu_tiles_match_reference_in_the_interpreter(num_tokens, dtype, monkeypatch):
+    """The GPU's tile sizes (row blocks 16..128, wide columns, deep steps) on small shapes, run
+    by the interpreter: their masks and block walk are checked in CI too."""
+    monkeypatch.setattr(fused_moe, "_interpreting", lambda: False)
+    tiles = fused_moe.moe_tiles(num_tokens * 2, 8, dtype)
+    assert tiles.block_m == {3: 16, 50: 32, 100: 64, 300: 128}[num_tokens]
+    check_against_reference(num_tokens, 8, 2, hidden=96, inter=80, dtype=dtype, seed=num_tokens)
+
+
 def test_fused_experts_with_most_experts_idle():
     # 20 tokens over 2 of 16 experts: 14 experts get no token, the rest run several row blocks.
     check_against_reference(20, 16, 2, hidden=32, inter=32, dtype=torch.float32, empty=14)
