@@ -19,8 +19,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from octavo.layers.moe import fused_experts_reference, select_experts
-from octavo.layers.moe import fused_moe
+from octavo.layers.moe import fused_experts_reference, fused_moe, select_experts
 
 # Imported before the interpreter was switched on: rebuild the kernels as interpreted ones.
 if not torch.cuda.is_available() and isinstance(fused_moe._align_kernel, triton.runtime.JITFunction):
