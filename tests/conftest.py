@@ -53,13 +53,31 @@ def _build(arch: str):
                                 num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                 max_position_embeddings=512, tie_word_embeddings=True, **common)
         return tf.Qwen3ForCausalLM(config)
+    if arch == "mixtral":
+        config = tf.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=512, num_local_experts=4,
+                                  num_experts_per_tok=2, **common)
+        return tf.MixtralForCausalLM(config)
+    if arch == "qwen2_moe":
+        # Layer 1 stays dense (mlp_only_layers); three of six experts per token, not renormalised.
+        config = tf.Qwen2MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                                   shared_expert_intermediate_size=80, num_experts=6, num_experts_per_tok=3,
+                                   mlp_only_layers=[1], num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=512, **common)
+        return tf.Qwen2MoeForCausalLM(config)
+    if arch == "qwen3_moe":
+        config = tf.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+                                   num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   max_position_embeddings=512, tie_word_embeddings=True, **common)
+        return tf.Qwen3MoeForCausalLM(config)
     if arch == "gpt2":
         config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
         return tf.GPT2LMHeadModel(config)
     raise ValueError(arch)
 
 
-ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"]
 
 
 def build_tiny_model(arch: str, folder: Path, with_tokenizer: bool = False):

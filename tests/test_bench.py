@@ -71,6 +71,29 @@ def test_bound_reproduces_the_quoted_qwen3_figures(workload):
     assert bound.decode_steps == max(r.output_len for r in requests) - 1
 
 
+def test_moe_bound_counts_only_the_experts_tokens_use():
+    shape = roofline.model_shape(dummy_config("mixtral-8x7b"), torch.bfloat16)
+    assert shape.weight_bytes == 2 * 46_702_792_704  # Mixtral-8x7B's parameter count
+    assert (shape.num_experts, shape.experts_per_token) == (8, 2)
+    expert = 3 * 4096 * 14336  # w1, w2, w3 of one expert
+    assert shape.expert_params == 32 * 8 * expert
+    dense = shape.flop_params - shape.expert_params
+    assert shape.active_flop_params == dense + 32 * 2 * expert  # about 12.9B
+    # One token reads its 2 experts per layer; 256 tokens read (nearly) all 8.
+    assert shape.experts_touched(1) == pytest.approx(2)
+    assert shape.experts_touched(2) == pytest.approx(8 * (1 - 0.75 ** 2))
+    assert shape.decode_weight_bytes(1) == pytest.approx(shape.weight_bytes - 2 * 32 * 6 * expert)
+    assert shape.decode_weight_bytes(256) == pytest.approx(shape.weight_bytes)
+    dense_shape = roofline.model_shape(dummy_config("llama3-8b"), torch.bfloat16)
+    assert dense_shape.num_experts == 0 and dense_shape.active_flop_params == dense_shape.flop_params
+    assert dense_shape.decode_weight_bytes(1) == dense_shape.weight_bytes
+    # A small batch of an MoE model reads fewer bytes per step than all weights.
+    ceilings = roofline.Ceilings(copy_bandwidth=1e12, matmul_flops=1e15, matmul_dtype="bfloat16")
+    one = roofline.throughput_bound(shape, [10], [3], ceilings)
+    assert one.decode_seconds == pytest.approx(
+        sum(shape.decode_weight_bytes(1) + shape.kv_bytes_per_token * (10 + step) for step in (1, 2)) / 1e12)
+
+
 def test_bound_shrinks_the_batch_as_requests_finish():
     shape = roofline.ModelShape(weight_bytes=1000, flop_params=10, num_layers=1, num_heads=1, num_kv_heads=1,
                                 head_dim=1, dtype_bytes=1)
@@ -111,6 +134,23 @@ def test_end_to_end_against_hf_peers(tiny_model_factory, tmp_path, capsys):
     assert 0 < octavo["model_load_s"] <= octavo["engine_startup_s"]
     table = capsys.readouterr().out
     assert "vs hf-static" in table and "octavo" in table
+
+
+def test_moe_model_runs_beside_hf_static_with_its_limit(tiny_model_factory, tmp_path, capsys):
+    from octavo.entrypoints.cli import main
+
+    folder, _ = tiny_model_factory("mixtral")
+    output = tmp_path / "results.json"
+    status = main(["bench", "throughput", "--model", str(folder), "--workload", "fixed", "--num-prompts", "3",
+                   "--prompt-len-range", "5", "12", "--output-len-range", "4", "4", "--compare", "hf-static",
+                   "--device", "cpu", "--output", str(output)])
+    assert status == 0, capsys.readouterr().err
+    report = json.loads(output.read_text())
+    assert [e["engine"] for e in report["engines"]] == ["hf-static", "octavo"] and report["failed"] == {}
+    shape = report["limit"]["model_shape"]
+    assert (shape["num_experts"], shape["experts_per_token"]) == (4, 2)
+    assert shape["active_flop_params"] < shape["flop_params"]
+    assert all(e["fraction_of_bound"] > 0 for e in report["engines"])
 
 
 def test_hf_cb_refuses_mixed_output_lengths(tiny_model_factory, capsys):

@@ -5,6 +5,9 @@ then the continuous-batching schedule is simulated with every request running fr
 start: each decode step reads all weights once plus the KV cache of every running sequence,
 and costs 2 x params FLOPs per token plus attention FLOPs; a step takes
 ``max(bytes / bandwidth, FLOPs / matmul rate)``. Prefill is charged at the matmul rate.
+In a mixture-of-experts model only the experts a token is routed to count: ``top_k`` of
+each layer's experts in the FLOPs, and in a decode step's bytes the experts its batch touches
+(``ModelShape.decode_weight_bytes``).
 No engine can beat the bound, so ``measured / bound`` says how much of the machine it uses.
 """
 
@@ -37,6 +40,38 @@ class ModelShape:
     num_kv_heads: int
     head_dim: int
     dtype_bytes: int
+    num_experts: int = 0  # routed experts per MoE layer (0: a dense model)
+    experts_per_token: int = 0
+    expert_params: int = 0  # parameters of every routed expert of every layer (within flop_params)
+
+    @property
+    def active_flop_params(self) -> int:
+        """Matmul parameters one token goes through: all but the experts it is not routed to."""
+        if not self.num_experts:
+            return self.flop_params
+        return self.flop_params - self.expert_params + self.expert_params * self.experts_per_token // self.num_experts
+
+    def experts_touched(self, batch: int) -> float:
+        """Distinct experts per layer that ``batch`` tokens are routed to, in expectation.
+
+        The choice made here: routing uniform and independent across tokens (what random
+        weights give, and a balanced real router nearly so). A token leaves a given expert
+        idle with probability ``1 - top_k / E``, so ``E * (1 - (1 - top_k / E) ** batch)`` are
+        used: ``top_k`` at batch 1, nearly all by a few times ``E / top_k``. A skewed router
+        touches fewer, so the bound could be lower than this for a real model.
+        """
+        if not self.num_experts:
+            return 0.0
+        idle = 1.0 - self.experts_per_token / self.num_experts
+        return self.num_experts * (1.0 - idle ** batch)
+
+    def decode_weight_bytes(self, batch: int) -> float:
+        """Weight bytes a decode step of ``batch`` sequences reads: every dense weight once, and of
+        the routed experts only those the batch touches (``experts_touched``)."""
+        if not self.num_experts:
+            return float(self.weight_bytes)
+        expert_bytes = self.expert_params * self.dtype_bytes
+        return self.weight_bytes - expert_bytes + expert_bytes * self.experts_touched(batch) / self.num_experts
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -60,6 +95,10 @@ def model_shape(hf_config, dtype: torch.dtype) -> ModelShape:
     if output is not None:
         embedding_ids.discard(id(output.weight))  # a tied lm_head is a full matmul every token
     num_heads = hf_config.num_attention_heads
+    num_experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None) or 0
+    # transformers keeps routed experts under ".experts." (stacked or one module each); a
+    # shared expert ("shared_expert") runs for every token and counts as dense.
+    expert_params = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
     return ModelShape(
         weight_bytes=sum(params.values()) * dtype.itemsize,
         flop_params=sum(n for key, n in params.items() if key not in embedding_ids),
@@ -68,6 +107,9 @@ def model_shape(hf_config, dtype: torch.dtype) -> ModelShape:
         num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
         head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads,
         dtype_bytes=dtype.itemsize,
+        num_experts=num_experts if expert_params else 0,
+        experts_per_token=getattr(hf_config, "num_experts_per_tok", 0) if expert_params else 0,
+        expert_params=expert_params,
     )
 
 
@@ -158,7 +200,8 @@ def throughput_bound(shape: ModelShape, prompt_lens: Sequence[int], output_lens:
     if len(prompt_lens) != len(output_lens) or not prompt_lens:
         raise ValueError("need one output length per prompt length, and at least one request.")
     attention = shape.attention_flops_per_context_token
-    prefill_flops = sum(2 * shape.flop_params * p + attention * p * (p + 1) // 2 for p in prompt_lens)
+    flop_params = shape.active_flop_params
+    prefill_flops = sum(2 * flop_params * p + attention * p * (p + 1) // 2 for p in prompt_lens)
     prefill_seconds = prefill_flops / ceilings.matmul_flops
 
     # Walk the steps with the requests sorted by output length, dropping each as it finishes.
@@ -172,8 +215,8 @@ def throughput_bound(shape: ModelShape, prompt_lens: Sequence[int], output_lens:
             running_prompt_tokens -= by_output[finished][1]
             finished += 1
         context = running_prompt_tokens + running * step
-        memory_seconds = (shape.weight_bytes + shape.kv_bytes_per_token * context) / ceilings.copy_bandwidth
-        compute_seconds = (2 * shape.flop_params * running + attention * context) / ceilings.matmul_flops
+        memory_seconds = (shape.decode_weight_bytes(running) + shape.kv_bytes_per_token * context) / ceilings.copy_bandwidth
+        compute_seconds = (2 * flop_params * running + attention * context) / ceilings.matmul_flops
         memory_bound_steps += memory_seconds >= compute_seconds
         decode_seconds += max(memory_seconds, compute_seconds)
     output_tokens = sum(output_lens)

@@ -364,6 +364,9 @@ def run_throughput(args: argparse.Namespace) -> int:
             bound = _bound(shape, ceilings, requests)
             report["limit"] = {"ceilings": ceilings.to_dict(), "bound": bound.to_dict(),
                                "model_shape": {"weight_bytes": shape.weight_bytes, "flop_params": shape.flop_params,
+                                               "active_flop_params": shape.active_flop_params,
+                                               "num_experts": shape.num_experts,
+                                               "experts_per_token": shape.experts_per_token,
                                                "kv_bytes_per_token": shape.kv_bytes_per_token}}
             if peer_requests is not requests:
                 report["limit"]["peer_subset_bound"] = _bound(shape, ceilings, peer_requests).to_dict()

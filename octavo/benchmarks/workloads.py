@@ -118,6 +118,14 @@ DUMMY_MODELS: dict[str, tuple[str, dict]] = {
         max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu", attention_bias=False,
         bos_token_id=128000, eos_token_id=128001, dtype="bfloat16",
     )),
+    # 46.7B parameters, 12.9B of them used per token (2 of 8 experts): 93 GB in bf16, one H200.
+    "mixtral-8x7b": ("MixtralConfig", dict(
+        architectures=["MixtralForCausalLM"], hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+        vocab_size=32000, tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        max_position_embeddings=32768, rms_norm_eps=1e-5, hidden_act="silu", sliding_window=None,
+        bos_token_id=1, eos_token_id=2, dtype="bfloat16",
+    )),
 }
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from octavo.layers.attention import Attention, AttentionMetadata
 from octavo.layers.linear import MergedLinear
+from octavo.layers.moe import FusedMoE
 
 
 class CausalLM(nn.Module):
@@ -46,6 +47,7 @@ class CausalLM(nn.Module):
         """Copy checkpoint tensors in, fusing shards; fail loudly on anything missing or unknown."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
+        experts = {name: module for name, module in modules.items() if isinstance(module, FusedMoE)}
         loaded: set[str] = set()
         for checkpoint_name, tensor in weights:
             if any(fragment in checkpoint_name for fragment in self.ignored_weights):
@@ -55,6 +57,13 @@ class CausalLM(nn.Module):
                 continue
             tensor = self.transform_checkpoint_weight(name, tensor)
             if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            owner = _owning_module(name, experts)
+            if owner is not None:  # stacked experts take per-expert and stacked tensors alike
+                try:
+                    experts[owner].load_checkpoint_tensor(name[len(owner) + 1:], tensor)
+                except ValueError as error:
+                    raise ValueError(f"checkpoint tensor {checkpoint_name!r} {error}") from None
                 continue
             target = self._stacked_target(name)
             if target is not None:
@@ -100,8 +109,22 @@ class CausalLM(nn.Module):
                     ".".join(filter(None, [parent, checkpoint_part.get((fused, shard), f"{fused}:{shard}"), param]))
                     for shard in module.shard_offsets if f"{module_name}.{param}:{shard}" not in loaded
                 ]
+            elif isinstance(module, FusedMoE):
+                continue  # reported below, by the names the checkpoint would use
             elif name not in loaded and not (self.tie_word_embeddings and name == "lm_head.weight"):
                 missing.append(name)
+        missing += [f"{module_name}.{tensor}" for module_name, module in modules.items()
+                    if isinstance(module, FusedMoE) for tensor in module.missing_checkpoint_tensors()]
         if missing:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")
+
+
+def _owning_module(name: str, owners: dict[str, nn.Module]) -> str | None:
+    """The name of the module in ``owners`` that ``name`` lies under, if any."""
+    module_name = name
+    while owners and "." in module_name:
+        module_name = module_name.rpartition(".")[0]
+        if module_name in owners:
+            return module_name
+    return None

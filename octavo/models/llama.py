@@ -1,8 +1,9 @@
-"""One config-driven decoder for Llama, Mistral, Qwen2 and Qwen3.
+"""One config-driven decoder for Llama, Mistral, Qwen2 and Qwen3, and the MoE Mixtral and Qwen2/3-MoE.
 
 The variants differ only in switches read from the HF config: biases on the
 q/k/v projections (Qwen2), per-head RMSNorm on q and k (Qwen3), tied
-embeddings, rope scaling, and sliding-window layers.
+embeddings, rope scaling, sliding-window layers, and a sparse MoE feed-forward
+instead of the MLP (configs with experts).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from octavo.layers.activation import SiluAndMul
 from octavo.layers.attention import Attention, AttentionMetadata
 from octavo.layers.linear import MergedLinear
+from octavo.layers.moe import SparseMoeBlock
 from octavo.layers.norm import RMSNorm
 from octavo.layers.rotary import RotaryEmbedding
 from octavo.models.base import CausalLM
@@ -44,7 +46,8 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = _head_dim(config)
         model_type = getattr(config, "model_type", "llama")
-        qkv_bias = getattr(config, "attention_bias", False) or model_type == "qwen2"
+        qkv_bias = (getattr(config, "attention_bias", False) or model_type == "qwen2"
+                    or getattr(config, "qkv_bias", False))  # Qwen2-MoE names it qkv_bias
         o_bias = getattr(config, "attention_bias", False) and model_type != "qwen2"
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -52,7 +55,7 @@ class LlamaAttention(nn.Module):
             config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=qkv_bias
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
-        self.use_qk_norm = model_type == "qwen3"
+        self.use_qk_norm = model_type in ("qwen3", "qwen3_moe")
         if self.use_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -89,12 +92,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, intermediate_size: Optional[int] = None) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for this architecture.")
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
         self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
         self.act = SiluAndMul()
@@ -103,11 +106,29 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
+def _feed_forward(config, layer_index: int) -> nn.Module:
+    """The MLP, or a sparse MoE block where the config has experts (on every layer for Mixtral; Qwen
+    MoE configs may keep some layers dense through ``mlp_only_layers`` and ``decoder_sparse_step``)."""
+    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    dense_layers = getattr(config, "mlp_only_layers", None) or []
+    sparse_step = getattr(config, "decoder_sparse_step", 1)
+    if not num_experts or layer_index in dense_layers or (layer_index + 1) % sparse_step:
+        return LlamaMLP(config)
+    shared_size = getattr(config, "shared_expert_intermediate_size", 0)
+    return SparseMoeBlock(
+        config.hidden_size, num_experts, config.num_experts_per_tok,
+        getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
+        renormalize=getattr(config, "norm_topk_prob", True),  # Mixtral has no switch: it always renormalises
+        activation=getattr(config, "hidden_act", "silu"),
+        shared_expert=LlamaMLP(config, shared_size) if shared_size else None,
+    )
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, layer_index: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_index, rotary_emb)
-        self.mlp = LlamaMLP(config)
+        self.mlp = _feed_forward(config, layer_index)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -161,6 +182,9 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(self, input_ids, positions, metadata):
         return self.model(input_ids, positions, metadata)
+
+    def rename_checkpoint_weight(self, name: str) -> str:
+        return name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name for its MoE block
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states)
