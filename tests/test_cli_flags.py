@@ -94,7 +94,7 @@ def test_every_flag_has_help_and_shows_its_default(command):
             continue
         name = "/".join(action.option_strings) or action.dest
         assert action.help, f"{command} {name} has no help text"
-        if action.default not in (None, False, argparse.SUPPRESS):
+        if not any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
             shown = formatter._get_help_string(action) % {"default": action.default}
             assert "default" in shown, f"{command} {name} does not show its default ({action.default!r})"
     parser.format_help()  # every %(default)s expands

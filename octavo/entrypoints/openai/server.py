@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP server behind ``octavo serve``.
 
 ``build_app`` wires an ``AsyncLLMEngine`` into a FastAPI app: /v1/completions,
-/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health and /metrics. Every request
-is validated here, before the engine sees it, and every failure is answered in OpenAI's error
-shape; no request can stop the engine. ``run_server`` builds the engine from CLI arguments
-and serves it with uvicorn, draining in-flight requests on SIGTERM/SIGINT.
+/v1/chat/completions, /v1/models (and /v1/models/{id}), /tokenize, /detokenize, /health and
+/metrics. Every request is validated here, before the engine sees it, and every failure is
+answered in OpenAI's error shape; no request can stop the engine. ``run_server`` builds the
+engine from CLI arguments and serves it with uvicorn, draining in-flight requests on
+SIGTERM/SIGINT while it still answers (see ``_DrainingServer``).
 """
 
 from __future__ import annotations
@@ -175,6 +176,10 @@ def _param_of(message: str, request: BaseModel, aliases: dict[str, str]) -> Opti
 
 
 # ---- request reading -----------------------------------------------------------------------
+# A \uD800-style escape: the one way left for a lone surrogate into strictly decoded UTF-8 text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _reject_constant(name: str) -> Any:
     # Python's json reads NaN and Infinity, which are not JSON and would pass range checks.
     raise _bad_request(f"the request body is not valid JSON: {name} is not a JSON number.")
@@ -206,39 +211,33 @@ async def _read_json(request: Request, limit: int) -> Any:
         data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise _bad_request(f"the request body is not valid JSON: {exc}") from None
-    # Strict UTF-8 rules out raw surrogates; only a \uD800-style escape can still make one.
     if _SURROGATE_ESCAPE.search(text):
         _check_no_lone_surrogate(data)
     return data
 
 
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
 def _check_no_lone_surrogate(data: Any) -> None:
     """400 naming the first string (or key) that holds half of a surrogate pair: such text has no
     UTF-8 form, so no tokenizer, template or response could handle it."""
-    pending: list[tuple[str, Any]] = [("the body", data)]  # (where, value), the next one last
+    # (top-level field, where in the body, value); the next one to look at last.
+    pending: list[tuple[Optional[str], str, Any]] = [(None, "the body", data)]
     while pending:
-        where, value = pending.pop()
+        field, where, value = pending.pop()
         if isinstance(value, dict):
             for key, child in reversed(value.items()):
                 shown = key.encode("utf-8", "backslashreplace").decode()
-                pending.append((shown if where == "the body" else f"{where}.{shown}", child))
-                pending.append((f"a key in {where}", key))
+                pending.append((field or shown, shown if field is None else f"{where}.{shown}", child))
+                pending.append((field, f"a key in {where}", key))
         elif isinstance(value, list):
-            pending.extend((f"{where}[{i}]", child) for i, child in reversed(list(enumerate(value))))
+            pending.extend((field, f"{where}[{i}]", child) for i, child in reversed(list(enumerate(value))))
         elif isinstance(value, str):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:
-                surrogate = f"U+{ord(value[exc.start]):04X}"
-                field = re.match(r"[^.\[]*", where.removeprefix("a key in ")).group()
                 raise _bad_request(
-                    f"{where} is not valid Unicode text: it holds a lone surrogate ({surrogate}) at character "
-                    f"{exc.start}; a surrogate escape must be half of a pair, such as \\ud83d\\ude00.",
-                    None if field == "the body" else field,
-                ) from None
+                    f"{where} is not valid Unicode text: it holds a lone surrogate "
+                    f"(U+{ord(value[exc.start]):04X}) at character {exc.start}; a surrogate escape must be "
+                    "half of a pair, such as \\ud83d\\ude00.", field) from None
 
 
 def _too_large(limit: int) -> APIError:
