@@ -4,6 +4,7 @@ generation, and one-line errors (exit status 2) for models it cannot load."""
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -218,3 +219,21 @@ def test_pickled_weights_need_the_opt_in_whatever_the_load_format(tmp_path, tiny
     for load_format in ("auto", "pt"):
         assert "--allow-pickle-weights" in run_failing([*args, "--load-format", load_format], capsys)
     assert cli.main([*args, "--load-format", "pt", "--allow-pickle-weights"]) == 0
+
+
+def test_refused_long_prompt_logs_no_tokenizer_warning(tiny_gguf, capsys):
+    """The engine's limit refuses the prompt; transformers' "sequence length is longer than the
+    specified maximum" warning about the tokenizer's own limit must not be printed with it."""
+    prompt = "a " * 400
+    assert len(load_gguf_tokenizer(tiny_gguf).encode(prompt)) > load_gguf_tokenizer(tiny_gguf).model_max_length
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        for mode in (["--raw"], []):
+            error = run_failing(["generate", prompt, *mode, "--model", str(tiny_gguf), *ENGINE_FLAGS], capsys)
+            assert "128" in error
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "sequence length is longer" in r], records

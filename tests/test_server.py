@@ -326,6 +326,29 @@ def test_byte_tokens_show_their_own_bytes(server):
     assert joined.decode(errors="replace") == result.choices[0].message.content
 
 
+def test_token_bytes_of_byte_level_and_byte_fallback_vocabularies(server):
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from octavo.entrypoints.openai.token_bytes import TokenBytes
+
+    byte_level = server.tokenizer
+    text = "héllo 日本 ok"
+    token_bytes = TokenBytes(byte_level)
+    ids = byte_level.encode(text)
+    assert b"".join(token_bytes(i, byte_level.decode([i])) for i in ids) == text.encode()
+
+    # SentencePiece byte fallback (Llama 2, Mistral): <0xNN> pieces for what the vocabulary lacks.
+    vocab = {"<unk>": 0, "\u2581hello": 1} | {f"<0x{b:02X}>": 2 + b for b in range(256)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fallback = PreTrainedTokenizerFast(tokenizer_object=backend)
+    token_bytes = TokenBytes(fallback)
+    for byte in range(256):
+        assert token_bytes(2 + byte, fallback.decode([2 + byte])) == bytes([byte]), byte
+    assert token_bytes(1, fallback.decode([1])) == b" hello"
+
+
 def test_chat_n_choices(server):
     client = server.client()
     kwargs = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}], "n": 3,
