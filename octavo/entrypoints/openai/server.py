@@ -630,8 +630,8 @@ class OpenAIServing:
                                  prompts: list[_Prompt], streams: list[RequestStream]) -> AsyncIterator[str]:
         model, created = self.settings.served_model_name, int(time.time())
         finals: list[Optional[StreamingRequestOutput]] = [None] * len(streams)
-        # choice index -> text offset of its next token: the token texts so far, as without streaming
-        # (the streamed text can lag behind the tokens while a stop string may be forming).
+        # choice index -> text offset of its next token, counted over the tokens so far as without
+        # streaming (the streamed text can lag behind the tokens while a stop string may be forming).
         offsets: dict[int, _TextOffset] = {}
         started: set[int] = set()
         try:
