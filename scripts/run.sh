@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 if [ "$#" -eq 0 ]; then
-    set -- "The capital of France is"
+    set -- "What is the capital of France?"
 fi
 exec .venv/bin/octavo generate "$@"

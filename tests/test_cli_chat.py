@@ -4,6 +4,7 @@ generation, and one-line errors (exit status 2) for models it cannot load."""
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import pytest
 
 from octavo.engine.engine import LLMEngine, RequestState
 from octavo.entrypoints import cli
+from octavo.model_loader.gguf_tokenizer import load_gguf_tokenizer
 from tests.test_gguf import _tiny, write_model_gguf
 
 ENGINE_FLAGS = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "128", "--max-num-seqs", "4"]
@@ -131,12 +133,50 @@ def test_chat_ends_at_eof(tiny_gguf, monkeypatch):
     assert cli.main(["chat", "--model", str(tiny_gguf), *ENGINE_FLAGS]) == 0
 
 
+def test_chat_help_and_unknown_commands(tiny_gguf, monkeypatch, capsys):
+    """Slash commands never reach the model: /help lists them, an unknown one is refused, and //
+    sends a message that starts with a slash."""
+    fake_input(monkeypatch, ["/help", "/rest", "/exit-now please", "//etc/hosts?", "/quit"])
+    turns = record_turns(monkeypatch)
+    assert cli.main(["chat", "--model", str(tiny_gguf), *ENGINE_FLAGS, "--max-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert all(command in out for command in cli.CHAT_COMMANDS)
+    assert "unknown command /rest; /help lists the commands" in out
+    assert "unknown command /exit-now" in out
+    assert turns.prompts == [turn("/etc/hosts?")]
+
+
+def test_generate_answers_through_the_chat_template(tiny_gguf, monkeypatch):
+    """A chat model gets the prompt as a user turn and only the answer is printed; --raw
+    continues the text itself, printed after it."""
+    prompts: list = []
+    add_request = LLMEngine.add_request
+
+    def recording_add_request(self, request_id, prompt, *args, **kwargs):
+        prompts.append(prompt)
+        add_request(self, request_id, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(LLMEngine, "add_request", recording_add_request)
+    args = ["generate", "Write a haiku", "--model", str(tiny_gguf), *ENGINE_FLAGS, "--max-tokens", "3"]
+    stdout = Recorder()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert cli.main(args) == 0
+    engine_tokenizer = load_gguf_tokenizer(tiny_gguf)
+    assert engine_tokenizer.decode(prompts[0]["prompt_token_ids"]) == turn("Write a haiku")
+    assert "Write a haiku" not in stdout.getvalue()
+
+    stdout = Recorder()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert cli.main([*args, "--raw"]) == 0
+    assert prompts[1] == "Write a haiku" and stdout.writes[0] == "Write a haiku"
+
+
 @pytest.mark.parametrize("load_format", ["auto", "gguf"])
 def test_generate_streams_from_a_gguf_named_bin(tiny_gguf, monkeypatch, load_format):
     stdout = Recorder()
     monkeypatch.setattr(sys, "stdout", stdout)
-    assert cli.main(["generate", "Hello", "--model", str(tiny_gguf), "--load-format", load_format, *ENGINE_FLAGS,
-                     "--max-tokens", "6"]) == 0
+    assert cli.main(["generate", "Hello", "--raw", "--model", str(tiny_gguf), "--load-format", load_format,
+                     *ENGINE_FLAGS, "--max-tokens", "6"]) == 0
     assert stdout.writes[0] == "Hello" and stdout.writes[-1] == "\n"
     assert len([delta for delta in stdout.writes[1:-1] if delta]) > 1  # the text arrives in pieces
 
@@ -179,3 +219,21 @@ def test_pickled_weights_need_the_opt_in_whatever_the_load_format(tmp_path, tiny
     for load_format in ("auto", "pt"):
         assert "--allow-pickle-weights" in run_failing([*args, "--load-format", load_format], capsys)
     assert cli.main([*args, "--load-format", "pt", "--allow-pickle-weights"]) == 0
+
+
+def test_refused_long_prompt_logs_no_tokenizer_warning(tiny_gguf, capsys):
+    """The engine's limit refuses the prompt; transformers' "sequence length is longer than the
+    specified maximum" warning about the tokenizer's own limit must not be printed with it."""
+    prompt = "a " * 400
+    assert len(load_gguf_tokenizer(tiny_gguf).encode(prompt)) > load_gguf_tokenizer(tiny_gguf).model_max_length
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        for mode in (["--raw"], []):
+            error = run_failing(["generate", prompt, *mode, "--model", str(tiny_gguf), *ENGINE_FLAGS], capsys)
+            assert "128" in error
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "sequence length is longer" in r], records

@@ -60,11 +60,17 @@ def test_default_model_chat_turn_ends_at_im_end(default_llm):
 
 
 @needs_default_model
-def test_cli_generate_streams_default_model(monkeypatch):
+@pytest.mark.parametrize("argv, echoed", [
+    (["What is the capital of France?"], ""),  # a user turn through the chat template: the answer alone
+    (["The capital of France is", "--raw"], "The capital of France is"),  # the text continued
+])
+def test_cli_generate_streams_default_model(monkeypatch, argv, echoed):
     stdout = Recorder()
     monkeypatch.setattr(sys, "stdout", stdout)
-    assert cli_main(["generate", "The capital of France is", "--max-tokens", "8", "--max-model-len", "256"]) == 0
-    assert stdout.writes[0] == "The capital of France is" and stdout.writes[-1] == "\n"
-    deltas = [delta for delta in stdout.writes[1:-1] if delta]
+    assert cli_main(["generate", *argv, "--max-tokens", "8", "--max-model-len", "256"]) == 0
+    assert stdout.writes[-1] == "\n"
+    if echoed:
+        assert stdout.writes.pop(0) == echoed
+    deltas = [delta for delta in stdout.writes[:-1] if delta]
     assert len(deltas) > 1, deltas  # streamed piece by piece, not written once at the end
     assert "Paris" in "".join(deltas)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -285,8 +288,80 @@ def test_chat_logprobs(server):
     assert len(content) == result.usage.completion_tokens == 4
     for item in content:
         assert len(item.top_logprobs) == 2
-        assert item.bytes == list(item.token.encode())
+        assert item.token == chat_token_name(item.bytes)
         assert item.logprob >= max(top.logprob for top in item.top_logprobs) - 1e-4
+
+
+def escaped(data: bytes) -> str:
+    """OpenAI's spelling of a token that is part of a character: printable ASCII, else \\xNN."""
+    return "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in data)
+
+
+def chat_token_name(data: list[int]) -> str:
+    try:
+        return bytes(data).decode()
+    except UnicodeDecodeError:
+        return escaped(bytes(data))
+
+
+def completion_token_bytes(token: str) -> bytes:
+    """The bytes a completions ``tokens`` entry stands for (``bytes:\\xe6\\x97`` or the text)."""
+    if not token.startswith("bytes:"):
+        return token.encode()
+    return re.sub(r"\\x([0-9a-f]{2})", lambda m: chr(int(m.group(1), 16)), token[6:]).encode("latin-1")
+
+
+def test_byte_tokens_show_their_own_bytes(server):
+    """Byte-level tokens that each hold part of a character are named by their bytes, as OpenAI
+    names them: the bytes join back into the text, and no token shows as U+FFFD."""
+    prompt = "héllo 日本"  # 2- and 3-byte characters, each split over byte tokens
+    echoed = server.client().completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1, logprobs=2, echo=True).choices[0].logprobs
+    num_prompt = len(server.tokenizer.encode(prompt))
+    prompt_tokens = echoed.tokens[:num_prompt]
+    pieces = [completion_token_bytes(token) for token in prompt_tokens]
+    assert b"".join(pieces) == prompt.encode()
+    assert sum(token.startswith("bytes:") for token in prompt_tokens) >= 5
+    assert not any("\ufffd" in token for token in echoed.tokens)
+    # Offsets in characters: a character split over tokens counts once, where its first byte is.
+    assert echoed.text_offset[:num_prompt] == [
+        len(b"".join(pieces[:i]).decode(errors="ignore")) for i in range(num_prompt)]
+    assert all(not any("\ufffd" in token for token in top) for top in echoed.top_logprobs[1:])
+
+    result = server.client().chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=16, temperature=1.0, seed=3,
+        logprobs=True, top_logprobs=5, extra_body={"ignore_eos": True, "skip_special_tokens": False})
+    content = result.choices[0].logprobs.content
+    items = content + [top for item in content for top in item.top_logprobs]
+    assert all(item.token == chat_token_name(item.bytes) for item in items)
+    assert not any("\ufffd" in item.token for item in items)
+    partial = [item for item in items if item.token.startswith("\\x")]
+    assert partial and all(len(item.bytes) == item.token.count("\\x") for item in partial)
+    joined = b"".join(bytes(item.bytes) for item in content)
+    assert joined.decode(errors="replace") == result.choices[0].message.content
+
+
+def test_token_bytes_of_byte_level_and_byte_fallback_vocabularies(server):
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from octavo.entrypoints.openai.token_bytes import TokenBytes
+
+    byte_level = server.tokenizer
+    text = "héllo 日本 ok"
+    token_bytes = TokenBytes(byte_level)
+    ids = byte_level.encode(text)
+    assert b"".join(token_bytes(i, byte_level.decode([i])) for i in ids) == text.encode()
+
+    # SentencePiece byte fallback (Llama 2, Mistral): <0xNN> pieces for what the vocabulary lacks.
+    vocab = {"<unk>": 0, "\u2581hello": 1} | {f"<0x{b:02X}>": 2 + b for b in range(256)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fallback = PreTrainedTokenizerFast(tokenizer_object=backend)
+    token_bytes = TokenBytes(fallback)
+    for byte in range(256):
+        assert token_bytes(2 + byte, fallback.decode([2 + byte])) == bytes([byte]), byte
+    assert token_bytes(1, fallback.decode([1])) == b" hello"
 
 
 def test_chat_n_choices(server):
@@ -622,6 +697,18 @@ BAD_REQUESTS = {
                                  "prompt_logprobs", []),
     "prompt-logprobs-over-limit": ("/v1/completions", _completion(prompt_logprobs=50), 400, "prompt_logprobs",
                                    ["20"]),
+    # Half of a surrogate pair has no UTF-8 form: it is bad text, whichever field holds it.
+    "lone-surrogate": ("/v1/completions", b'{"model": "tiny-llama", "prompt": "a\\ud800b", "max_tokens": 2}', 400,
+                       "prompt", ["prompt", "U+D800", "surrogate"]),
+    "lone-surrogate-in-list": ("/v1/completions", b'{"prompt": ["ok", "\\uDC00"], "max_tokens": 2}', 400, "prompt",
+                               ["prompt[1]", "U+DC00"]),
+    "lone-surrogate-in-stop": ("/v1/completions", b'{"prompt": "hi", "stop": ["\\ud83d"], "max_tokens": 2}', 400,
+                               "stop", ["stop[0]", "U+D83D"]),
+    "chat-lone-surrogate": ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x\\udfff"}], '
+                            b'"max_tokens": 2}', 400, "messages", ["messages[0].content", "U+DFFF"]),
+    "tokenize-lone-surrogate": ("/tokenize", b'{"prompt": "a\\ud800b"}', 400, "prompt", ["U+D800"]),
+    "surrogate-as-utf8-bytes": ("/v1/completions", b'{"prompt": "a\xed\xa0\x80b", "max_tokens": 2}', 400, None,
+                                ["UTF-8"]),
 }
 
 
@@ -637,6 +724,67 @@ def _assert_still_serving(http: httpx.Client) -> None:
     good = http.post("/v1/completions", json=_completion())
     assert good.status_code == 200, good.text
     assert good.json()["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_surrogate_pairs_are_text(server):
+    with server.http() as http:
+        response = http.post("/tokenize", content=b'{"prompt": "\\ud83d\\ude00 ok"}',
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
+    assert response.json()["tokens"] == server.tokenizer.encode("\U0001F600 ok")
+
+
+def test_completion_max_tokens_null_is_openai_default(server):
+    """On /v1/completions a null max_tokens is OpenAI's 16, not the rest of the context; chat
+    keeps null as "up to the end of the context"."""
+    with server.http() as http:
+        completion = http.post("/v1/completions", json=_completion(max_tokens=None, ignore_eos=True)).json()
+        assert completion["usage"]["completion_tokens"] == 16
+        assert completion["choices"][0]["finish_reason"] == "length"
+        long_message = [{"role": "user", "content": "a " * 220}]
+        chat = http.post("/v1/chat/completions", json=_chat(messages=long_message, max_tokens=None,
+                                                           ignore_eos=True)).json()
+    usage = chat["usage"]
+    assert MAX_MODEL_LEN - usage["prompt_tokens"] > 16  # the chat case could not pass at 16
+    assert usage["total_tokens"] == MAX_MODEL_LEN and chat["choices"][0]["finish_reason"] == "length"
+
+
+def test_retrieve_model_and_no_server_paths(server, model_folder):
+    client = server.client()
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model"
+    (listed,) = client.models.list().data
+    assert listed.model_dump() | {"created": 0} == card.model_dump() | {"created": 0}
+    assert listed.root == model_folder.name and str(model_folder.parent) not in json.dumps(listed.model_dump())
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-9")
+    assert "gpt-9" in str(caught.value) and MODEL in str(caught.value)
+
+
+def test_tokenizer_length_warning_is_not_logged(model_folder, tmp_path):
+    """transformers warns once a tokenizer meets text longer than its model_max_length; the engine's
+    max_model_len is the limit that counts, so that warning must not reach the log."""
+    folder = tmp_path / "short-tokenizer"
+    shutil.copytree(model_folder, folder)
+    config_path = folder / "tokenizer_config.json"
+    config_path.write_text(json.dumps(json.loads(config_path.read_text()) | {"model_max_length": 32}))
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    transformers_log = logging.getLogger("transformers")
+    transformers_log.addHandler(handler)
+    server = start_server(folder)
+    try:
+        with server.http() as http:
+            _assert_error_shape(http.post("/v1/completions", json=_completion(prompt="a " * 600)), 400)
+            assert http.post("/tokenize", json={"prompt": "a " * 100}).status_code == 200
+            assert http.post("/v1/completions", json=_completion(prompt="a " * 100)).status_code == 200
+        assert not [r for r in records if "sequence length is longer" in r], records
+        server.tokenizer.encode("a " * 100)  # the same tokenizer, as loaded, would have warned
+        assert [r for r in records if "sequence length is longer" in r]
+    finally:
+        transformers_log.removeHandler(handler)
+        server.stop()
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
@@ -839,27 +987,46 @@ def _read_stream(url: str, body: dict[str, Any], first_chunk: threading.Event, r
         first_chunk.set()
 
 
-def test_sigterm_drains_in_flight_requests(model_folder):
-    """SIGTERM: new requests are refused, a short in-flight request finishes, a long one is
-    aborted with an error event at --shutdown-timeout, and the process exits with status 0."""
+def _start_serve_process(model_folder: Path, shutdown_timeout: float) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-c", _SERVE_SCRIPT, str(model_folder), "--port", str(port), "--dtype", "float32",
-         "--device", "cpu", "--kv-cache-memory", "2MiB", "--served-model-name", MODEL, "--shutdown-timeout", "2"],
+         "--device", "cpu", "--kv-cache-memory", "2MiB", "--served-model-name", MODEL,
+         "--shutdown-timeout", str(shutdown_timeout)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         # A predictable pace, so that one request outlives the drain and one does not.
         env={**os.environ, **faults_env(step_delay_s=0.02)},
     )
     url = f"http://127.0.0.1:{port}"
-    try:
-        def healthy() -> bool:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                return httpx.get(f"{url}/health").status_code == 200
-            except httpx.HTTPError:
-                return False
 
-        assert wait_until(healthy, 180), "the server did not come up"
+    def healthy() -> bool:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            return httpx.get(f"{url}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    assert wait_until(healthy, 180), "the server did not come up"
+    return process, url
+
+
+def _assert_shutting_down(response: httpx.Response) -> None:
+    """The documented answer while draining: a JSON 503 saying the server is shutting down."""
+    error = _assert_error_shape(response, 503)
+    assert error["code"] == "server_shutting_down" and "shutting down" in error["message"], error
+
+
+def _post_json(url: str, body: dict[str, Any], result: dict[str, Any]) -> None:
+    response = httpx.post(url, json=body, timeout=120)
+    result.update(status=response.status_code, body=response.json())
+
+
+def test_sigterm_drains_in_flight_requests(model_folder):
+    """SIGTERM: the server keeps listening while it drains, answering /health and new requests
+    with 503 "shutting down"; a short in-flight request finishes, a long one is aborted with an
+    error event at --shutdown-timeout, and the process exits with status 0."""
+    process, url = _start_serve_process(model_folder, shutdown_timeout=2)
+    try:
         short, long = {}, {}
         started = [threading.Event(), threading.Event()]
         readers = [
@@ -873,11 +1040,8 @@ def test_sigterm_drains_in_flight_requests(model_folder):
         assert all(event.wait(60) for event in started)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
-        try:
-            refused = httpx.post(f"{url}/v1/completions", json=_completion()).status_code == 503
-        except httpx.TransportError:
-            refused = True  # the listening socket is already closed
-        assert refused
+        _assert_shutting_down(httpx.get(f"{url}/health"))
+        _assert_shutting_down(httpx.post(f"{url}/v1/completions", json=_completion()))
         for reader in readers:
             reader.join(120)
         # Interpreter teardown after torch can be slow on a loaded machine: allow for it.
@@ -889,6 +1053,85 @@ def test_sigterm_drains_in_flight_requests(model_folder):
     assert short["done"] and short["finish"][-1] == "length" and not short["errors"], short
     assert long["done"] and "length" not in long["finish"], long
     assert long["errors"] and "shutting down" in long["errors"][0]["message"], long
-    assert f"http://127.0.0.1:{port}" in log and "KV cache" in log and "max_model_len 512" in log, log
+    assert url in log and "KV cache" in log and "max_model_len 512" in log, log
     assert "float32" in log and "device cpu" in log
     assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT)],
+                         ids=["sigterm-twice", "sigint-twice"])
+def test_second_signal_ends_the_drain_in_order(model_folder, signals):
+    """A second signal ends in-flight requests at once, long before --shutdown-timeout: a stream
+    with an error event and [DONE], a non-streaming request with a JSON 503, and no traceback."""
+    process, url = _start_serve_process(model_folder, shutdown_timeout=120)
+    try:
+        streamed, plain = {}, {}
+        started = threading.Event()
+        body = _completion(max_tokens=480, ignore_eos=True)
+        readers = [
+            threading.Thread(target=_read_stream, args=(f"{url}/v1/completions", body | {"stream": True}, started,
+                                                        streamed)),
+            threading.Thread(target=_post_json, args=(f"{url}/v1/completions", body, plain)),
+        ]
+        for reader in readers:
+            reader.start()
+        assert started.wait(60)
+
+        def both_running() -> bool:
+            metrics = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+            return any(sample.name == "octavo:num_requests_running" and sample.value == 2
+                       for family in metrics for sample in family.samples)
+
+        assert wait_until(both_running, 30)
+        process.send_signal(signals[0])
+        time.sleep(0.5)
+        _assert_shutting_down(httpx.get(f"{url}/health"))
+        process.send_signal(signals[1])
+        hurried = time.monotonic()
+        for reader in readers:
+            reader.join(60)
+        assert process.wait(timeout=120) == 0
+        assert time.monotonic() - hurried < 60  # not the 120 s drain
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stdout.read()
+    assert streamed["done"] and "length" not in streamed["finish"], streamed
+    assert streamed["errors"] and "shutting down" in streamed["errors"][0]["message"], streamed
+    assert plain["status"] == 503 and plain["body"]["error"]["code"] == "server_shutting_down", plain
+    assert "Traceback" not in log and "CancelledError" not in log, log
+
+
+def _core_pids(server_pid: int) -> list[int]:
+    """The server's child processes: its engine core (Linux /proc)."""
+    children = Path(f"/proc/{server_pid}/task/{server_pid}/children")
+    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the core process through /proc")
+def test_killed_engine_core_fails_requests_and_exits(model_folder):
+    """The core process killed mid-stream: the stream ends with an engine_dead error and [DONE],
+    new requests and /health get 503 engine_dead, and the server exits non-zero within seconds."""
+    process, url = _start_serve_process(model_folder, shutdown_timeout=30)
+    try:
+        (core_pid,) = _core_pids(process.pid)
+        streamed, started = {}, threading.Event()
+        reader = threading.Thread(target=_read_stream, args=(f"{url}/v1/completions", _completion(
+            max_tokens=480, stream=True, ignore_eos=True), started, streamed))
+        reader.start()
+        assert started.wait(60)
+        os.kill(core_pid, signal.SIGKILL)
+        reader.join(30)
+        assert streamed["done"] and streamed["errors"], streamed
+        assert streamed["errors"][0]["code"] == "engine_dead", streamed
+        try:  # inside the grace period the server still answers, with 503
+            response = httpx.post(f"{url}/v1/completions", json=_completion(), headers=AUTH, timeout=5)
+            assert _assert_error_shape(response, 503)["code"] == "engine_dead"
+        except httpx.TransportError:
+            pass  # already gone
+        assert process.wait(timeout=30) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stdout.read()
+    assert "engine core" in log and "exited with code -9" in log, log

@@ -12,6 +12,19 @@ from octavo.sampling_params import SamplingParams
 
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help ends with its default, unless the help already names it or there is
+    none to show (a switch that is off, a value that defaults to nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
 
 
 def parse_bytes(text: str) -> int:
@@ -32,6 +45,61 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}.")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1]."""
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text}.")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {value}.")
+    return value
+
+
+def device_name(text: str) -> str:
+    if text not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}.")
+    return text
+
+
+def dtype_name(text: str) -> str:
+    import torch
+
+    from octavo.config import resolve_dtype
+
+    try:
+        resolve_dtype(text, None, torch.device("cpu"))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def add_log_level_argument(parser: Union[argparse.ArgumentParser, argparse._ArgumentGroup],
+                           default: Optional[str]) -> None:
+    """One ``--log-level`` for every command, accepted before and after the command name."""
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=default,
+                        help="what to log (default: warning; info for serve)")
+
+
+def ignore_tokenizer_length_limit(tokenizer) -> None:
+    """octavo enforces the engine's max_model_len; the tokenizer's own limit would only make
+    transformers log "Token indices sequence length is longer than ..." for a prompt that is then
+    refused anyway."""
+    if tokenizer is not None:
+        tokenizer.model_max_length = sys.maxsize
+
+
 def add_engine_arguments(parser: Union[argparse.ArgumentParser, argparse._ArgumentGroup],
                          model_positional: bool = False) -> None:
     """Model and engine flags shared by every subcommand (serve included)."""
@@ -40,11 +108,13 @@ def add_engine_arguments(parser: Union[argparse.ArgumentParser, argparse._Argume
         parser.add_argument("model", nargs="?", default=None, help=help_model)
     else:
         parser.add_argument("--model", "-m", default=None, help=help_model)
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    parser.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16 (default: auto)")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--dtype", type=dtype_name, default="auto",
+                        help="auto | float32 | float16 | bfloat16 (default: auto: float32 on CPU, the "
+                             "checkpoint's half type on GPU)")
     parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="context length (default: the model's)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    parser.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
                         help="share of GPU memory for weights, activations and KV cache (default: 0.9)")
     parser.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                         help="KV cache size on CPU, e.g. 512MiB (default: 2GiB)")
@@ -57,8 +127,8 @@ def add_engine_arguments(parser: Union[argparse.ArgumentParser, argparse._Argume
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     parser.add_argument("--no-async-scheduling", action="store_true",
                         help="wait for each step's tokens before planning the next (default on CUDA: overlap)")
-    parser.add_argument("--load-format", default="auto",
-                        help="auto | safetensors | gguf | dummy | pt (pickles also need --allow-pickle-weights)")
+    parser.add_argument("--load-format", choices=_LOAD_FORMATS, default="auto",
+                        help="how to read the weights; pt (pickles) also needs --allow-pickle-weights")
     parser.add_argument("--allow-pickle-weights", action="store_true",
                         help="load pickled *.bin/*.pt weights (they can run code: only for trusted sources)")
     parser.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
@@ -77,14 +147,17 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
-    parser.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-tokens", type=positive_int, default=max_tokens, help="most tokens to generate")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default: 0)")
+    parser.add_argument("--top-p", type=fraction, default=1.0,
+                        help="sample from the smallest set of tokens whose probability reaches this (1 = all)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = all)")
     parser.add_argument("--sampling-seed", type=int, default=None, help="seed for reproducible sampling")
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The sampling flags as ``SamplingParams`` (a ValueError naming the field when one is wrong);
+    built before the model loads, so a bad flag costs no loading time."""
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.sampling_seed)
 
@@ -111,32 +184,63 @@ def stream_completion(llm, prompt, params: SamplingParams) -> str:
     return text
 
 
+def chat_prompt(tokenizer, messages: list[dict[str, str]]) -> dict:
+    """``messages`` rendered with the model's chat template, as an engine prompt."""
+    token_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return {"prompt_token_ids": list(token_ids)}
+
+
+def has_chat_template(tokenizer) -> bool:
+    return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from octavo.llm import LLM
 
-    llm = LLM(**engine_kwargs(args))
     params = sampling_params(args)
+    llm = LLM(**engine_kwargs(args))
+    tokenizer = llm.get_tokenizer()
+    ignore_tokenizer_length_limit(tokenizer)
+    # An instruct model answers a prompt sent as a user turn; --raw continues the text as it is.
+    as_chat = not args.raw and has_chat_template(tokenizer)
     for prompt in args.prompt:
         if len(args.prompt) > 1:
             print(f"--- {prompt}")
-        sys.stdout.write(prompt)
-        stream_completion(llm, prompt, params)
+        if as_chat:
+            stream_completion(llm, chat_prompt(tokenizer, [{"role": "user", "content": prompt}]), params)
+        else:
+            sys.stdout.write(prompt)
+            stream_completion(llm, prompt, params)
     return 0
+
+
+CHAT_COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "clear the history (the --system prompt stays)",
+    "/exit": "quit (also /quit or Ctrl-D)",
+}
+
+
+def _chat_help() -> str:
+    lines = [f"  {name:<8} {what}" for name, what in CHAT_COMMANDS.items()]
+    lines.append("  Ctrl-C stops a reply; start a message with // to send one that begins with /.")
+    return "\n".join(lines)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from octavo.llm import LLM
 
+    params = sampling_params(args)
     llm = LLM(**engine_kwargs(args))
     tokenizer = llm.get_tokenizer()
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         print("error: this model has no chat template; use `octavo generate`.", file=sys.stderr)
         return 2
-    params = sampling_params(args)
+    ignore_tokenizer_length_limit(tokenizer)
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
-    print("Chatting. /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
+    print("Chatting. /help lists the commands, /exit or Ctrl-D quits, Ctrl-C stops a reply.")
     while True:
         try:
             line = input("> ").strip()
@@ -148,17 +252,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if not line:
             continue
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            history = history[:1] if args.system else []
-            print("(history cleared)")
+        if line.startswith("//"):
+            line = line[1:]
+        elif line.startswith("/"):
+            command = line.split(maxsplit=1)[0]
+            if command in ("/exit", "/quit"):
+                return 0
+            if command == "/reset":
+                history = history[:1] if args.system else []
+                print("(history cleared)")
+            elif command == "/help":
+                print(_chat_help())
+            else:
+                print(f"unknown command {command}; /help lists the commands.")
             continue
         history.append({"role": "user", "content": line})
-        prompt_ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False)
         try:
-            reply = stream_completion(llm, {"prompt_token_ids": list(prompt_ids)}, params)
+            reply = stream_completion(llm, chat_prompt(tokenizer, history), params)
         except ValueError as error:  # e.g. the history outgrew the context
             history.pop()
             print(f"error: {error} Use /reset to start over.")
@@ -167,36 +277,47 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="octavo", description="High-throughput LLM inference and serving.")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG | INFO | WARNING (default: WARNING)")
+    parser = argparse.ArgumentParser(prog="octavo", description="High-throughput LLM inference and serving.",
+                                     formatter_class=HelpFormatter)
+    add_log_level_argument(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench}")
 
-    generate = sub.add_parser("generate", help="complete prompts, streaming the text",
-                              description="Complete each prompt and stream the text to stdout.")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+    generate = command("generate", help="answer or complete prompts, streaming the text",
+                       description="Stream the model's answer to each prompt: sent as a user turn through "
+                                   "the chat template when the model has one, else (or with --raw) continued "
+                                   "as plain text.")
     generate.add_argument("prompt", nargs="+", help="prompt text (several prompts run one after another)")
+    generate.add_argument("--raw", action="store_true",
+                          help="continue the prompt text as it is, without the chat template")
     add_engine_arguments(generate)
     add_sampling_arguments(generate, max_tokens=64)
+    add_log_level_argument(generate, default=argparse.SUPPRESS)
     generate.set_defaults(func=cmd_generate)
 
-    chat = sub.add_parser("chat", help="interactive chat with the model's chat template",
-                          description="Interactive chat: history, streaming replies, /reset, /exit.")
+    chat = command("chat", help="interactive chat with the model's chat template",
+                   description="Interactive chat: history, streaming replies, /help, /reset, /exit.")
     chat.add_argument("--system", default=None, help="system prompt")
     add_engine_arguments(chat)
     add_sampling_arguments(chat, max_tokens=256)
+    add_log_level_argument(chat, default=argparse.SUPPRESS)
     chat.set_defaults(func=cmd_chat)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
-                           description="Serve the OpenAI completions and chat APIs over HTTP.")
+    serve = command("serve", help="OpenAI-compatible HTTP server",
+                    description="Serve the OpenAI completions and chat APIs over HTTP.")
     try:
         from octavo.entrypoints.openai.server import add_serve_arguments, run_server
     except ImportError:
         serve.set_defaults(func=lambda args: _unavailable("serve"))
     else:
-        add_serve_arguments(serve)
+        add_serve_arguments(serve, log_level_default=argparse.SUPPRESS)
         serve.set_defaults(func=lambda args: run_server(args) or 0)
 
-    bench = sub.add_parser("bench", help="throughput benchmarks",
-                           description="Benchmarks with the peers run in the same process.")
+    bench = command("bench", help="throughput benchmarks",
+                    description="Benchmarks with the peers run in the same process.")
+    add_log_level_argument(bench, default=argparse.SUPPRESS)
     try:
         from octavo.benchmarks.throughput import add_bench_arguments, run_bench
     except ImportError:
@@ -212,14 +333,27 @@ def _unavailable(command: str) -> int:
     return 2
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line, ``log_level`` resolved: given before or after the command, else the
+    command's default (info for serve, whose start-up line is the address it serves on)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.log_level is None:
+        args.log_level = "info" if args.command == "serve" else "warning"
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.command != "serve":  # the server sets up its own log, with timestamps
+        logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ValueError, OSError) as error:  # bad model path or options: a message, not a traceback
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while the model loads
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

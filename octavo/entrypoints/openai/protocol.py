@@ -19,6 +19,8 @@ from octavo.sampling_params import SamplingParams
 
 # Anything beyond a signed 64-bit seed is refused before it reaches torch's generator.
 _SEED_BOUND = 2**63
+# OpenAI's max_tokens on /v1/completions when it is left out or sent as null.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 class OpenAIBaseModel(BaseModel):
@@ -133,7 +135,7 @@ Prompt = Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]
 
 class CompletionRequest(SamplingRequest):
     prompt: Prompt
-    max_tokens: Optional[int] = 16
+    max_tokens: Optional[int] = COMPLETION_DEFAULT_MAX_TOKENS
     logprobs: Optional[int] = None
     echo: Optional[bool] = False
     suffix: Optional[str] = None
@@ -147,7 +149,9 @@ class CompletionRequest(SamplingRequest):
         if self.echo and self.logprobs is not None:
             wanted.append(self.logprobs)
         prompt_logprobs = max((n for n in wanted if n is not None), default=None)
-        return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
+        # An explicit null is OpenAI's default too, never "up to the end of the context".
+        max_tokens = _default(self.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 
 
 class CompletionLogProbs(BaseModel):

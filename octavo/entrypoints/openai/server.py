@@ -1,24 +1,29 @@
 """The OpenAI-compatible HTTP server behind ``octavo serve``.
 
 ``build_app`` wires an ``AsyncLLMEngine`` into a FastAPI app: /v1/completions,
-/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health and /metrics. Every request
-is validated here, before the engine sees it, and every failure is answered in OpenAI's error
-shape; no request can stop the engine. ``run_server`` builds the engine from CLI arguments
-and serves it with uvicorn, draining in-flight requests on SIGTERM/SIGINT.
+/v1/chat/completions, /v1/models (and /v1/models/{id}), /tokenize, /detokenize, /health and
+/metrics. Every request is validated here, before the engine sees it, and every failure is
+answered in OpenAI's error shape; no request can stop the engine. ``run_server`` builds the
+engine from CLI arguments and serves it with uvicorn, draining in-flight requests on
+SIGTERM/SIGINT while it still answers (see ``_DrainingServer``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
 import copy
+import errno
 import hmac
 import json
 import logging
 import math
 import os
+import re
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -45,7 +50,15 @@ from octavo.engine.async_engine import (
     RequestStream,
     StreamingRequestOutput,
 )
-from octavo.entrypoints.cli import add_engine_arguments, parse_bytes, positive_int
+from octavo.entrypoints.cli import (
+    add_engine_arguments,
+    add_log_level_argument,
+    ignore_tokenizer_length_limit,
+    non_negative_float,
+    parse_bytes,
+    port_number,
+    positive_int,
+)
 from octavo.entrypoints.openai.protocol import (
     ChatCompletionChoice,
     ChatCompletionRequest,
@@ -75,6 +88,7 @@ from octavo.entrypoints.openai.protocol import (
     TokenizeResponse,
     UsageInfo,
 )
+from octavo.entrypoints.openai.token_bytes import TokenBytes, escaped, is_whole_text
 from octavo.metrics import CONTENT_TYPE, EngineMetrics
 from octavo.outputs import CompletionOutput, Logprob, PromptLogprobs
 from octavo.sampling_params import SamplingParams
@@ -86,7 +100,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 # JSON has no -inf: a token the model rules out is reported with this logprob instead.
 _MIN_LOGPROB = -9999.0
-# Seconds uvicorn waits past the drain timeout before it cancels requests that are still open.
+# Seconds uvicorn waits, once the drain is over, for responses to be written before it cancels them.
 _SHUTDOWN_BACKSTOP_S = 5.0
 # After the engine core dies, the server answers 503 for this long, then exits non-zero.
 _DEAD_ENGINE_GRACE_S = 1.0
@@ -165,6 +179,10 @@ def _param_of(message: str, request: BaseModel, aliases: dict[str, str]) -> Opti
 
 
 # ---- request reading -----------------------------------------------------------------------
+# A \uD800-style escape: the one way left for a lone surrogate into strictly decoded UTF-8 text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _reject_constant(name: str) -> Any:
     # Python's json reads NaN and Infinity, which are not JSON and would pass range checks.
     raise _bad_request(f"the request body is not valid JSON: {name} is not a JSON number.")
@@ -188,9 +206,41 @@ async def _read_json(request: Request, limit: int) -> Any:
         if len(body) > limit:
             raise _too_large(limit)
     try:
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _bad_request(f"the request body is not valid UTF-8: byte {exc.start} cannot start or "
+                           "continue a character.") from None
+    try:
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise _bad_request(f"the request body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(text):
+        _check_no_lone_surrogate(data)
+    return data
+
+
+def _check_no_lone_surrogate(data: Any) -> None:
+    """400 naming the first string (or key) that holds half of a surrogate pair: such text has no
+    UTF-8 form, so no tokenizer, template or response could handle it."""
+    # (top-level field, where in the body, value); the next one to look at last.
+    pending: list[tuple[Optional[str], str, Any]] = [(None, "the body", data)]
+    while pending:
+        field, where, value = pending.pop()
+        if isinstance(value, dict):
+            for key, child in reversed(value.items()):
+                shown = key.encode("utf-8", "backslashreplace").decode()
+                pending.append((field or shown, shown if field is None else f"{where}.{shown}", child))
+                pending.append((field, f"a key in {where}", key))
+        elif isinstance(value, list):
+            pending.extend((field, f"{where}[{i}]", child) for i, child in reversed(list(enumerate(value))))
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise _bad_request(
+                    f"{where} is not valid Unicode text: it holds a lone surrogate "
+                    f"(U+{ord(value[exc.start]):04X}) at character {exc.start}; a surrogate escape must be "
+                    "half of a pair, such as \\ud83d\\ude00.", field) from None
 
 
 def _too_large(limit: int) -> APIError:
@@ -275,6 +325,38 @@ class _Prompt:
     text: Optional[str] = None  # as sent, when sent as text
 
 
+@dataclass
+class _Token:
+    """One token as logprobs show it: its text, and its own bytes (part of a character for some
+    byte-level and byte-fallback tokens, whose text is then U+FFFD)."""
+
+    text: str
+    data: bytes
+
+    @property
+    def completion_name(self) -> str:
+        return self.text if is_whole_text(self.data) else f"bytes:{escaped(self.data)}"
+
+    @property
+    def chat_name(self) -> str:
+        return self.text if is_whole_text(self.data) else escaped(self.data)
+
+
+class _TextOffset:
+    """Where each token's text starts in a completion, in characters, counted over the tokens'
+    bytes: a character spelled by several tokens counts once, where all of them start."""
+
+    def __init__(self) -> None:
+        self._position = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def advance(self, data: bytes) -> int:
+        """The offset of a token with bytes ``data``, which then moves past it."""
+        start = self._position
+        self._position += len(self._decoder.decode(data))
+        return start
+
+
 class OpenAIServing:
     """Request handling: validation, conversion to engine requests, responses in OpenAI's shapes."""
 
@@ -284,6 +366,8 @@ class OpenAIServing:
         # A private tokenizer copy, so the front end never shares one with the step thread's
         # detokenizers; prompts are encoded on one worker thread so long ones never block the loop.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
+        ignore_tokenizer_length_limit(self.tokenizer)
+        self._token_bytes = TokenBytes(self.tokenizer)
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="octavo-tokenizer")
         self.num_admitting = 0  # requests let in and not yet queued in the engine (or answered)
 
@@ -442,35 +526,39 @@ class OpenAIServing:
             return logprob.decoded_token
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
 
-    def _top(self, entry: dict[int, Logprob], num: int) -> list[tuple[str, float]]:
+    def _token(self, token_id: int, logprob: Optional[Logprob]) -> _Token:
+        text = self._token_text(token_id, logprob)
+        return _Token(text, self._token_bytes(token_id, text))
+
+    def _top(self, entry: dict[int, Logprob], num: int) -> list[tuple[_Token, float]]:
         ranked = sorted((lp.rank, token_id, lp) for token_id, lp in entry.items() if lp.rank is not None)
-        return [(self._token_text(token_id, lp), max(lp.logprob, _MIN_LOGPROB)) for _, token_id, lp in ranked[:num]]
+        return [(self._token(token_id, lp), max(lp.logprob, _MIN_LOGPROB)) for _, token_id, lp in ranked[:num]]
 
     def _completion_logprobs(self, token_ids: list[int], entries: list[Optional[dict[int, Logprob]]],
-                             num_top: int, offset: int) -> CompletionLogProbs:
+                             num_top: int, offset: _TextOffset) -> CompletionLogProbs:
         """OpenAI's completion logprobs; ``offset`` is where the first token's text starts."""
         result = CompletionLogProbs()
         for token_id, entry in zip(token_ids, entries):
             chosen = entry.get(token_id) if entry is not None else None
-            token = self._token_text(token_id, chosen)
-            result.tokens.append(token)
+            token = self._token(token_id, chosen)
+            result.tokens.append(token.completion_name)
             result.token_logprobs.append(None if chosen is None else max(chosen.logprob, _MIN_LOGPROB))
-            result.top_logprobs.append(None if entry is None else dict(self._top(entry, num_top)))
-            result.text_offset.append(offset)
-            offset += len(token)
+            result.top_logprobs.append(None if entry is None else {
+                top.completion_name: logprob for top, logprob in self._top(entry, num_top)})
+            result.text_offset.append(offset.advance(token.data))
         return result
 
     def _chat_logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob]], num_top: int) -> ChatLogProbs:
         content = []
         for token_id, entry in zip(token_ids, entries):
             chosen = entry.get(token_id)
-            token = self._token_text(token_id, chosen)
+            token = self._token(token_id, chosen)
             content.append(ChatLogProbsContent(
-                token=token,
+                token=token.chat_name,
                 logprob=max(chosen.logprob, _MIN_LOGPROB) if chosen is not None else _MIN_LOGPROB,
-                bytes=list(token.encode()),
-                top_logprobs=[ChatLogProb(token=t, logprob=lp, bytes=list(t.encode()))
-                              for t, lp in self._top(entry, num_top)],
+                bytes=list(token.data),
+                top_logprobs=[ChatLogProb(token=top.chat_name, logprob=logprob, bytes=list(top.data))
+                              for top, logprob in self._top(entry, num_top)],
             ))
         return ChatLogProbs(content=content)
 
@@ -519,7 +607,8 @@ class OpenAIServing:
                 whole = CompletionDelta(completion.text, completion.token_ids, completion.logprobs)
                 if request.echo:
                     whole = self._with_echo(whole, prompts[i], output)
-                choice = self._completion_choice(params, completion, whole, i * params.n + completion.index, 0)
+                choice = self._completion_choice(params, completion, whole, i * params.n + completion.index,
+                                                 _TextOffset())
                 choice.prompt_logprobs = prompt_logprobs
                 choices.append(choice)
         response = CompletionResponse(id=request_id, model=self.settings.served_model_name, choices=choices,
@@ -532,8 +621,8 @@ class OpenAIServing:
         return CompletionDelta(self._prompt_text(prompt) + part.text, prompt.token_ids + part.token_ids, logprobs)
 
     def _completion_choice(self, params: SamplingParams, completion: CompletionOutput, part: CompletionDelta,
-                           index: int, offset: int) -> CompletionChoice:
-        """A choice carrying ``part`` of ``completion``, whose text starts at character ``offset``."""
+                           index: int, offset: _TextOffset) -> CompletionChoice:
+        """A choice carrying ``part`` of ``completion``, whose text starts at ``offset``."""
         logprobs = None
         if params.logprobs is not None:
             logprobs = self._completion_logprobs(part.token_ids, part.logprobs, params.logprobs, offset)
@@ -544,9 +633,9 @@ class OpenAIServing:
                                  prompts: list[_Prompt], streams: list[RequestStream]) -> AsyncIterator[str]:
         model, created = self.settings.served_model_name, int(time.time())
         finals: list[Optional[StreamingRequestOutput]] = [None] * len(streams)
-        # choice index -> text offset of its next token: the token texts so far, as without streaming
-        # (the streamed text can lag behind the tokens while a stop string may be forming).
-        offsets: dict[int, int] = {}
+        # choice index -> text offset of its next token, counted over the tokens so far as without
+        # streaming (the streamed text can lag behind the tokens while a stop string may be forming).
+        offsets: dict[int, _TextOffset] = {}
         started: set[int] = set()
         try:
             async for i, output in _merge(streams):
@@ -558,10 +647,8 @@ class OpenAIServing:
                         delta = self._with_echo(delta, prompts[i], output)
                     started.add(index)
                     if delta.text or completion.finish_reason or (params.logprobs is not None and delta.token_ids):
-                        choice = self._completion_choice(params, completion, delta, index, offsets.get(index, 0))
-                        if choice.logprobs is not None:
-                            offsets[index] = offsets.get(index, 0) + sum(map(len, choice.logprobs.tokens))
-                        choices.append(choice)
+                        offset = offsets.setdefault(index, _TextOffset())
+                        choices.append(self._completion_choice(params, completion, delta, index, offset))
                 if choices:
                     yield _sse(CompletionStreamResponse(id=request_id, created=created, model=model, choices=choices))
             if request.include_usage:
@@ -657,10 +744,13 @@ class OpenAIServing:
             raise _bad_request(f"token id {bad} is out of the vocabulary [0, {vocab}).", "tokens")
         return DetokenizeResponse(prompt=await self._off_loop(tokenizer.decode, request.tokens))
 
+    def model_card(self) -> ModelCard:
+        # The file or folder name only: the server's paths are nobody else's business.
+        root = Path(self.settings.model_path).name if self.settings.model_path else None
+        return ModelCard(id=self.settings.served_model_name, root=root, max_model_len=self.engine.max_model_len)
+
     def models(self) -> ModelList:
-        settings = self.settings
-        return ModelList(data=[ModelCard(id=settings.served_model_name, root=settings.model_path,
-                                         max_model_len=self.engine.max_model_len)])
+        return ModelList(data=[self.model_card()])
 
 
 # ---- the app -------------------------------------------------------------------------------
@@ -701,6 +791,11 @@ def _api_routes(serving: OpenAIServing) -> APIRouter:
     async def models() -> ModelList:
         return serving.models()
 
+    @router.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        serving.check_model(model_id)
+        return serving.model_card()
+
     @router.post("/tokenize")
     async def tokenize(raw: Request) -> TokenizeResponse:
         # No admission: the engine's queue does not limit work that never reaches it.
@@ -721,7 +816,7 @@ def _open_routes(engine: AsyncLLMEngine) -> APIRouter:
         if engine.is_dead:
             return APIError(503, "the engine is dead.", "server_error", code="engine_dead").response()
         if not engine.accepting:
-            return APIError(503, "the server is not accepting requests.", "server_error",
+            return APIError(503, "the server is shutting down and takes no new requests.", "server_error",
                             code="server_shutting_down").response()
         return Response(status_code=200)
 
@@ -780,31 +875,35 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
 
 # ---- the command line ----------------------------------------------------------------------
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of ``octavo serve``."""
+def add_serve_arguments(parser: argparse.ArgumentParser, log_level_default: Optional[str] = "info") -> None:
+    """The arguments of ``octavo serve`` (``log_level_default``: the ``octavo`` command passes
+    ``argparse.SUPPRESS``, as its own ``--log-level`` before the command supplies the default)."""
     server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface).")
-    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    server.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on")
     server.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' (default: $OCTAVO_API_KEY; none if unset).")
-    server.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL).")
-    server.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="seconds in-flight requests get to finish after SIGTERM/SIGINT.")
-    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+                        help="require 'Authorization: Bearer KEY' (default: $OCTAVO_API_KEY; none if unset)")
+    server.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    server.add_argument("--shutdown-timeout", type=non_negative_float, default=30.0,
+                        help="seconds in-flight requests get to finish after SIGTERM/SIGINT (a second signal "
+                             "ends them at once)")
+    add_log_level_argument(server, log_level_default)
 
     # The same engine flags as generate and chat.
     add_engine_arguments(parser.add_argument_group("engine"), model_positional=True)
 
     limits = parser.add_argument_group("request limits")
-    limits.add_argument("--max-n", type=positive_int, default=16, help="largest n.")
-    limits.add_argument("--max-best-of", type=positive_int, default=16, help="largest best_of.")
-    limits.add_argument("--max-logprobs", type=positive_int, default=20, help="largest logprobs / top_logprobs.")
-    limits.add_argument("--max-stop-strings", type=positive_int, default=16)
-    limits.add_argument("--max-prompts-per-request", type=positive_int, default=64)
-    limits.add_argument("--max-request-body-bytes", type=parse_bytes, default=8 << 20)
+    limits.add_argument("--max-n", type=positive_int, default=16, help="largest n")
+    limits.add_argument("--max-best-of", type=positive_int, default=16, help="largest best_of")
+    limits.add_argument("--max-logprobs", type=positive_int, default=20, help="largest logprobs / top_logprobs")
+    limits.add_argument("--max-stop-strings", type=positive_int, default=16, help="most stop strings in a request")
+    limits.add_argument("--max-prompts-per-request", type=positive_int, default=64,
+                        help="most prompts in one /v1/completions request")
+    limits.add_argument("--max-request-body-bytes", type=parse_bytes, default=8 << 20,
+                        help="largest request body, e.g. 8MiB (default: 8MiB); larger ones get 413")
     limits.add_argument("--max-waiting-requests", type=positive_int, default=1024,
                         help="requests waiting for their first token (or still being read and tokenized) "
-                             "beyond which new ones get 503.")
+                             "beyond which new ones get 503")
 
 
 def _engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
@@ -840,15 +939,28 @@ def _server_settings(args: argparse.Namespace, served_model_name: str, model: st
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn, but SIGTERM/SIGINT also drains the engine: new requests get 503, in-flight ones
-    may finish for ``drain_timeout`` seconds and are then aborted with an error response, so
-    uvicorn's graceful shutdown sees every request end. The process then exits normally instead
-    of re-raising the signal."""
+    """uvicorn, stopping in order on SIGTERM/SIGINT.
+
+    The first signal stops the engine taking requests: new ones and /health get 503 "shutting
+    down" while in-flight ones have ``drain_timeout`` seconds to finish. A second signal ends them
+    at once. Requests cut short are answered, with an error event and ``[DONE]`` on a stream and
+    a JSON 503 otherwise. Only then does uvicorn stop listening and close the connections (its
+    signal handling would stop listening at once and, on a second signal, cancel requests
+    mid-response). The process exits with status 0 rather than re-raising the signal.
+    """
 
     def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, drain_timeout: float) -> None:
         super().__init__(config)
         self._engine = engine
         self._drain_timeout = drain_timeout
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._drain: Optional[asyncio.Task] = None
+        self._hurry: Optional[asyncio.Event] = None
+
+    async def serve(self, sockets: Optional[list[socket.socket]] = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._hurry = asyncio.Event()
+        await super().serve(sockets)
 
     def exit_after_engine_death(self, _: BaseException) -> None:
         """Answer in-flight and new requests with 503 for a moment, then stop serving, so that the
@@ -856,10 +968,33 @@ class _DrainingServer(uvicorn.Server):
         asyncio.get_running_loop().call_later(_DEAD_ENGINE_GRACE_S, setattr, self, "should_exit", True)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        if not self.should_exit:
-            logger.info("shutting down: in-flight requests get up to %gs to finish", self._drain_timeout)
-        self._engine.begin_drain(self._drain_timeout)
-        super().handle_exit(sig, frame)
+        # A signal handler may interrupt the loop anywhere: hand the work to the loop.
+        if self._loop is None:
+            self.should_exit = True
+        else:
+            self._loop.call_soon_threadsafe(self._on_signal, signal.Signals(sig).name)
+
+    def _on_signal(self, name: str) -> None:
+        if self._drain is None:
+            logger.info("%s: shutting down; in-flight requests get up to %gs to finish (send the signal again "
+                        "to end them now)", name, self._drain_timeout)
+            self._engine.begin_drain()
+            self._drain = asyncio.ensure_future(self._drain_then_exit())
+        elif not self._hurry.is_set():
+            logger.info("%s again: ending the in-flight requests now", name)
+            self._hurry.set()
+
+    async def _drain_then_exit(self) -> None:
+        drained = asyncio.ensure_future(self._engine.drain(self._drain_timeout))
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait({drained, hurried}, return_when=asyncio.FIRST_COMPLETED)
+            if not drained.done():
+                await self._engine.drain(0.0)
+            await drained
+        finally:
+            hurried.cancel()
+            self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -874,31 +1009,57 @@ class _DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now so that a bad host or a port in use is reported before the
+    model loads (uvicorn would find out only after). It listens once the server starts."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host!r} is not an address to listen on ({exc.strerror}).") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over lingering connections
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is already in use: stop what holds it or choose another "
+                             "--port.") from None
+        raise ValueError(f"cannot listen on {host} port {port}: {exc.strerror}.") from None
+    return sock
+
+
 def run_server(args: argparse.Namespace) -> None:
     """Load the model and serve it until SIGTERM/SIGINT (arguments from ``add_serve_arguments``)."""
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_level = getattr(args, "log_level", None) or "info"
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = args.model
     if model is None:
         from octavo.model_loader.default_model import default_model_path
 
         model = str(default_model_path())
     served_model_name = args.served_model_name or args.model or Path(model).stem
-    async_engine = AsyncLLMEngine(_engine_config(args, model), args.max_waiting_requests,
-                                  EngineMetrics(served_model_name), log_level=args.log_level)
+    config = _engine_config(args, model)
     settings = _server_settings(args, served_model_name, model)
-    app = build_app(async_engine, settings)
-    info = async_engine.info
-    logger.info(
-        "serving %s as %r on http://%s:%d | dtype %s | device %s | KV cache %d tokens | max_model_len %d%s",
-        model, served_model_name, args.host, args.port, info.dtype, info.device, info.num_blocks * info.block_size,
-        info.max_model_len, " | API key required" if settings.api_key else "",
-    )
-    # uvicorn's own deadline is only a backstop: the engine's drain ends requests first.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.shutdown_timeout + _SHUTDOWN_BACKSTOP_S)
-    server = _DrainingServer(config, async_engine, args.shutdown_timeout)
-    async_engine.on_dead.append(server.exit_after_engine_death)
-    server.run()
+    with contextlib.closing(_listening_socket(args.host, args.port)) as listener:
+        async_engine = AsyncLLMEngine(config, args.max_waiting_requests, EngineMetrics(served_model_name),
+                                      log_level=log_level)
+        app = build_app(async_engine, settings)
+        info = async_engine.info
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        logger.info(
+            "serving %s as %r on http://%s:%d | dtype %s | device %s | KV cache %d tokens | max_model_len %d%s",
+            model, served_model_name, host, args.port, info.dtype, info.device, info.num_blocks * info.block_size,
+            info.max_model_len, " | API key required" if settings.api_key else "",
+        )
+        # The drain ends requests before uvicorn stops; its deadline is only a backstop for
+        # responses still being written then.
+        uvicorn_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=log_level,
+                                        timeout_graceful_shutdown=_SHUTDOWN_BACKSTOP_S)
+        server = _DrainingServer(uvicorn_config, async_engine, args.shutdown_timeout)
+        async_engine.on_dead.append(server.exit_after_engine_death)
+        server.run(sockets=[listener])
     if async_engine.is_dead:
         logger.error("exiting: the engine core died (%s)", async_engine.dead_reason)
         raise SystemExit(1)
