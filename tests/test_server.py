@@ -595,27 +595,27 @@ def test_request_gauges_and_kv_sharing(model_folder):
 
 
 def test_gauges_count_requests_while_a_step_runs(model_folder, tmp_path):
-    """While the core is busy in one step, requests that arrive show as waiting at once, and the
-    one in the step as running (the gauges do not wait for the step to end)."""
+    """While the core is busy in one step, the request in it shows as running, and requests that
+    arrive meanwhile as waiting at once (the gauges do not wait for the step to end)."""
     hold = tmp_path / "hold"
+    hold.touch()  # every step waits, once scheduled, until the file goes
     server = start_server(model_folder, faults={"hold_file": hold})
     try:
-        with server.http() as http:
+        with server.http() as http, server.http() as other:
             first = threading.Thread(target=lambda: http.post("/v1/completions", json=_completion(max_tokens=4)))
             first.start()
-            assert wait_until(lambda: server.metrics()["octavo:num_requests_running"] == 1, 10)
-            hold.touch()  # the next step waits: the core is "busy"
-            time.sleep(0.3)
-            with server.http() as other:
-                threads = [threading.Thread(target=lambda: other.post("/v1/completions", json=_completion()))
-                           for _ in range(3)]
-                for thread in threads:
-                    thread.start()
-                assert wait_until(lambda: server.metrics()["octavo:num_requests_waiting"] == 3, 10), server.metrics()
-                hold.unlink()
-                for thread in threads + [first]:
-                    thread.join(30)
+            assert wait_until(lambda: server.metrics()["octavo:num_requests_running"] == 1, 10), server.metrics()
+            threads = [threading.Thread(target=lambda: other.post("/v1/completions", json=_completion()))
+                       for _ in range(3)]
+            for thread in threads:
+                thread.start()
+            assert wait_until(lambda: server.metrics()["octavo:num_requests_waiting"] == 3, 10), server.metrics()
+            assert server.metrics()["octavo:num_requests_running"] == 1
+            hold.unlink()
+            for thread in threads + [first]:
+                thread.join(30)
         assert wait_until(lambda: server.metrics()["octavo:num_requests_waiting"] == 0, 10)
+        assert wait_until(lambda: server.metrics()["octavo:num_requests_running"] == 0, 10)
     finally:
         hold.unlink(missing_ok=True)
         server.stop()

@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from itertools import count
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -30,6 +30,9 @@ from octavo.worker.model_runner import LaunchedStep, ModelRunner, SampledToken
 from octavo.worker.sampler import make_generator
 
 logger = logging.getLogger(__name__)
+
+# The KV sharing gauges walk every block; refresh them at most this often.
+_SHARING_STATS_INTERVAL_S = 1.0
 
 
 def default_max_num_batched_tokens(config: EngineConfig, max_model_len: int) -> int:
@@ -135,6 +138,8 @@ class EngineCore:
         self.peak_kv_waste_slots = 0
         self.peak_running_at_waste = 0
         self.num_prefill_tokens_computed = 0
+        self._sharing_stats: Optional[tuple[int, int]] = None
+        self._sharing_stats_time = 0.0
 
     def info(self) -> CoreInfo:
         return CoreInfo(num_blocks=self.kv_cache.pool.num_blocks, block_size=self.block_size,
@@ -210,8 +215,9 @@ class EngineCore:
         return bool(self.requests)
 
     # ---- the step ----------------------------------------------------------------------
-    def step(self) -> list[CoreOutput]:
-        """Run one iteration; returns an output for every request that advanced.
+    def step(self, on_scheduled: Optional[Callable[[], None]] = None) -> list[CoreOutput]:
+        """Run one iteration; returns an output for every request that advanced. ``on_scheduled``
+        runs once the batch is chosen, before the device works on it (the gauges go out then).
 
         With asynchronous scheduling (CUDA by default) the step is pipelined: it plans and
         queues step ``k`` on the device, then processes the tokens of step ``k - 1`` while the
@@ -220,6 +226,8 @@ class EngineCore:
         of compute.
         """
         batch = self.scheduler.schedule()
+        if on_scheduled is not None:
+            on_scheduled()
         if not batch.seqs:
             if self._in_flight is not None:
                 return self._process(*self._take_in_flight())
@@ -341,14 +349,27 @@ class EngineCore:
 
     def stats(self) -> CoreStats:
         """Requests, not sequences (as vLLM counts them): n samples of one request count once, and a
-        request with any sample running counts as running."""
-        stats = self.kv_cache.stats()
-        scheduler = self.scheduler
+        request with any sample running counts as running. The sharing counts walk every block, so
+        they are refreshed at most every ``_SHARING_STATS_INTERVAL_S``; the rest is current."""
+        scheduler, kv_cache = self.scheduler, self.kv_cache
+        now = time.monotonic()
+        if not scheduler.has_unfinished():
+            self._sharing_stats = (0, 0)  # no sequence holds a block
+        elif self._sharing_stats is None or now - self._sharing_stats_time >= _SHARING_STATS_INTERVAL_S:
+            full = kv_cache.stats()
+            self._sharing_stats = (full.num_shared_blocks, full.blocks_saved_by_sharing)
+            self._sharing_stats_time = now
         running = {seq.request_id for seq in scheduler.running}
         waiting = {seq.request_id for seq in scheduler.waiting} - running
+        pool = kv_cache.pool
         return CoreStats(
-            num_running_requests=len(running), num_waiting_requests=len(waiting), kv_cache_usage=stats.usage,
-            prefix_cache_queries=stats.prefix_cache_queries, prefix_cache_hits=stats.prefix_cache_hits,
-            num_shared_blocks=stats.num_shared_blocks, blocks_saved_by_sharing=stats.blocks_saved_by_sharing,
+            num_running_requests=len(running), num_waiting_requests=len(waiting),
+            kv_cache_usage=pool.num_used_blocks / pool.num_blocks,
+            prefix_cache_queries=kv_cache.prefix_cache_queries, prefix_cache_hits=kv_cache.prefix_cache_hits,
+            num_shared_blocks=self._sharing_stats[0], blocks_saved_by_sharing=self._sharing_stats[1],
             num_preemptions=scheduler.num_preemptions,
         )
+
+    def scheduler_counts(self) -> tuple[int, int]:
+        """(running, waiting) sequences: a cheap way to tell whether the gauges changed."""
+        return len(self.scheduler.running), len(self.scheduler.waiting)

@@ -136,15 +136,26 @@ class _CoreProcess:
     def send(self, message) -> None:
         self.to_core.send(encode(message), copy=False)
 
-    def shutdown(self) -> None:
+    def request_shutdown(self) -> None:
+        """Ask the core to stop (from the thread that owns the sockets)."""
         if self.process.poll() is None:
             try:
                 self.to_core.send(encode(Shutdown()), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+
+    def wait_stopped(self) -> None:
+        """Wait for the core to exit (killing it after a while); any thread."""
         self._finalizer()
+
+    def close_sockets(self) -> None:
         self.to_core.close(linger=0)
         self.from_core.close(linger=0)
+
+    def shutdown(self) -> None:
+        self.request_shutdown()
+        self.wait_stopped()
+        self.close_sockets()
 
 
 def _stop_process(process: subprocess.Popen, folder: str) -> None:
@@ -294,7 +305,9 @@ class AsyncProcessCoreClient:
     async def shutdown(self) -> None:
         for task in self._tasks[:1]:
             task.cancel()
-        await asyncio.get_running_loop().run_in_executor(None, self._process.shutdown)
+        self._process.request_shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, self._process.wait_stopped)
+        self._process.close_sockets()
 
 
 def wait_for_exit(process: subprocess.Popen, timeout: float) -> Optional[int]:

@@ -30,6 +30,7 @@ from octavo.engine.messages import (
     AddRequests,
     CoreFailed,
     CoreOutput,
+    CoreStats,
     Ready,
     Shutdown,
     StepOutputs,
@@ -40,7 +41,8 @@ from octavo.engine.messages import (
 
 logger = logging.getLogger("octavo.engine.core_process")
 
-# Gauges (running/waiting requests, KV usage) are refreshed at most this often while busy.
+# Gauges (running/waiting requests, KV usage) go out when the counts change, and at least this
+# often while busy.
 STATS_INTERVAL_S = 0.1
 # While idle the loop wakes this often to notice that the front end has gone.
 _IDLE_POLL_MS = 500
@@ -55,6 +57,7 @@ class CoreLoop:
         self.outbox = outbox
         self.parent_pid = parent_pid
         self._last_stats = 0.0
+        self._last_counts = (-1, -1)
 
     def run(self) -> None:
         core = self.core
@@ -75,18 +78,29 @@ class CoreLoop:
             if os.getppid() != self.parent_pid:
                 logger.warning("the front end is gone; the engine core stops")
                 return
-            # Gauges as requests arrive and as steps start, not only after a step ends.
-            now = time.monotonic()
-            stats = None
-            if changed or now - self._last_stats >= STATS_INTERVAL_S:
-                stats, self._last_stats = core.stats(), now
-            if refused or stats is not None:
-                self._send(StepOutputs(refused, stats))
+            if refused or changed:  # gauges as requests arrive, not only after a step ends
+                stats = self._stats_if_changed()
+                if refused or stats is not None:
+                    self._send(StepOutputs(refused, stats))
             if core.has_unfinished_requests():
-                outputs = core.step()
-                stats = None if core.has_unfinished_requests() else core.stats()  # idle now: show it
+                outputs = core.step(on_scheduled=self._send_stats_if_changed)  # ... and as steps start
+                stats = self._stats_if_changed()
                 if outputs or stats is not None:
                     self._send(StepOutputs(outputs, stats))
+
+    def _stats_if_changed(self) -> Optional[CoreStats]:
+        """The gauges, when the running or waiting counts moved or the last ones are old."""
+        now = time.monotonic()
+        counts = self.core.scheduler_counts()
+        if counts == self._last_counts and now - self._last_stats < STATS_INTERVAL_S:
+            return None
+        self._last_stats, self._last_counts = now, counts
+        return self.core.stats()
+
+    def _send_stats_if_changed(self) -> None:
+        stats = self._stats_if_changed()
+        if stats is not None:
+            self._send(StepOutputs([], stats))
 
     def _add(self, message: AddRequests) -> list[CoreOutput]:
         refused = []
