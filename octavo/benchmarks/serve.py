@@ -543,7 +543,7 @@ def run_serve_bench(args: argparse.Namespace) -> int:
                  "max_model_len": target.max_model_len, "prompt_format": prompt_format, "tokenizer": args.tokenizer,
                  "client": f"aiohttp {aiohttp.__version__}", "python": platform.python_version()},
         "workload": {"name": spec.name, "num_prompts": spec.num_prompts, "prompt_len": list(spec.prompt_len),
-                     "output_len": list(spec.output_len), "vocab_size": args.vocab_size, "seed": args.seed},
+                     "output_len": list(spec.output_len), "vocab_size": args.vocab_size, "seed": args.seed, "num_warmups": args.num_warmups},
         "runs": [],
     }
     print(f"{target.base_url}{ENDPOINTS[args.endpoint]} model {target.model} | workload {spec.name}: "
