@@ -146,8 +146,10 @@ def test_bench_serve_text_prompts_and_chat(server, tmp_path):
     flags = ["--num-prompts", "3", "--prompt-len-range", "8", "24", "--output-len-range", "5", "5"]
     # Completions with the ids turned into text by the server's /detokenize: the benchmark tokenizer
     # encodes the text back to exactly the same number of tokens.
-    assert cli(_bench(server, *flags, "--prompt-format", "text", "--output", str(output))) == 0
+    assert cli(_bench(server, *flags, "--prompt-format", "text", "--max-concurrency", "2", "--output",
+                      str(output))) == 0
     (run,) = json.loads(output.read_text())["runs"]
+    assert run["max_concurrency"] == 2 and run["completed"] == 3
     assert all(r["prompt_tokens"] == r["prompt_len"] and r["output_tokens"] == 5 for r in run["requests"])
     # Chat: the template adds the same few tokens to every prompt.
     assert cli(_bench(server, *flags, "--endpoint", "chat", "--output", str(output))) == 0

@@ -5,8 +5,10 @@
 The stub (its own process, so its CPU is not counted) answers /v1/completions and
 /v1/chat/completions with one chunk per token every ``--interval-ms``, then the usage chunk
 (only when asked for, as a real server does). The client's CPU time per chunk says how many
-chunks per second one core can take; the measured ITL and TTFT beside the stub's fixed interval
-say how much the client's own queueing adds to what it reports.
+chunks per second one core can take, hence whether it keeps up with a server's token rate; the
+measured ITL and TTFT beside the stub's fixed interval bound what the client's queueing adds to
+what it reports (from above: the stub is Python too, and its writes to hundreds of sockets
+stretch its own interval).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,33 +45,71 @@ def _json_response(status: str, body: Any) -> bytes:
             .encode() + payload)
 
 
-async def _stream(writer: asyncio.StreamWriter, path: str, body: dict, interval_s: float, usage: bool) -> None:
+@dataclass
+class _Stream:
+    writer: asyncio.StreamWriter
+    token: bytes  # one token's chunk
+    last: bytes  # the finishing token's chunk, the usage chunk when asked for, [DONE], end of body
+    remaining: int
+    done: asyncio.Future
+
+
+class _Ticker:
+    """Writes one token to every open stream each interval. One timer for all streams, not one per
+    stream, keeps the stub's interval at hundreds of streams; a new stream gets its first token one
+    full interval after it joins."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.active: list[_Stream] = []
+        self.joining: list[_Stream] = []
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            still_open = []
+            for stream in self.active:
+                stream.remaining -= 1
+                if stream.remaining:
+                    stream.writer.write(stream.token)
+                    still_open.append(stream)
+                else:
+                    stream.writer.write(stream.last)
+                    stream.done.set_result(None)
+            self.active, self.joining = still_open + self.joining, []
+
+
+async def _stream(ticker: _Ticker, writer: asyncio.StreamWriter, path: str, body: dict, usage: bool) -> None:
     chat = path.endswith("/chat/completions")
-    max_tokens = int(body.get("max_tokens") or 16)
+    max_tokens = max(1, int(body.get("max_tokens") or 16))
 
-    def choice(text: str, finish: Optional[str]) -> dict:
+    def choice(finish: Optional[str]) -> dict:
         if chat:
-            return {"index": 0, "delta": {"content": text}, "finish_reason": finish}
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": 0, "delta": {"content": " tok"}, "finish_reason": finish}
+        return {"index": 0, "text": " tok", "logprobs": None, "finish_reason": finish}
 
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    chunk = {"id": "stub", "object": kind, "created": 0, "model": STUB_MODEL}
+    chunk = {"id": "stub", "object": "chat.completion.chunk" if chat else "text_completion", "created": 0,
+             "model": STUB_MODEL}
+    last = _event({**chunk, "choices": [choice("length")]})
+    if usage and (body.get("stream_options") or {}).get("include_usage"):
+        prompt = body["messages"][0]["content"].split() if chat else body.get("prompt")
+        last += _event({**chunk, "choices": [], "usage": {
+            "prompt_tokens": len(prompt), "completion_tokens": max_tokens, "total_tokens": len(prompt) + max_tokens}})
+    last += _http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"
     writer.write(_HEAD)
     if chat:
         writer.write(_event({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}))
-    for index in range(max_tokens):
-        await asyncio.sleep(interval_s)
-        writer.write(_event({**chunk, "choices": [choice(" tok", "length" if index == max_tokens - 1 else None)]}))
-    if usage and (body.get("stream_options") or {}).get("include_usage"):
-        prompt = body.get("prompt") if not chat else body["messages"][0]["content"].split()
-        writer.write(_event({**chunk, "choices": [], "usage": {
-            "prompt_tokens": len(prompt), "completion_tokens": max_tokens, "total_tokens": len(prompt) + max_tokens}}))
-    writer.write(_http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    stream = _Stream(writer, _event({**chunk, "choices": [choice(None)]}), last, max_tokens,
+                     asyncio.get_running_loop().create_future())
+    ticker.joining.append(stream)
+    await stream.done
     await writer.drain()
 
 
 async def serve_stub(port: int, interval_s: float, usage: bool) -> None:
     """A keep-alive HTTP/1.1 server that streams like an OpenAI server with a fixed inter-token time."""
+    ticker = _Ticker(interval_s)
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
@@ -80,16 +121,20 @@ async def serve_stub(port: int, interval_s: float, usage: bool) -> None:
                 if method == "GET" and path == "/v1/models":
                     writer.write(_json_response("200 OK", {"object": "list", "data": [{"id": STUB_MODEL}]}))
                 elif method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
-                    await _stream(writer, path, json.loads(body), interval_s, usage)
+                    await _stream(ticker, writer, path, json.loads(body), usage)
                 else:
                     writer.write(_json_response("404 Not Found", {"error": {"message": f"no route {path}"}}))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         writer.close()
 
+    ticking = asyncio.ensure_future(ticker.run())
     server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
     async with server:
-        await server.serve_forever()
+        try:
+            await server.serve_forever()
+        finally:
+            ticking.cancel()
 
 
 def free_port() -> int:
@@ -148,8 +193,8 @@ def format_overhead(summary: dict[str, Any]) -> str:
         format_run(summary),
         f"client overhead at {summary['num_requests']} streams: {client['cpu_us_per_chunk']:.1f} us CPU per chunk "
         f"(one core takes {o['chunks_per_core_s']:,.0f} chunks/s); delivered {o['chunks_per_s']:,.0f} chunks/s; "
-        f"stub interval {o['stub_interval_ms']:g} ms: mean ITL +{o['itl_excess_mean_ms']:.2f} ms, median TTFT "
-        f"+{o['ttft_excess_median_ms']:.2f} ms (connection set-up included)",
+        f"over the stub's {o['stub_interval_ms']:g} ms interval: mean ITL +{o['itl_excess_mean_ms']:.2f} ms, median "
+        f"TTFT +{o['ttft_excess_median_ms']:.2f} ms (the stub's own writing and the connection set-up included)",
     ])
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -257,7 +258,7 @@ def parse_rate(text: str) -> float:
     try:
         rate = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a request rate: {text!r} (give requests per second, or inf).")
+        raise argparse.ArgumentTypeError(f"not a request rate: {text!r} (give requests per second, or inf).") from None
     if not rate > 0:
         raise argparse.ArgumentTypeError(f"the request rate must be > 0 (or inf), got {text!r}.")
     return rate
@@ -294,12 +295,9 @@ async def run_load(target: Target, endpoint: str, prompts: list[Prompt], request
                    ) -> LoadRun:
     """Warm up (untimed, all at once), then send ``prompts`` at their arrival times and wait for all."""
     async with open_session(target, max_concurrency or 0) as session:
-        gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        gate = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
 
         async def send(prompt: Prompt, request: Request) -> RequestResult:
-            if gate is None:
-                return await send_request(session, endpoint, target.model, prompt, request.prompt_len,
-                                          request.output_len)
             async with gate:
                 return await send_request(session, endpoint, target.model, prompt, request.prompt_len,
                                           request.output_len)
@@ -543,7 +541,8 @@ def run_serve_bench(args: argparse.Namespace) -> int:
                  "max_model_len": target.max_model_len, "prompt_format": prompt_format, "tokenizer": args.tokenizer,
                  "client": f"aiohttp {aiohttp.__version__}", "python": platform.python_version()},
         "workload": {"name": spec.name, "num_prompts": spec.num_prompts, "prompt_len": list(spec.prompt_len),
-                     "output_len": list(spec.output_len), "vocab_size": args.vocab_size, "seed": args.seed, "num_warmups": args.num_warmups},
+                     "output_len": list(spec.output_len), "vocab_size": args.vocab_size, "seed": args.seed,
+                     "num_warmups": args.num_warmups},
         "runs": [],
     }
     print(f"{target.base_url}{ENDPOINTS[args.endpoint]} model {target.model} | workload {spec.name}: "
