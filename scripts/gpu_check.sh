@@ -8,14 +8,70 @@
 #   scripts/gpu_check.sh moe [OUT]     fused-MoE kernels against the reference (1..8192 tokens, CUDA graphs), MoE
 #                                      parity with transformers, then mixtral-8x7b (bf16, 93 GB) fixed 256 with
 #                                      HF static on its first 128 requests (MOE_PEER_PROMPTS=256 for all; about 8 min)
+#   scripts/gpu_check.sh serve [OUT]   octavo serve on dummy:qwen3-0.6b: openai-client smoke test, bench serve
+#                                      (fixed 512 at rate inf, 16, 32), context sweep, then offline LLM.generate
+#                                      on the same requests (about 5 min); JSON, PNGs and the server log into OUT.
+#                                      Wheels in .whl/ (packages the GPU image lacks) are installed first.
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|serve [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 bench() { python -m octavo.entrypoints.cli bench throughput "$@"; }
+
+# serve: each stage under its own timeout; a failed stage is reported and the next ones still run.
+serve_check() {
+    local out=$1 failed=() model="$1/qwen3-0.6b-dummy" url port server
+    stage() {
+        local name=$1 seconds=$2
+        shift 2
+        echo "=== $name (timeout ${seconds}s)"
+        timeout "$seconds" "$@" || { echo "=== $name FAILED (exit $?)"; failed+=("$name"); }
+    }
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl
+        export PYTHONPATH=/tmp/site:$PYTHONPATH
+    fi
+    # The same engine options for the server and the offline run.
+    local engine=(--load-format dummy --device cuda --max-num-seqs 512 --max-model-len 8192)
+    stage "dummy model and tokenizer" 120 python -c "import sys; from pathlib import Path
+from octavo.benchmarks.workloads import write_dummy_model
+from octavo.benchmarks.dummy_tokenizer import write_for_model_folder
+write_for_model_folder(write_dummy_model('qwen3-0.6b', Path(sys.argv[1])))" "$model"
+    stage "client overhead (stub server, 512 streams)" 120 \
+        python -m octavo.benchmarks.client_overhead --concurrency 512 --output-len 256 --interval-ms 10 \
+        --output "$out/client-overhead.json"
+    port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    url=http://127.0.0.1:$port
+    python -m octavo.entrypoints.cli serve "$model" --served-model-name qwen3-0.6b --port "$port" "${engine[@]}" \
+        >"$out/server.log" 2>&1 &
+    server=$!
+    trap 'kill "$server" 2>/dev/null || true' EXIT
+    stage "server start-up" 300 python scripts/serve_smoke.py wait "$url" --timeout 290
+    if [ ${#failed[@]} -eq 0 ]; then
+        stage "openai client smoke test" 120 python scripts/serve_smoke.py check "$url" --output "$out/openai-smoke.json"
+        stage "bench serve, fixed 512 at rate inf, 16, 32" 420 python -m octavo.entrypoints.cli bench serve \
+            --base-url "$url" --workload fixed --num-prompts 512 --sweep-rates inf,16,32 \
+            --output "$out/serve-fixed-512.json"
+        stage "context sweep" 180 python -m octavo.entrypoints.cli bench context-sweep --base-url "$url" \
+            --step 2000 --output-len 128 --output "$out/context-sweep.json"
+    fi
+    kill "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    trap - EXIT
+    tail -n 5 "$out/server.log"
+    if [ -f "$out/serve-fixed-512.json" ]; then
+        stage "offline LLM.generate on the same requests" 300 python -m octavo.benchmarks.offline_baseline \
+            "$out/serve-fixed-512.json" --model "$model" "${engine[@]}" --output "$out/serve-vs-offline.json"
+    fi
+    if [ ${#failed[@]} -gt 0 ]; then
+        printf 'FAILED: %s\n' "${failed[@]}"
+        return 1
+    fi
+}
 
 case "$what" in
 kernels)
@@ -51,8 +107,11 @@ moe)
     echo "moe: benchmark done at ${SECONDS}s"
     exit $status
     ;;
+serve)
+    serve_check "$out"
+    ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3, llama3 or moe" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe or serve" >&2
     exit 2
     ;;
 esac

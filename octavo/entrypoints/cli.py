@@ -315,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_arguments(serve, log_level_default=argparse.SUPPRESS)
         serve.set_defaults(func=lambda args: run_server(args) or 0)
 
-    bench = command("bench", help="throughput benchmarks",
-                    description="Benchmarks with the peers run in the same process.")
+    bench = command("bench", help="throughput, serving and context-length benchmarks",
+                    description="Benchmarks: offline throughput with the peers run in the same process, "
+                                "and clients for a running OpenAI-compatible server.")
     add_log_level_argument(bench, default=argparse.SUPPRESS)
     try:
         from octavo.benchmarks.throughput import add_bench_arguments, run_bench
@@ -325,7 +326,27 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_bench_arguments(bench)
         bench.set_defaults(func=run_bench)
+        _add_server_benchmarks(bench)
     return parser
+
+
+def _add_server_benchmarks(bench: argparse.ArgumentParser) -> None:
+    """``bench serve`` and ``bench context-sweep``, beside ``bench throughput``'s sub-commands."""
+    from octavo.benchmarks.context_sweep import add_context_sweep_arguments, run_context_sweep
+    from octavo.benchmarks.serve import add_serve_bench_arguments, run_serve_bench
+
+    commands = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    commands.metavar = None  # list every sub-command, not only throughput
+    serve = commands.add_parser("serve", help="latency and throughput of a running OpenAI-compatible server",
+                                description="Stream a standard workload to a server at a Poisson request rate "
+                                            "and report TTFT, TPOT, ITL and end-to-end latency.")
+    add_serve_bench_arguments(serve)
+    serve.set_defaults(func=run_serve_bench)
+    sweep = commands.add_parser("context-sweep", help="grow the prompt until the server refuses it",
+                                description="Grow the prompt in steps until the server answers 400, then check "
+                                            "that it still serves.")
+    add_context_sweep_arguments(sweep)
+    sweep.set_defaults(func=run_context_sweep)
 
 
 def _unavailable(command: str) -> int:
