@@ -37,7 +37,9 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 def make_llm(folder, **overrides) -> LLM:
-    kwargs = dict(dtype="float32", device=DEVICE, max_model_len=64, block_size=4, max_num_seqs=8)
+    # In this process, so the tests can look inside the core; one test runs across processes.
+    kwargs = dict(dtype="float32", device=DEVICE, max_model_len=64, block_size=4, max_num_seqs=8,
+                  engine_core_process=False)
     if DEVICE != "cpu":
         kwargs["gpu_memory_utilization"] = 0.1  # several engines share the card
     kwargs.update(overrides)
@@ -122,3 +124,12 @@ def test_prompt_logprobs_match_hf_logits(arch, tiny_model_factory):
         got = torch.tensor([entry[token].logprob for token in range(VOCAB_SIZE)])
         torch.testing.assert_close(got, expected[position - 1], atol=1e-4, rtol=0)
         assert entry[prompt[position]].rank == int((expected[position - 1] > expected[position - 1][prompt[position]]).sum()) + 1
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_greedy_matches_hf_through_the_core_process(arch, tiny_model_factory, hf_references):
+    """The engine core in its own process (the default on CUDA) gives the same tokens."""
+    folder, _ = tiny_model_factory(arch)
+    llm = make_llm(folder, engine_core_process=True, async_scheduling=True)
+    assert llm.llm_engine.core is None  # really across the process boundary
+    assert engine_greedy(llm, random_prompts()) == hf_references[arch]

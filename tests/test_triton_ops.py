@@ -269,7 +269,8 @@ def test_engine_on_the_triton_backend_matches_the_reference(arch, tiny_model_fac
     for backend in ("torch", "triton"):
         llm = LLM(str(folder), device=DEVICE, dtype="float32", attention_backend=backend, max_model_len=64,
                   block_size=4, max_num_batched_tokens=12, enforce_eager=True,
-                  gpu_memory_utilization=0.1)  # both engines share the card on CUDA
+                  gpu_memory_utilization=0.1,  # both engines share the card on CUDA
+                  engine_core_process=False)  # the test looks inside the runner
         def spy(*args, metadata_of=llm.llm_engine.core.runner._metadata, **kwargs):
             metadata = metadata_of(*args, **kwargs)
             mixed.append(metadata.prefill is not None)
