@@ -94,7 +94,7 @@ class CausalLM(nn.Module):
         for name in params:
             module_name, _, param = name.rpartition(".")
             module = modules.get(module_name)
-            if isinstance(module, MergedLinear):
+            if isinstance(module, MergedLinear) and name not in loaded:  # else loaded whole (Phi-3's qkv_proj)
                 parent, _, fused = module_name.rpartition(".")
                 missing += [
                     ".".join(filter(None, [parent, checkpoint_part.get((fused, shard), f"{fused}:{shard}"), param]))
