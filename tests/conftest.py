@@ -133,7 +133,7 @@ def _perturb_vectors(model) -> None:
 def build_tiny_model(arch: str, folder: Path, with_tokenizer: bool = False):
     torch.manual_seed(0)
     model = _build(arch).eval()
-    if arch in DENSE_FAMILIES or arch == "phi3_long":
+    if arch in DENSE_FAMILIES or arch.startswith("phi3"):
         _perturb_vectors(model)
     model.save_pretrained(folder)
     if arch == "aquila":

@@ -354,11 +354,12 @@ def test_soft_cap_tanh_saturates():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "bloom", "gemma2"])
 def test_engine_on_the_triton_backend_matches_the_reference(arch, tiny_model_factory):
     """The whole engine on the Triton kernels (interpreted on the CPU) against the PyTorch
     backend. A 12-token step budget makes mixed batches, which the Triton backend splits
-    into a decode-kernel block and a prefill-kernel block; mistral adds a sliding window."""
+    into a decode-kernel block and a prefill-kernel block; mistral adds a sliding window, bloom
+    ALiBi, gemma2 soft-capping on a sliding and a global layer."""
     from octavo import LLM, SamplingParams
 
     folder, _ = tiny_model_factory(arch)
@@ -419,16 +420,6 @@ def test_gpu_large_shapes(dtype):
     run_prefill_case([1000, 0, 5], [2000, 3000, 1], 16, 128, 4, 1024, num_kv_heads=4,
                      dtype=dtype, **tol)
     run_prefill_case([300, 7], [500, 64], 4, 80, 7, None, num_kv_heads=2, dtype=dtype, **tol)
-    # ALiBi (BLOOM / Falcon-RW shapes) and soft-capping (Gemma-2: head_dim 256, GQA, window).
-    slopes_long = dict(dtype=dtype, alibi=True, **tol)
-    run_decode_case(lens[:6] + [1, 4096], 16, 128, 1, None, None, num_kv_heads=16, **slopes_long)
-    run_decode_case(lens[:6], 16, 64, 1, 4, None, num_kv_heads=32, **slopes_long)
-    run_prefill_case([0, 700, 5], [2048, 300, 1], 16, 128, 1, None, num_kv_heads=16, **slopes_long)
-    capped = dict(dtype=dtype, soft_cap=50.0, **tol)
-    run_decode_case(lens[:6] + [1, 4096], 16, 256, 2, None, None, num_kv_heads=8, **capped)
-    run_decode_case(lens[:6], 16, 256, 2, 3, 4096, num_kv_heads=4, **capped)
-    run_prefill_case([0, 1000, 3], [3000, 500, 1], 16, 256, 2, 4096, num_kv_heads=4, **capped)
-    run_prefill_case([0, 40], [2000, 300], 16, 256, 2, None, num_kv_heads=8, **capped)
     # store_kv with padding slots in half precision.
     kv_cache = torch.zeros(2, 64, 16, 8, 128, dtype=dtype, device="cuda")
     key = torch.randn(100, 8, 128, dtype=dtype, device="cuda")
@@ -440,3 +431,26 @@ def test_gpu_large_shapes(dtype):
     s = slots[keep]
     assert torch.equal(kv_cache[0, s // 16, s % 16], key[keep])
     assert torch.equal(kv_cache[1, s // 16, s % 16], value[keep])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_alibi_and_soft_cap_large_shapes(dtype):
+    """ALiBi at BLOOM / Falcon-RW shapes and soft-capping at Gemma-2's (head_dim 256, GQA,
+    sliding window), decode (split and not) and prefill, against the fp32 reference."""
+    tol = {"atol": 2e-2, "rtol": 2e-2}
+    lens = torch.randint(1, 8193, (8,), generator=torch.Generator().manual_seed(1)).tolist()
+    alibi = dict(dtype=dtype, alibi=True, **tol)
+    run_decode_case(lens + [1, 4096], 16, 128, 1, None, None, num_kv_heads=16, **alibi)
+    run_decode_case(lens, 16, 64, 1, 4, None, num_kv_heads=32, **alibi)
+    run_decode_case(lens, 16, 64, 8, None, 2048, num_kv_heads=4, **alibi)
+    run_prefill_case([0, 700, 5], [2048, 300, 1], 16, 128, 1, None, num_kv_heads=16, **alibi)
+    run_prefill_case([0, 100], [1500, 64], 16, 64, 8, 512, num_kv_heads=4, **alibi)
+    capped = dict(dtype=dtype, soft_cap=50.0, **tol)
+    run_decode_case(lens + [1, 4096], 16, 256, 2, None, None, num_kv_heads=8, **capped)
+    run_decode_case(lens, 16, 256, 2, 3, 4096, num_kv_heads=4, **capped)
+    run_prefill_case([0, 1000, 3], [3000, 500, 1], 16, 256, 2, 4096, num_kv_heads=4, **capped)
+    run_prefill_case([0, 40], [2000, 300], 16, 256, 2, None, num_kv_heads=8, **capped)
+    run_decode_case(lens, 16, 128, 4, None, None, num_kv_heads=2, alibi=True, soft_cap=30.0,
+                    dtype=dtype, **tol)
