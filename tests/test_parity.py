@@ -63,7 +63,8 @@ def engine_greedy(llm: LLM, prompts: list[list[int]]) -> list[tuple[list[int], l
     return results
 
 
-def assert_matches_hf(got: list[tuple[list[int], list[float]]], expected: list[tuple[list[int], list[float]]]):
+def assert_matches_hf(got: list[tuple[list[int], list[float]]],
+                      expected: list[tuple[list[int], list[float]]]) -> None:
     """Token for token, and every chosen token's logprob within LOGPROB_ATOL."""
     assert [tokens for tokens, _ in got] == [tokens for tokens, _ in expected]
     for (_, got_logprobs), (_, expected_logprobs) in zip(got, expected):
@@ -158,5 +159,6 @@ def test_longrope_long_factors_match_hf(tiny_model_factory):
     output = llm.generate({"prompt_token_ids": prompts[2]}, params, use_tqdm=False)[0]
     with torch.no_grad():
         expected = torch.log_softmax(model(torch.tensor([prompts[2]])).logits[0].float(), dim=-1)
-    got = torch.tensor([[entry[token].logprob for token in range(VOCAB_SIZE)] for entry in output.prompt_logprobs[1:]])
+    got = torch.tensor([[entry[token].logprob for token in range(VOCAB_SIZE)]
+                        for entry in output.prompt_logprobs[1:]])
     torch.testing.assert_close(got, expected[:-1], atol=LOGPROB_ATOL, rtol=0)

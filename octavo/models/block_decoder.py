@@ -12,7 +12,6 @@ describes itself as a ``BlockSpec`` and maps its checkpoint names onto the modul
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -136,11 +135,11 @@ class BlockModel(nn.Module):
         self.embed_positions = (nn.Embedding(spec.max_learned_positions, spec.hidden_size)
                                 if spec.positions == "learned" else None)
         self.embed_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps) if spec.embedding_norm else None
-        rotary_emb = None
+        self.rotary_emb = None
         if spec.positions == "rotary":
-            rotary_emb = RotaryEmbedding(config, spec.head_dim, max_position, rotary_dim=spec.rotary_dim,
-                                         interleaved=spec.rotary_interleaved)
-        self.layers = nn.ModuleList(DecoderBlock(spec, rotary_emb) for _ in range(spec.num_layers))
+            self.rotary_emb = RotaryEmbedding(config, spec.head_dim, max_position, rotary_dim=spec.rotary_dim,
+                                              interleaved=spec.rotary_interleaved)
+        self.layers = nn.ModuleList(DecoderBlock(spec, self.rotary_emb) for _ in range(spec.num_layers))
         self.final_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -149,6 +148,8 @@ class BlockModel(nn.Module):
             hidden = hidden + self.embed_positions(positions)
         if self.embed_norm is not None:
             hidden = self.embed_norm(hidden)
+        if self.rotary_emb is not None:
+            positions = self.rotary_emb.cache_rows(positions, metadata)
         for layer in self.layers:
             hidden = layer(positions, hidden, metadata)
         return self.final_norm(hidden)
@@ -176,17 +177,30 @@ def fused_qkv_to_blocks(tensor: torch.Tensor, layout: str, num_heads: int, num_k
     return torch.cat([part.reshape(-1, *rest) for part in (q, k, v)])
 
 
-class BlockDecoderForCausalLM(CausalLM):
-    """Base of the LayerNorm-decoder families. A subclass gives ``block_spec(config)`` and the
-    ``checkpoint_renames`` (regex, replacement) that, applied in order, turn a checkpoint name
-    into this module's (separate ``q_proj``/``k_proj``/``v_proj`` are fused on loading; a fused
-    matrix is renamed to ``attn.qkv_proj`` and reordered by the spec's ``fused_qkv_layout``)."""
+def _replace_segments(name: str, old: str, new: str) -> str:
+    """Replace the dotted path ``old`` by ``new`` where it stands as whole segments of ``name``."""
+    return f".{name}.".replace(f".{old}.", f".{new}.")[1:-1]
 
-    stacked_params = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v")}
-    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+
+# For checkpoints that keep q, k and v apart (GPT-J, Phi): fused into attn.qkv_proj on loading.
+SEPARATE_QKV = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v")}
+
+
+class BlockDecoderForCausalLM(CausalLM):
+    """Base of the LayerNorm-decoder families. A subclass gives ``block_spec(config)``, the
+    ``checkpoint_prefix`` its checkpoints put before every name but the lm_head's (optional when
+    loading), and ``checkpoint_renames()``: (checkpoint path, module path) pairs of dotted
+    segments, applied in order when loading and backwards when naming a missing tensor. A fused
+    q/k/v matrix is renamed to ``attn.qkv_proj`` and reordered by the spec's ``fused_qkv_layout``;
+    separate ``q_proj``/``k_proj``/``v_proj`` need ``stacked_params = SEPARATE_QKV``."""
+
+    checkpoint_prefix = "transformer."
 
     @classmethod
     def block_spec(cls, config) -> BlockSpec:
+        raise NotImplementedError
+
+    def checkpoint_renames(self) -> list[tuple[str, str]]:
         raise NotImplementedError
 
     def __init__(self, config, max_position: int) -> None:
@@ -203,14 +217,23 @@ class BlockDecoderForCausalLM(CausalLM):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._renames = [(re.compile(pattern), replacement) for pattern, replacement in self.checkpoint_renames]
+        self._renames = self.checkpoint_renames()
 
     def rename_checkpoint_weight(self, name: str) -> str:
         if name.startswith("lm_head."):
             return name
-        for pattern, replacement in self._renames:
-            name = pattern.sub(replacement, name)
+        name = name.removeprefix(self.checkpoint_prefix)
+        for checkpoint_path, module_path in self._renames:
+            name = _replace_segments(name, checkpoint_path, module_path)
         return "model." + name
+
+    def checkpoint_name(self, name: str) -> str:
+        if name.startswith("lm_head."):
+            return name
+        name = name.removeprefix("model.")
+        for checkpoint_path, module_path in reversed(self._renames):
+            name = _replace_segments(name, module_path, checkpoint_path)
+        return self.checkpoint_prefix + name
 
     def transform_checkpoint_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if ".qkv_proj." in name:

@@ -3,9 +3,7 @@ checkpoint names onto ``octavo.models.block_decoder``'s modules."""
 
 from __future__ import annotations
 
-from octavo.models.block_decoder import BlockDecoderForCausalLM, BlockSpec
-
-_LAYERS = (r"^h\.(\d+)\.", r"layers.\1.")
+from octavo.models.block_decoder import SEPARATE_QKV, BlockDecoderForCausalLM, BlockSpec
 
 
 class GPTJForCausalLM(BlockDecoderForCausalLM):
@@ -13,10 +11,10 @@ class GPTJForCausalLM(BlockDecoderForCausalLM):
     no attention biases, an lm_head bias."""
 
     ignored_weights = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old checkpoints
-    checkpoint_renames = (
-        (r"^transformer\.", ""), (r"^wte\.", "embed_tokens."), _LAYERS,
-        (r"\.ln_1\.", ".input_norm."), (r"^ln_f\.", "final_norm."),
-    )
+    stacked_params = SEPARATE_QKV
+
+    def checkpoint_renames(self) -> list[tuple[str, str]]:
+        return [("wte", "embed_tokens"), ("h", "layers"), ("ln_1", "input_norm"), ("ln_f", "final_norm")]
 
     @classmethod
     def block_spec(cls, config) -> BlockSpec:
@@ -36,12 +34,13 @@ class GPTBigCodeForCausalLM(BlockDecoderForCausalLM):
     not GPT-2's Conv1D), learned positions, tied embeddings."""
 
     ignored_weights = (".attn.bias", ".attn.masked_bias")
-    checkpoint_renames = (
-        (r"^transformer\.", ""), (r"^wte\.", "embed_tokens."), (r"^wpe\.", "embed_positions."), _LAYERS,
-        (r"\.ln_1\.", ".input_norm."), (r"\.ln_2\.", ".mlp_norm."),
-        (r"\.attn\.c_attn\.", ".attn.qkv_proj."), (r"\.attn\.c_proj\.", ".attn.out_proj."),
-        (r"\.mlp\.c_fc\.", ".mlp.fc_in."), (r"\.mlp\.c_proj\.", ".mlp.fc_out."), (r"^ln_f\.", "final_norm."),
-    )
+
+    def checkpoint_renames(self) -> list[tuple[str, str]]:
+        return [
+            ("wte", "embed_tokens"), ("wpe", "embed_positions"), ("h", "layers"), ("ln_1", "input_norm"),
+            ("ln_2", "mlp_norm"), ("attn.c_attn", "attn.qkv_proj"), ("attn.c_proj", "attn.out_proj"),
+            ("mlp.c_fc", "mlp.fc_in"), ("mlp.c_proj", "mlp.fc_out"), ("ln_f", "final_norm"),
+        ]
 
     @classmethod
     def block_spec(cls, config) -> BlockSpec:
@@ -61,14 +60,14 @@ class GPTBigCodeForCausalLM(BlockDecoderForCausalLM):
         )
 
 
-_FALCON_BLOOM_RENAMES = (
-    (r"^transformer\.", ""), (r"^word_embeddings\.", "embed_tokens."),
-    (r"^word_embeddings_layernorm\.", "embed_norm."), _LAYERS,
-    (r"\.(input_layernorm|ln_attn)\.", ".input_norm."), (r"\.(post_attention_layernorm|ln_mlp)\.", ".mlp_norm."),
-    (r"\.self_attention\.query_key_value\.", ".attn.qkv_proj."), (r"\.self_attention\.dense\.", ".attn.out_proj."),
-    (r"\.mlp\.dense_h_to_4h\.", ".mlp.fc_in."), (r"\.mlp\.dense_4h_to_h\.", ".mlp.fc_out."),
-    (r"^ln_f\.", "final_norm."),
-)
+def _falcon_bloom_renames(norms: tuple[str, str]) -> list[tuple[str, str]]:
+    """Falcon and BLOOM share their names but for the two LayerNorms of a block."""
+    return [
+        ("word_embeddings", "embed_tokens"), ("word_embeddings_layernorm", "embed_norm"), ("h", "layers"),
+        (norms[0], "input_norm"), (norms[1], "mlp_norm"),
+        ("self_attention.query_key_value", "attn.qkv_proj"), ("self_attention.dense", "attn.out_proj"),
+        ("mlp.dense_h_to_4h", "mlp.fc_in"), ("mlp.dense_4h_to_h", "mlp.fc_out"), ("ln_f", "final_norm"),
+    ]
 
 
 class FalconForCausalLM(BlockDecoderForCausalLM):
@@ -77,7 +76,9 @@ class FalconForCausalLM(BlockDecoderForCausalLM):
     RW): one K/V head (``multi_query``) or per-head q/k/v, a parallel block on one LayerNorm or a
     sequential one (``parallel_attn=False``), rotary or ALiBi positions."""
 
-    checkpoint_renames = _FALCON_BLOOM_RENAMES
+    def checkpoint_renames(self) -> list[tuple[str, str]]:
+        two_norms = self.spec.parallel_norms
+        return _falcon_bloom_renames(("ln_attn", "ln_mlp") if two_norms else ("input_layernorm", "post_attention_layernorm"))
 
     @classmethod
     def block_spec(cls, config) -> BlockSpec:
@@ -109,7 +110,8 @@ class BloomForCausalLM(BlockDecoderForCausalLM):
     """Sequential block, ALiBi instead of positions, a LayerNorm on the embeddings, per-head fused
     q/k/v, tied embeddings."""
 
-    checkpoint_renames = _FALCON_BLOOM_RENAMES
+    def checkpoint_renames(self) -> list[tuple[str, str]]:
+        return _falcon_bloom_renames(("input_layernorm", "post_attention_layernorm"))
 
     @classmethod
     def block_spec(cls, config) -> BlockSpec:
@@ -127,12 +129,15 @@ class PhiForCausalLM(BlockDecoderForCausalLM):
     """Phi-1/1.5/2: parallel block on one LayerNorm, partial rotary, biases everywhere including
     the lm_head, optional LayerNorm on q and k."""
 
-    checkpoint_renames = (
-        (r"^model\.", ""), (r"\.input_layernorm\.", ".input_norm."),
-        (r"\.self_attn\.(q|k|v)_proj\.", r".attn.\1_proj."), (r"\.self_attn\.dense\.", ".attn.out_proj."),
-        (r"\.self_attn\.(q|k)_layernorm\.", r".attn.\1_norm."),
-        (r"\.mlp\.fc1\.", ".mlp.fc_in."), (r"\.mlp\.fc2\.", ".mlp.fc_out."), (r"^final_layernorm\.", "final_norm."),
-    )
+    checkpoint_prefix = "model."
+    stacked_params = SEPARATE_QKV
+
+    def checkpoint_renames(self) -> list[tuple[str, str]]:
+        return [
+            ("input_layernorm", "input_norm"), ("self_attn", "attn"), ("attn.dense", "attn.out_proj"),
+            ("attn.q_layernorm", "attn.q_norm"), ("attn.k_layernorm", "attn.k_norm"),
+            ("mlp.fc1", "mlp.fc_in"), ("mlp.fc2", "mlp.fc_out"), ("final_layernorm", "final_norm"),
+        ]
 
     @classmethod
     def block_spec(cls, config) -> BlockSpec:

@@ -109,9 +109,9 @@ class LlamaMLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
         self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
-        # Gemma-2 names its GeGLU activation hidden_activation.
-        activation = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
-        self.act = gated_activation(activation)
+        # Gemma-2 reads its GeGLU activation from hidden_activation, every other family from hidden_act.
+        gemma2 = getattr(config, "model_type", "") == "gemma2"
+        self.act = gated_activation(config.hidden_activation if gemma2 else getattr(config, "hidden_act", "silu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
