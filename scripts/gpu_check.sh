@@ -12,14 +12,34 @@
 #                                      (fixed 512 at rate inf, 16, 32), context sweep, then offline LLM.generate
 #                                      on the same requests (about 5 min); JSON, PNGs and the server log into OUT.
 #                                      Wheels in .whl/ (packages the GPU image lacks) are installed first.
+#   scripts/gpu_check.sh families [OUT] the ALiBi / soft-cap kernel arguments on CUDA against the reference,
+#                                      and every dense family's parity with transformers on CUDA (about
+#                                      3 min); a table per test, JSON into OUT
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|serve [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 bench() { python -m octavo.entrypoints.cli bench throughput "$@"; }
+# pytest with a JUnit report, then one line per test and the same as JSON: report NAME PYTEST-ARGS...
+report() {
+    local name=$1; shift
+    local status=0
+    python -m pytest -q -p no:cacheprovider --junitxml="$out/$name.xml" "$@" || status=$?
+    python - "$out/$name.xml" "$out/$name.json" <<'PY'
+import json, sys, xml.etree.ElementTree as ET
+rows = []
+for case in ET.parse(sys.argv[1]).iter("testcase"):
+    outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
+    rows.append({"test": case.get("name"), "outcome": outcome, "seconds": round(float(case.get("time", 0)), 2)})
+for row in rows:
+    print(f"{row['outcome']:>8} {row['seconds']:7.2f}s  {row['test']}")
+json.dump(rows, open(sys.argv[2], "w"), indent=1)
+PY
+    return $status
+}
 
 # serve: each stage under its own timeout; a failed stage is reported and the next ones still run.
 serve_check() {
@@ -107,11 +127,22 @@ moe)
     echo "moe: benchmark done at ${SECONDS}s"
     exit $status
     ;;
+families)
+    # Kernel arguments: ALiBi and soft-capping in the decode and prefill kernels, small and large shapes.
+    status=0
+    report families-kernels tests/test_triton_ops.py -k "alibi or soft_cap or score_mods" || status=1
+    # Each dense family token-exact with transformers (float32, Triton kernels, CUDA graphs), and the
+    # Triton backend against the PyTorch one on the ALiBi and soft-cap models.
+    families="gemma or phi or gptj or bigcode or falcon or bloom or aquila or longrope"
+    OCTAVO_TEST_DEVICE=cuda report families-parity tests/test_parity.py tests/test_triton_ops.py \
+        -k "($families) and not large_shapes" || status=1
+    exit $status
+    ;;
 serve)
     serve_check "$out"
     ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe or serve" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families or serve" >&2
     exit 2
     ;;
 esac

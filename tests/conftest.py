@@ -74,16 +74,89 @@ def _build(arch: str):
     if arch == "gpt2":
         config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
         return tf.GPT2LMHeadModel(config)
+    return _build_dense_family(tf, arch, common)
+
+
+def _build_dense_family(tf, arch: str, common: dict):
+    """Each family's tiny model turns on what sets it apart (and what its real checkpoints use)."""
+    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+    if arch == "gemma":  # MQA, head_dim * heads != hidden
+        return tf.GemmaForCausalLM(tf.GemmaConfig(intermediate_size=128, num_key_value_heads=1, head_dim=32,
+                                                  **sizes, **common))
+    if arch == "gemma2":  # one sliding and one global layer, both soft-caps
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            intermediate_size=128, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+            sliding_window=12, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **sizes, **common))
+    if arch.startswith("phi3"):  # LongRoPE, sliding window
+        # phi3: no test sequence outgrows the original 64 positions (short factors throughout);
+        # phi3_long: the long factors for every sequence longer than 16.
+        original = 16 if arch == "phi3_long" else 64
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": original,
+                "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)]}
+        return tf.Phi3ForCausalLM(tf.Phi3Config(
+            intermediate_size=128, num_key_value_heads=2, rope_parameters=rope, sliding_window=20,
+            original_max_position_embeddings=original, pad_token_id=0, **sizes, **common))
+    if arch == "phi":  # partial rotary, GQA, q/k LayerNorm
+        return tf.PhiForCausalLM(tf.PhiConfig(intermediate_size=128, num_key_value_heads=2,
+                                              partial_rotary_factor=0.5, qk_layernorm=True, **sizes, **common))
+    if arch == "gptj":  # interleaved rotary on 8 of 16 head dims
+        return tf.GPTJForCausalLM(tf.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=512,
+                                                **common))
+    if arch in ("gpt_bigcode", "gpt_bigcode_mha"):
+        return tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(
+            n_embd=64, n_layer=2, n_head=4, n_positions=512, multi_query=arch == "gpt_bigcode", **common))
+    if arch == "falcon":  # new layout: grouped K/V, a LayerNorm per branch
+        return tf.FalconForCausalLM(tf.FalconConfig(
+            new_decoder_architecture=True, num_kv_heads=2, bias=False, **sizes, **common))
+    if arch == "falcon_old":  # 7B layout: one K/V head, parallel block on one LayerNorm
+        return tf.FalconForCausalLM(tf.FalconConfig(multi_query=True, parallel_attn=True, bias=False,
+                                                    **sizes, **common))
+    if arch == "falcon_rw":  # RW layout: ALiBi, per-head q/k/v, sequential block, biases
+        return tf.FalconForCausalLM(tf.FalconConfig(multi_query=False, parallel_attn=False, alibi=True,
+                                                    bias=True, **sizes, **common))
+    if arch == "bloom":  # ALiBi, embedding LayerNorm, residuals taken after the norms
+        return tf.BloomForCausalLM(tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, seq_length=512,
+                                                  apply_residual_connection_post_layernorm=True, **common))
+    if arch == "aquila":  # Llama weights under Aquila's config; saved as such by build_tiny_model
+        return tf.LlamaForCausalLM(_llama_config())
     raise ValueError(arch)
 
 
-ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"]
+def _save_as_aquila(folder: Path) -> None:
+    """Aquila ships remote code: its config.json names its own type and classes."""
+    import json
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(model_type="aquila", architectures=["AquilaForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_aquila.AquilaConfig",
+                            "AutoModelForCausalLM": "modeling_aquila.AquilaForCausalLM"})
+    path.write_text(json.dumps(config, indent=2))
+
+
+DENSE_FAMILIES = ["gemma", "gemma2", "phi3", "phi", "gptj", "gpt_bigcode", "gpt_bigcode_mha", "falcon",
+                  "falcon_old", "falcon_rw", "bloom", "aquila"]
+ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"] \
+    + DENSE_FAMILIES
+
+
+def _perturb_vectors(model) -> None:
+    """transformers initialises norm weights to one (or zero) and biases to zero, under which a
+    misplaced norm or bias would go unnoticed: give every 1-D parameter its own values."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
 
 
 def build_tiny_model(arch: str, folder: Path, with_tokenizer: bool = False):
     torch.manual_seed(0)
     model = _build(arch).eval()
+    if arch in DENSE_FAMILIES or arch.startswith("phi3"):
+        _perturb_vectors(model)
     model.save_pretrained(folder)
+    if arch == "aquila":
+        _save_as_aquila(folder)
     if with_tokenizer:
         save_test_tokenizer(folder)
     return model

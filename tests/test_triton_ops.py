@@ -68,8 +68,9 @@ def gather_kv(kv_cache, block_tables, b, seq_len):
 
 
 def reference_attention(query, kv_cache, block_tables, query_start_loc, seq_lens, scale,
-                        sliding_window=None, row_chunk=2048):
-    """fp32 attention of each sequence's last q_len tokens over its gathered context."""
+                        sliding_window=None, row_chunk=2048, alibi_slopes=None, soft_cap=None):
+    """fp32 attention of each sequence's last q_len tokens over its gathered context, with
+    optional soft-capping and ALiBi bias on the scaled scores."""
     out = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     group = query.shape[1] // kv_cache.shape[3]
     qsl = query_start_loc.tolist()
@@ -91,14 +92,24 @@ def reference_attention(query, kv_cache, block_tables, query_start_loc, seq_lens
             lo = 0 if not sliding_window else max(0, int(q_pos[0]) - sliding_window + 1)
             hi = int(q_pos[-1]) + 1
             s = torch.einsum("qhd,khd->hqk", q, k[lo:hi]) * scale
+            if soft_cap is not None:
+                s = soft_cap * torch.tanh(s / soft_cap)
+            if alibi_slopes is not None:
+                distance = key_pos[None, lo:hi] - q_pos[:, None]
+                s = s + alibi_slopes.float()[:, None, None] * distance[None]
             s = s.masked_fill(~visible[None, :, lo:hi], float("-inf"))
             o = torch.einsum("hqk,khd->qhd", s.softmax(-1), v[lo:hi])
             out[qsl[b] + r0:qsl[b] + r1] = o
     return out
 
 
+def alibi_test_slopes(num_heads):
+    """Distinct slopes, large enough that the bias visibly reshapes the attention."""
+    return torch.linspace(0.05, 0.9, num_heads, dtype=torch.float32, device=DEVICE)
+
+
 def run_decode_case(seq_lens, block_size, head_dim, group, num_splits, window, num_kv_heads=2,
-                    dtype=torch.float32, atol=1e-4, rtol=1e-4, seed=0):
+                    dtype=torch.float32, atol=1e-4, rtol=1e-4, seed=0, alibi=False, soft_cap=None):
     invalid = [max(0, n - window) for n in seq_lens] if window else None
     kv_cache, block_tables = make_paged_cache(seq_lens, block_size, num_kv_heads, head_dim,
                                               dtype, invalid_before=invalid, seed=seed)
@@ -109,16 +120,19 @@ def run_decode_case(seq_lens, block_size, head_dim, group, num_splits, window, n
     out = torch.full_like(query, float("nan"))
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim ** -0.5
+    slopes = alibi_test_slopes(num_kv_heads * group) if alibi else None
     ops.paged_decode_attention(out, query, kv_cache, block_tables, lens, scale,
-                               sliding_window=window, num_splits=num_splits)
+                               sliding_window=window, num_splits=num_splits,
+                               alibi_slopes=slopes, logits_soft_cap=soft_cap)
     qsl = torch.arange(num_seqs + 1, dtype=torch.int32, device=DEVICE)
-    ref = reference_attention(query, kv_cache, block_tables, qsl, lens, scale, window)
+    ref = reference_attention(query, kv_cache, block_tables, qsl, lens, scale, window,
+                              alibi_slopes=slopes, soft_cap=soft_cap)
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
     return out
 
 
 def run_prefill_case(ctx_lens, q_lens, block_size, head_dim, group, window, num_kv_heads=2,
-                     dtype=torch.float32, atol=1e-4, rtol=1e-4, seed=0):
+                     dtype=torch.float32, atol=1e-4, rtol=1e-4, seed=0, alibi=False, soft_cap=None):
     """ctx_lens[b] tokens already cached before the q_lens[b] new (also cached) ones."""
     seq_lens = [c + q for c, q in zip(ctx_lens, q_lens)]
     invalid = [max(0, c - window + 1) for c in ctx_lens] if window else None
@@ -133,9 +147,11 @@ def run_prefill_case(ctx_lens, q_lens, block_size, head_dim, group, window, num_
                        device=DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     scale = head_dim ** -0.5
+    slopes = alibi_test_slopes(num_kv_heads * group) if alibi else None
     ops.paged_prefill_attention(out, query, kv_cache, block_tables, qsl, lens, max(q_lens), scale,
-                                sliding_window=window)
-    ref = reference_attention(query, kv_cache, block_tables, qsl, lens, scale, window)
+                                sliding_window=window, alibi_slopes=slopes, logits_soft_cap=soft_cap)
+    ref = reference_attention(query, kv_cache, block_tables, qsl, lens, scale, window,
+                              alibi_slopes=slopes, soft_cap=soft_cap)
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
     return out
 
@@ -255,11 +271,95 @@ def test_prefill_decode_rows_match_decode_kernel():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "mistral"])
+# (block_size, head_dim, group, num_splits, window, alibi, soft_cap)
+SCORE_MOD_DECODE_CASES = [
+    (4, 64, 1, 2, None, True, None),  # BLOOM-like: ALiBi, one query head per KV head
+    (16, 64, 4, 1, 5, True, None),  # ALiBi with GQA and a sliding window
+    (4, 80, 2, 3, None, False, 1.5),  # Gemma-2-like soft-cap
+    (1, 64, 2, None, 7, False, 2.0),  # soft-cap with a window
+    (4, 64, 3, 2, None, True, 1.0),  # both, odd group
+]
+
+
+@pytest.mark.parametrize("block_size,head_dim,group,num_splits,window,alibi,soft_cap",
+                         SCORE_MOD_DECODE_CASES)
+def test_decode_alibi_and_soft_cap(block_size, head_dim, group, num_splits, window, alibi, soft_cap):
+    run_decode_case([1, 16, 23, 40], block_size, head_dim, group, num_splits, window,
+                    alibi=alibi, soft_cap=soft_cap)
+
+
+# (ctx_lens, q_lens, block_size, head_dim, group, window, alibi, soft_cap)
+SCORE_MOD_PREFILL_CASES = [
+    ([9, 20, 0], [7, 1, 18], 4, 80, 1, None, True, None),
+    ([17, 2], [16, 31], 4, 64, 2, 6, True, None),
+    ([0, 5], [20, 9], 16, 64, 2, None, False, 1.5),
+    ([11, 0], [21, 17], 4, 64, 2, 9, False, 2.0),
+    ([8, 0], [9, 14], 4, 64, 3, None, True, 1.0),
+    ([3], [20], 4, 256, 2, None, False, 1.5),  # Gemma-2 head size: the wide-head tile shape
+]
+
+
+@pytest.mark.parametrize("ctx_lens,q_lens,block_size,head_dim,group,window,alibi,soft_cap",
+                         SCORE_MOD_PREFILL_CASES)
+def test_prefill_alibi_and_soft_cap(ctx_lens, q_lens, block_size, head_dim, group, window, alibi,
+                                    soft_cap):
+    run_prefill_case(ctx_lens, q_lens, block_size, head_dim, group, window, alibi=alibi,
+                     soft_cap=soft_cap)
+
+
+def test_score_mods_fp16():
+    tol = dict(dtype=torch.float16, atol=2e-3, rtol=2e-3, alibi=True, soft_cap=1.5)
+    run_decode_case([7, 33], 4, 64, 2, 2, None, **tol)
+    run_prefill_case([6, 0], [10, 19], 4, 64, 2, None, **tol)
+
+
+@pytest.mark.parametrize("q_lens", [[1, 1, 1], [7, 1, 18]], ids=["decode", "prefill"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_torch_backend_score_mods_match_reference(q_lens, window):
+    """The PyTorch reference backend's ALiBi / soft-cap path against the plain fp32 reference,
+    with GQA (the backend folds a group's heads into rows, so each row needs its own slope)."""
+    from octavo.layers.attention.metadata import AttentionMetadata
+    from octavo.layers.attention.torch_backend import TorchAttentionBackend
+
+    ctx_lens = [9, 20, 3]
+    seq_lens = [c + q for c, q in zip(ctx_lens, q_lens)]
+    kv_cache, block_tables = make_paged_cache(seq_lens, 4, 2, 32, spare_cols=0)
+    kv_cache = torch.nan_to_num(kv_cache)  # the reference path multiplies whole blocks
+    query = torch.randn(sum(q_lens), 8, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    slopes = alibi_test_slopes(8)
+    metadata = AttentionMetadata(
+        query_start_loc=qsl, seq_lens=lens, block_tables=block_tables,
+        slot_mapping=torch.zeros(sum(q_lens), dtype=torch.long, device=DEVICE),
+        max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens,
+    )
+    out = TorchAttentionBackend().attend(query, kv_cache, metadata, 0.2, window, alibi_slopes=slopes,
+                                         logits_soft_cap=1.5)
+    ref = reference_attention(query, kv_cache, block_tables, qsl, lens, 0.2, window,
+                              alibi_slopes=slopes, soft_cap=1.5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_soft_cap_tanh_saturates():
+    # Scores far beyond the cap (q scaled up) must come out as exactly +-cap, never NaN.
+    kv_cache, block_tables = make_paged_cache([20], 4, 1, 64)
+    query = 1e4 * torch.randn(1, 2, 64, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    lens = torch.tensor([20], dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(query, float("nan"))
+    ops.paged_decode_attention(out, query, kv_cache, block_tables, lens, 0.125, logits_soft_cap=3.0)
+    qsl = torch.arange(2, dtype=torch.int32, device=DEVICE)
+    ref = reference_attention(query, kv_cache, block_tables, qsl, lens, 0.125, soft_cap=3.0)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mistral", "bloom", "gemma2"])
 def test_engine_on_the_triton_backend_matches_the_reference(arch, tiny_model_factory):
     """The whole engine on the Triton kernels (interpreted on the CPU) against the PyTorch
     backend. A 12-token step budget makes mixed batches, which the Triton backend splits
-    into a decode-kernel block and a prefill-kernel block; mistral adds a sliding window."""
+    into a decode-kernel block and a prefill-kernel block; mistral adds a sliding window, bloom
+    ALiBi, gemma2 soft-capping on a sliding and a global layer."""
     from octavo import LLM, SamplingParams
 
     folder, _ = tiny_model_factory(arch)
@@ -332,3 +432,26 @@ def test_gpu_large_shapes(dtype):
     s = slots[keep]
     assert torch.equal(kv_cache[0, s // 16, s % 16], key[keep])
     assert torch.equal(kv_cache[1, s // 16, s % 16], value[keep])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_alibi_and_soft_cap_large_shapes(dtype):
+    """ALiBi at BLOOM / Falcon-RW shapes and soft-capping at Gemma-2's (head_dim 256, GQA,
+    sliding window), decode (split and not) and prefill, against the fp32 reference."""
+    tol = {"atol": 2e-2, "rtol": 2e-2}
+    lens = torch.randint(1, 8193, (8,), generator=torch.Generator().manual_seed(1)).tolist()
+    alibi = dict(dtype=dtype, alibi=True, **tol)
+    run_decode_case(lens + [1, 4096], 16, 128, 1, None, None, num_kv_heads=16, **alibi)
+    run_decode_case(lens, 16, 64, 1, 4, None, num_kv_heads=32, **alibi)
+    run_decode_case(lens, 16, 64, 8, None, 2048, num_kv_heads=4, **alibi)
+    run_prefill_case([0, 700, 5], [2048, 300, 1], 16, 128, 1, None, num_kv_heads=16, **alibi)
+    run_prefill_case([0, 100], [1500, 64], 16, 64, 8, 512, num_kv_heads=4, **alibi)
+    capped = dict(dtype=dtype, soft_cap=50.0, **tol)
+    run_decode_case(lens + [1, 4096], 16, 256, 2, None, None, num_kv_heads=8, **capped)
+    run_decode_case(lens, 16, 256, 2, 3, 4096, num_kv_heads=4, **capped)
+    run_prefill_case([0, 1000, 3], [3000, 500, 1], 16, 256, 2, 4096, num_kv_heads=4, **capped)
+    run_prefill_case([0, 40], [2000, 300], 16, 256, 2, None, num_kv_heads=8, **capped)
+    run_decode_case(lens, 16, 128, 4, None, None, num_kv_heads=2, alibi=True, soft_cap=30.0,
+                    dtype=dtype, **tol)

@@ -1,4 +1,4 @@
-"""Activations, including the gated form used by Llama-style MLPs."""
+"""Activations, including the gated forms used by Llama-style (SwiGLU) and Gemma (GeGLU) MLPs."""
 
 from __future__ import annotations
 
@@ -24,6 +24,18 @@ class SiluAndMul(nn.Module):
         return F.silu(gate) * up
 
 
+class ActAndMul(nn.Module):
+    """``act(gate) * up`` on a fused ``[gate | up]`` input, for any activation (GeGLU: a GELU)."""
+
+    def __init__(self, activation: str) -> None:
+        super().__init__()
+        self.act = get_activation(activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+
 _ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -39,3 +51,8 @@ def get_activation(name: str):
     if name not in _ACTIVATIONS:
         raise ValueError(f"activation {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}.")
     return _ACTIVATIONS[name]
+
+
+def gated_activation(name: str) -> nn.Module:
+    """The gate of a ``[gate | up]`` MLP: the fused SiLU kernel for SwiGLU, else ``ActAndMul``."""
+    return SiluAndMul() if name in ("silu", "swish") else ActAndMul(name)

@@ -11,17 +11,20 @@ from torch import nn
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32; with ``residual`` it adds first and returns the new residual.
 
-    CUDA tensors go through the fused Triton kernels of ``octavo.layers.fused_ops`` (same
-    roundings; ``OCTAVO_DISABLE_FUSED_OPS=1`` turns them off); inputs are never modified.
+    ``weight_offset=1.0`` is Gemma's form: the stored weight is a delta, the scale is ``1 + w``,
+    applied in float32 before rounding (Llama rounds first, then multiplies by ``w``).
+    CUDA tensors of the Llama form go through the fused Triton kernels of ``octavo.layers.fused_ops``
+    (same roundings; ``OCTAVO_DISABLE_FUSED_OPS=1`` turns them off); inputs are never modified.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, eps: float = 1e-6, weight_offset: float = 0.0) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight_offset = weight_offset
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - weight_offset))
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
-        if x.is_cuda:
+        if x.is_cuda and not self.weight_offset:
             from octavo.layers import fused_ops  # imported on first use: CPU runs never load triton
 
             if fused_ops.enabled():
@@ -34,5 +37,8 @@ class RMSNorm(nn.Module):
         orig_dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * x.to(orig_dtype)
+        if self.weight_offset:
+            out = (x * (self.weight_offset + self.weight.float())).to(orig_dtype)
+        else:
+            out = self.weight * x.to(orig_dtype)
         return out if residual is None else (out, residual)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from octavo.models.base import CausalLM
-from octavo.models.registry import resolve_model_class
+from octavo.models.registry import resolve_model_class, stand_in_config
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,9 @@ def load_hf_config(path: Path):
     from transformers import AutoConfig
 
     try:
+        stand_in = stand_in_config(json.loads((path / "config.json").read_text()))
+        if stand_in is not None:
+            return stand_in
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (ValueError, KeyError) as error:
         raise ValueError(f"could not read {path / 'config.json'}: {error}") from error

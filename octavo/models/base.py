@@ -40,6 +40,11 @@ class CausalLM(nn.Module):
         """Map a checkpoint name onto this module's naming (identity by default)."""
         return name
 
+    def checkpoint_name(self, name: str) -> str:
+        """The inverse of ``rename_checkpoint_weight``, to report a missing tensor by the name
+        the checkpoint should have used."""
+        return name
+
     def transform_checkpoint_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
@@ -100,11 +105,14 @@ class CausalLM(nn.Module):
         missing = []
         # Report fused shards by the checkpoint's own names (q_proj, not qkv_proj:q).
         checkpoint_part = {value: key for key, value in self.stacked_params.items()}
+        stacked = {fused for fused, _ in self.stacked_params.values()}
         for name in params:
             module_name, _, param = name.rpartition(".")
             module = modules.get(module_name)
-            if isinstance(module, MergedLinear):
-                parent, _, fused = module_name.rpartition(".")
+            parent, _, fused = module_name.rpartition(".")
+            # A fused layer is loaded by shards unless it was loaded whole (Phi-3's qkv_proj) or
+            # the checkpoint stores it whole.
+            if isinstance(module, MergedLinear) and name not in loaded and fused in stacked:
                 missing += [
                     ".".join(filter(None, [parent, checkpoint_part.get((fused, shard), f"{fused}:{shard}"), param]))
                     for shard in module.shard_offsets if f"{module_name}.{param}:{shard}" not in loaded
@@ -116,6 +124,7 @@ class CausalLM(nn.Module):
         missing += [f"{module_name}.{tensor}" for module_name, module in modules.items()
                     if isinstance(module, FusedMoE) for tensor in module.missing_checkpoint_tensors()]
         if missing:
+            missing = [self.checkpoint_name(name) for name in missing]
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")
 

@@ -1,9 +1,13 @@
-"""One config-driven decoder for Llama, Mistral, Qwen2 and Qwen3, and the MoE Mixtral and Qwen2/3-MoE.
+"""One config-driven decoder for Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma-2, Phi-3 and Aquila,
+and the MoE Mixtral and Qwen2/3-MoE.
 
 The variants differ only in switches read from the HF config: biases on the
 q/k/v projections (Qwen2), per-head RMSNorm on q and k (Qwen3), tied
-embeddings, rope scaling, sliding-window layers, and a sparse MoE feed-forward
-instead of the MLP (configs with experts).
+embeddings, rope scaling (Phi-3's LongRoPE too), sliding-window layers, Gemma's
+(1 + w) RMSNorm, GeGLU, scaled embeddings, and (Gemma-2) extra norms around attention and
+MLP with soft-capped attention scores and logits, and a sparse MoE feed-forward instead of
+the MLP (configs with experts). Phi-3 checkpoints store q/k/v and gate/up already fused,
+under the names of the fused layers here.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from octavo.layers.activation import SiluAndMul
+from octavo.layers.activation import gated_activation
 from octavo.layers.attention import Attention, AttentionMetadata
 from octavo.layers.linear import MergedLinear
 from octavo.layers.moe import SparseMoeBlock
@@ -24,6 +28,14 @@ from octavo.models.base import CausalLM
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _is_gemma(config) -> bool:
+    return getattr(config, "model_type", "") in ("gemma", "gemma2")
+
+
+def _rms_norm(config, size: int) -> RMSNorm:
+    return RMSNorm(size, eps=config.rms_norm_eps, weight_offset=1.0 if _is_gemma(config) else 0.0)
 
 
 def _sliding_window(config, layer_index: int) -> Optional[int]:
@@ -60,9 +72,12 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.rotary_emb = rotary_emb  # one table shared by all layers
+        # Gemma-2 scales by query_pre_attn_scalar instead of head_dim, and soft-caps the scores.
+        scale = (getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         self.attn = Attention(
-            self.num_heads, self.num_kv_heads, self.head_dim, scale=self.head_dim**-0.5,
+            self.num_heads, self.num_kv_heads, self.head_dim, scale=scale,
             sliding_window=_sliding_window(config, layer_index),
+            logits_soft_cap=getattr(config, "attn_logit_softcapping", None),
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -95,12 +110,12 @@ class LlamaMLP(nn.Module):
     def __init__(self, config, intermediate_size: Optional[int] = None) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for this architecture.")
         size = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
         self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
-        self.act = SiluAndMul()
+        # Gemma-2 reads its GeGLU activation from hidden_activation, every other family from hidden_act.
+        gemma2 = getattr(config, "model_type", "") == "gemma2"
+        self.act = gated_activation(config.hidden_activation if gemma2 else getattr(config, "hidden_act", "silu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -129,8 +144,13 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_index, rotary_emb)
         self.mlp = _feed_forward(config, layer_index)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = _rms_norm(config, config.hidden_size)
+        self.post_attention_layernorm = _rms_norm(config, config.hidden_size)
+        # Gemma-2 also normalises the attention and MLP outputs before each residual add.
+        self.sandwich_norms = getattr(config, "model_type", "") == "gemma2"
+        if self.sandwich_norms:
+            self.pre_feedforward_layernorm = _rms_norm(config, config.hidden_size)
+            self.post_feedforward_layernorm = _rms_norm(config, config.hidden_size)
 
     def forward(self, positions, hidden, residual, metadata):
         if residual is None:
@@ -139,6 +159,9 @@ class LlamaDecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, metadata)
+        if self.sandwich_norms:
+            hidden, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(hidden), residual)
+            return self.post_feedforward_layernorm(self.mlp(hidden)), residual
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -147,14 +170,19 @@ class LlamaModel(nn.Module):
     def __init__(self, config, max_position: int) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Gemma scales embeddings by sqrt(hidden), rounded to the model dtype as transformers does.
+        self.embed_scale = float(torch.tensor(config.hidden_size**0.5)) if _is_gemma(config) else None
         self.rotary_emb = RotaryEmbedding(config, _head_dim(config), max_position)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, index, self.rotary_emb) for index in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = _rms_norm(config, config.hidden_size)
 
     def forward(self, input_ids, positions, metadata):
         hidden = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            hidden = hidden * self.embed_scale
+        positions = self.rotary_emb.cache_rows(positions, metadata)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, metadata)
@@ -179,6 +207,7 @@ class LlamaForCausalLM(CausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)  # Gemma-2
 
     def forward(self, input_ids, positions, metadata):
         return self.model(input_ids, positions, metadata)
@@ -187,4 +216,7 @@ class LlamaForCausalLM(CausalLM):
         return name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name for its MoE block
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states)
+        logits = self.lm_head(hidden_states)
+        if self.final_logit_softcapping:
+            logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
+        return logits

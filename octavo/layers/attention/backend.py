@@ -17,11 +17,15 @@ class AttentionBackend(Protocol):
         """Store the step's K/V ([num_tokens, num_kv_heads, head_dim]) at their cache slots."""
 
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-               scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+               scale: float, sliding_window: Optional[int], *,
+               alibi_slopes: Optional[torch.Tensor] = None,
+               logits_soft_cap: Optional[float] = None) -> torch.Tensor:
         """Causal attention of the step's queries over each sequence's cached K/V.
 
         ``kv_cache`` is ``[2, num_blocks, block_size, num_kv_heads, head_dim]``;
-        returns ``[num_tokens, num_q_heads, head_dim]``.
+        returns ``[num_tokens, num_q_heads, head_dim]``. The scaled scores ``s`` become
+        ``cap * tanh(s / cap)`` with ``logits_soft_cap``, then gain
+        ``alibi_slopes[head] * (key_pos - query_pos)`` with ``alibi_slopes`` (fp32, per query head).
         """
 
 

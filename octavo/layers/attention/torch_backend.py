@@ -34,19 +34,51 @@ def causal_mask(query_len: int, seq_len: int, sliding_window: Optional[int], dev
     return visible
 
 
+def modify_scores(scores: torch.Tensor, distance: torch.Tensor, slopes: Optional[torch.Tensor],
+                  soft_cap: Optional[float]) -> torch.Tensor:
+    """Soft-capping, then the ALiBi bias, on a tile of scaled scores ``[..., rows, keys]``.
+
+    ``distance`` is ``key_pos - query_pos`` per (row, key) and ``slopes`` one ALiBi slope per row
+    (both broadcast against ``scores``); ``None`` skips either step.
+    """
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+    if slopes is not None:
+        scores = scores + slopes[..., None] * distance
+    return scores
+
+
+def _attend_modified(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+                     distance: torch.Tensor, slopes: Optional[torch.Tensor],
+                     soft_cap: Optional[float]) -> torch.Tensor:
+    """Explicit-score attention for what SDPA cannot express; scores and softmax in float32."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = modify_scores(scores, distance, slopes, soft_cap).masked_fill(~visible, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
+
+
 def _attend_one(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group_mask: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, alibi_slopes: Optional[torch.Tensor] = None,
+                soft_cap: Optional[float] = None) -> torch.Tensor:
     """query [q, Hq, D], keys/values [k, Hkv, D] -> [q, Hq, D]; GQA by viewing heads as groups.
 
     Each KV head's query heads are folded into the query length (no broadcasting: fast SDPA
     kernels), so ``group_mask`` is the causal mask repeated once per query head of a group.
     """
     query_len, num_q_heads, head_dim = query.shape
-    num_kv_heads = keys.shape[1]
+    seq_len, num_kv_heads = keys.shape[0], keys.shape[1]
     group = num_q_heads // num_kv_heads
     q = query.transpose(0, 1).reshape(num_kv_heads, group * query_len, head_dim)
-    out = F.scaled_dot_product_attention(q, keys.transpose(0, 1), values.transpose(0, 1),
-                                         attn_mask=group_mask, scale=scale)
+    k, v = keys.transpose(0, 1), values.transpose(0, 1)
+    if alibi_slopes is None and soft_cap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=group_mask, scale=scale)
+    else:
+        positions = torch.arange(seq_len, device=query.device)
+        distance = (positions[None, :] - positions[seq_len - query_len:, None]).repeat(group, 1)
+        slopes = None  # one per folded row: query head (kv, g) for each of the query_len tokens
+        if alibi_slopes is not None:
+            slopes = alibi_slopes.view(num_kv_heads, group).repeat_interleave(query_len, dim=1)
+        out = _attend_modified(q, k, v, group_mask, scale, distance, slopes, soft_cap)
     return out.reshape(num_q_heads, query_len, head_dim).transpose(0, 1)
 
 
@@ -66,9 +98,10 @@ class TorchAttentionBackend:
         kv_cache[1].view(-1, *value.shape[1:])[slots] = value.to(kv_cache.dtype)
 
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-               scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+               scale: float, sliding_window: Optional[int], *, alibi_slopes: Optional[torch.Tensor] = None,
+               logits_soft_cap: Optional[float] = None) -> torch.Tensor:
         if metadata.is_decode_only:
-            return self._decode(query, kv_cache, metadata, scale, sliding_window)
+            return self._decode(query, kv_cache, metadata, scale, sliding_window, alibi_slopes, logits_soft_cap)
         out = torch.empty_like(query)
         starts = metadata.query_start_loc_cpu
         group = query.shape[1] // kv_cache.shape[3]
@@ -81,11 +114,13 @@ class TorchAttentionBackend:
             keys, values = gather_kv(kv_cache, metadata.block_tables[index], seq_len)
             if index not in masks:
                 masks[index] = causal_mask(end - start, seq_len, sliding_window, query.device).repeat(group, 1)
-            out[start:end] = _attend_one(query[start:end], keys, values, masks[index], scale)
+            out[start:end] = _attend_one(query[start:end], keys, values, masks[index], scale,
+                                         alibi_slopes, logits_soft_cap)
         return out
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+                scale: float, sliding_window: Optional[int], alibi_slopes: Optional[torch.Tensor] = None,
+                soft_cap: Optional[float] = None) -> torch.Tensor:
         """One query per sequence: gather every table at once, padded to the longest, one SDPA call."""
         num_seqs = metadata.num_seqs
         block_size = kv_cache.shape[2]
@@ -110,5 +145,11 @@ class TorchAttentionBackend:
         q = query.unflatten(1, (num_kv_heads, group))  # [B, Hkv, g, D]
         k = keys.transpose(1, 2)  # [B, Hkv, L, D]
         v = values.transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        if alibi_slopes is None and soft_cap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        else:
+            key_pos = torch.arange(k.shape[2], device=query.device)
+            distance = (key_pos[None, :] - (metadata.seq_lens[:num_seqs, None].long() - 1))[:, None, None, :]
+            slopes = None if alibi_slopes is None else alibi_slopes.view(num_kv_heads, group)
+            out = _attend_modified(q, k, v, mask, scale, distance, slopes, soft_cap)
         return out.flatten(1, 2)

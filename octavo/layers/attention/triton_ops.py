@@ -21,7 +21,9 @@ tensor values, so the wrappers never synchronise with the device and can be capt
 graphs.
 
 Numerics: scores are scaled by ``scale * log2(e)`` so that the online softmax can use ``exp2``;
-the running max, sum and output accumulator are fp32.
+the running max, sum and output accumulator are fp32. Optional score modifiers, applied to the
+scaled scores in this order: soft-capping ``cap * tanh(s / cap)`` (Gemma-2) and an ALiBi bias
+``slope[head] * (key_pos - query_pos)`` (BLOOM, Falcon-RW).
 """
 
 import functools
@@ -182,17 +184,34 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
 
 
 @_jit
+def _tanh(x):
+    # tanh from exp2 (the interpreter has no libdevice). The exponent is clipped where the
+    # result is already exactly 1.0 in fp32, so it never overflows.
+    return 1.0 - 2.0 / (tl.exp2(tl.minimum(x * (2.0 * 1.4426950408889634), 64.0)) + 1.0)
+
+
+@_jit
+def _row_slopes(alibi_ptr, q_head, row_mask, HAS_ALIBI: tl.constexpr):
+    """Each row's ALiBi slope in log2 units (zeros without ALiBi)."""
+    if HAS_ALIBI:
+        return tl.load(alibi_ptr + q_head, mask=row_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    return tl.zeros(q_head.shape, tl.float32)
+
+
+@_jit
 def _attend_tile(
     acc, m_i, l_i, q, q_pos,
-    k_base, v_base, bt_row, start, key_hi, window, qk_scale,
+    k_base, v_base, bt_row, start, key_hi, window, qk_scale, slopes, soft_cap,
     stride_cb, stride_cs,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASK: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Fold keys ``start .. start + BLOCK_N`` (clipped to ``key_hi``) into the online softmax.
 
     With ``MASK`` off every key of the tile is known to be visible to every row, so the causal /
-    window / length masks are skipped.
+    window / length masks are skipped. Scores are in log2 units: ``soft_cap`` is the cap times
+    log2(e) and ``slopes`` (one per row) the ALiBi slopes times log2(e).
     """
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
@@ -216,6 +235,10 @@ def _attend_tile(
     slot_off = blk.to(tl.int64) * stride_cb + (pos % BLOCK_SIZE) * stride_cs
     k = tl.load(k_base + slot_off[:, None] + d[None, :], mask=kv_mask, other=kv_other)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_SOFTCAP:  # cap * tanh(score / cap), before the position bias as in Gemma-2
+        s = soft_cap * _tanh(s / soft_cap)
+    if HAS_ALIBI:  # slope * (key position - query position): 0 on the diagonal, negative before it
+        s = s + slopes[:, None] * (pos[None, :] - q_pos[:, None]).to(tl.float32)
     if MASK:
         visible = (pos[None, :] <= q_pos[:, None]) & in_range[None, :]
         if HAS_WINDOW:
@@ -256,13 +279,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @_jit_unspecialized("num_splits", "stride_bt")
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_acc_ptr, part_ml_ptr,
-    qk_scale, window, group, num_q_heads, num_splits,
+    out_ptr, part_acc_ptr, part_ml_ptr, alibi_ptr,
+    qk_scale, soft_cap, window, group, num_q_heads, num_splits,
     stride_qs, stride_qh, stride_os, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -290,6 +314,7 @@ def _decode_kernel(
     q = tl.load(q_ptr + seq64 * stride_qs + q_head[:, None] * stride_qh + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     q_pos = tl.zeros([BLOCK_G], tl.int32) + seq_len - 1
+    slopes = _row_slopes(alibi_ptr, q_head, g_mask, HAS_ALIBI)
 
     bt_row = block_tables_ptr + seq64 * stride_bt
     k_base = k_cache_ptr + kv_head * stride_ch
@@ -303,13 +328,15 @@ def _decode_kernel(
     for t in range(tile_lo, tl.minimum(tile_hi, num_full)):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, key_lo + t * BLOCK_N, seq_len,
-            window, qk_scale, stride_cb, stride_cs,
-            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, False, HAS_WINDOW, DOT_PRECISION)
+            window, qk_scale, slopes, soft_cap, stride_cb, stride_cs,
+            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, False, HAS_WINDOW,
+            HAS_ALIBI, HAS_SOFTCAP, DOT_PRECISION)
     for t in range(tl.maximum(tile_lo, num_full), tile_hi):  # at most one iteration
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, key_lo + t * BLOCK_N, seq_len,
-            window, qk_scale, stride_cb, stride_cs,
-            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, True, HAS_WINDOW, DOT_PRECISION)
+            window, qk_scale, slopes, soft_cap, stride_cb, stride_cs,
+            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, True, HAS_WINDOW,
+            HAS_ALIBI, HAS_SOFTCAP, DOT_PRECISION)
 
     if SPLIT:
         # Partial state (unnormalised acc, max, sum) per (seq, q head, split) for the reduction.
@@ -367,10 +394,26 @@ def _check_attention_inputs(out: torch.Tensor, query: torch.Tensor, kv_cache: to
     return num_kv_heads, num_q_heads // num_kv_heads
 
 
+def _score_mod_args(query: torch.Tensor, alibi_slopes: torch.Tensor | None,
+                    logits_soft_cap: float | None) -> tuple[torch.Tensor, float, bool, bool]:
+    """Kernel arguments for the optional ALiBi slopes (fp32, one per query head) and score
+    soft-cap: (slopes pointer or a stand-in, cap in log2 units, HAS_ALIBI, HAS_SOFTCAP)."""
+    has_alibi = alibi_slopes is not None
+    if has_alibi:
+        assert alibi_slopes.shape == (query.shape[1],), "alibi_slopes needs one slope per query head"
+        assert alibi_slopes.dtype == torch.float32 and alibi_slopes.is_contiguous()
+        assert alibi_slopes.device == query.device
+    has_softcap = logits_soft_cap is not None and logits_soft_cap > 0
+    cap = float(logits_soft_cap) * _LOG2E if has_softcap else 0.0
+    return (alibi_slopes if has_alibi else query), cap, has_alibi, has_softcap
+
+
 def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: int | None = None,
-                           num_splits: int | None = None) -> None:
+                           num_splits: int | None = None,
+                           alibi_slopes: torch.Tensor | None = None,
+                           logits_soft_cap: float | None = None) -> None:
     """Attention of one new token per sequence over its whole paged context.
 
     ``query``/``out``: ``[num_seqs, num_q_heads, head_dim]``; the query token is at position
@@ -378,6 +421,8 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: tor
     ``[num_seqs, max_blocks]`` int32; ``seq_lens``: ``[num_seqs]`` int32 (a 0 gives a zero
     output row, for padded batches).
     ``num_splits`` forces the split-K factor; by default it is picked from the shapes.
+    ``logits_soft_cap`` replaces each scaled score ``s`` by ``cap * tanh(s / cap)``;
+    ``alibi_slopes`` (``[num_q_heads]`` fp32) then adds ``slope * (key_pos - query_pos)``.
     """
     num_seqs, num_q_heads, head_dim = query.shape
     if num_seqs == 0:
@@ -403,16 +448,18 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: tor
                               dtype=torch.float32, device=query.device)
     else:  # single pass writes the normalised output directly
         part_acc = part_ml = out
+    slopes, cap, has_alibi, has_softcap = _score_mod_args(query, alibi_slopes, logits_soft_cap)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens,
-        out, part_acc, part_ml,
-        scale * _LOG2E, sliding_window if has_window else 0, group, num_q_heads, num_splits,
+        out, part_acc, part_ml, slopes,
+        scale * _LOG2E, cap, sliding_window if has_window else 0, group, num_q_heads, num_splits,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         BLOCK_G=max(16, _next_pow2(group)), BLOCK_D=block_d,
-        HAS_WINDOW=has_window, SPLIT=split, DOT_PRECISION=_dot_precision(query.dtype),
+        HAS_WINDOW=has_window, HAS_ALIBI=has_alibi, HAS_SOFTCAP=has_softcap, SPLIT=split,
+        DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     if split:
@@ -431,13 +478,14 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: tor
 @_jit_unspecialized("num_seqs", "stride_bt")
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-    qk_scale, window, group, num_seqs,
+    alibi_ptr, qk_scale, soft_cap, window, group, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -475,6 +523,7 @@ def _prefill_kernel(
     q = tl.load(q_ptr + q_row[:, None] * stride_qt + q_head[:, None] * stride_qh + d[None, :],
                 mask=io_mask, other=0.0)
     q_pos = ctx_len + tok
+    slopes = _row_slopes(alibi_ptr, q_head, row_mask, HAS_ALIBI)
 
     # Keys [key_lo, key_hi) are visible to some row of the tile, [full_lo, full_hi) to all rows.
     first_pos = ctx_len + q_tile * BLOCK_Q
@@ -502,18 +551,21 @@ def _prefill_kernel(
         for t in range(tl.minimum(t_full_lo, num_tiles)):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, key_lo + t * BLOCK_N, key_hi,
-                window, qk_scale, stride_cb, stride_cs,
-                BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, True, HAS_WINDOW, DOT_PRECISION)
+                window, qk_scale, slopes, soft_cap, stride_cb, stride_cs,
+                BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, True, HAS_WINDOW,
+                HAS_ALIBI, HAS_SOFTCAP, DOT_PRECISION)
     for t in range(t_full_lo, t_full_hi):  # the bulk: fully visible tiles
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, key_lo + t * BLOCK_N, key_hi,
-            window, qk_scale, stride_cb, stride_cs,
-            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, False, HAS_WINDOW, DOT_PRECISION)
+            window, qk_scale, slopes, soft_cap, stride_cb, stride_cs,
+            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, False, HAS_WINDOW,
+            HAS_ALIBI, HAS_SOFTCAP, DOT_PRECISION)
     for t in range(t_full_hi, num_tiles):  # causal diagonal
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_pos, k_base, v_base, bt_row, key_lo + t * BLOCK_N, key_hi,
-            window, qk_scale, stride_cb, stride_cs,
-            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, True, HAS_WINDOW, DOT_PRECISION)
+            window, qk_scale, slopes, soft_cap, stride_cb, stride_cs,
+            BLOCK_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, True, HAS_WINDOW,
+            HAS_ALIBI, HAS_SOFTCAP, DOT_PRECISION)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # only padding rows can have l == 0
     o = acc / l_safe[:, None]
@@ -524,13 +576,16 @@ def _prefill_kernel(
 def paged_prefill_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, max_query_len: int, scale: float,
-                            sliding_window: int | None = None) -> None:
+                            sliding_window: int | None = None,
+                            alibi_slopes: torch.Tensor | None = None,
+                            logits_soft_cap: float | None = None) -> None:
     """Causal attention for a flat varlen batch whose K/V (prefix and new tokens) are cached.
 
     ``query``/``out``: ``[num_tokens, num_q_heads, head_dim]``; sequence ``b`` owns rows
     ``query_start_loc[b]:query_start_loc[b + 1]``, the last ``q_len`` tokens of a sequence of
     ``seq_lens[b]`` tokens. ``q_len`` may be 0 (nothing written) or 1 (a decode row).
     ``max_query_len`` is accepted for API compatibility; the grid is sized from shapes alone.
+    ``alibi_slopes`` and ``logits_soft_cap`` modify the scores as in ``paged_decode_attention``.
     """
     num_tokens, num_q_heads, head_dim = query.shape
     num_seqs = query_start_loc.shape[0] - 1
@@ -548,15 +603,17 @@ def paged_prefill_attention(out: torch.Tensor, query: torch.Tensor, kv_cache: to
         num_warps = 4
     block_q = block_m // group_pad
     has_window = sliding_window is not None and sliding_window > 0
+    slopes, cap, has_alibi, has_softcap = _score_mod_args(query, alibi_slopes, logits_soft_cap)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc,
-        scale * _LOG2E, sliding_window if has_window else 0, group, num_seqs,
+        slopes, scale * _LOG2E, cap, sliding_window if has_window else 0, group, num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2],
         BLOCK_Q=block_q, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        HAS_WINDOW=has_window, DOT_PRECISION=_dot_precision(query.dtype),
+        HAS_WINDOW=has_window, HAS_ALIBI=has_alibi, HAS_SOFTCAP=has_softcap,
+        DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
