@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from octavo.layers.quantization import check_quantization_option
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -103,6 +105,9 @@ class EngineConfig:
     # Plan step k+1 while the device runs step k (None: on for CUDA, off for CPU, where the
     # host is the device and nothing would overlap).
     async_scheduling: Optional[bool] = None
+    # Weight format: auto (config.json's quantization_config), none, or a format name; fp8 also
+    # quantizes a 16-bit checkpoint at load.
+    quantization: Optional[str] = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -111,5 +116,6 @@ class EngineConfig:
             raise ValueError(
                 f"load_format must be one of auto, safetensors, gguf, dummy, pt; got {self.load_format!r}."
             )
+        check_quantization_option(self.quantization)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")

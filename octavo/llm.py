@@ -46,6 +46,7 @@ class LLM:
         enforce_eager: bool = False,
         attention_backend: str = "auto",
         async_scheduling: Optional[bool] = None,
+        quantization: Optional[str] = "auto",
         tensor_parallel_size: int = 1,
         trust_remote_code: bool = False,
     ) -> None:
@@ -73,6 +74,7 @@ class LLM:
             enforce_eager=enforce_eager,
             attention_backend=attention_backend,
             async_scheduling=async_scheduling,
+            quantization=quantization,
             cache=CacheConfig(
                 block_size=block_size,
                 gpu_memory_utilization=gpu_memory_utilization,

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from octavo.layers.attention import Attention, AttentionMetadata
-from octavo.layers.linear import MergedLinear
+from octavo.layers.linear import Linear
 
 
 class CausalLM(nn.Module):
@@ -43,7 +43,8 @@ class CausalLM(nn.Module):
         return tensor
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors in, fusing shards; fail loudly on anything missing or unknown."""
+        """Copy checkpoint tensors in, fusing shards; fail loudly on anything missing or unknown.
+        Linear layers take their tensors through their quantization method, then repack."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         loaded: set[str] = set()
@@ -56,13 +57,13 @@ class CausalLM(nn.Module):
             tensor = self.transform_checkpoint_weight(name, tensor)
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            target = self._stacked_target(name)
-            if target is not None:
-                module_name, shard, param = target
-                module = modules[module_name]
-                assert isinstance(module, MergedLinear)
-                module.load_shard(shard, param, tensor)
-                loaded.add(f"{module_name}.{param}:{shard}")
+            module_name, shard, param = self._linear_target(name, modules)
+            module = modules.get(module_name)
+            if isinstance(module, Linear):
+                try:
+                    module.load_shard(shard, param, tensor)
+                except ValueError as error:
+                    raise ValueError(f"checkpoint tensor {checkpoint_name!r}: {error}") from error
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {checkpoint_name!r} does not match any model parameter.")
@@ -76,32 +77,39 @@ class CausalLM(nn.Module):
                 param.copy_(tensor)
             loaded.add(name)
         self._check_all_loaded(params, modules, loaded)
+        self.process_after_loading()
 
-    def _stacked_target(self, name: str):
-        parts = name.split(".")
-        if len(parts) < 2:
-            return None
-        module_part, param = parts[-2], parts[-1]
-        if module_part not in self.stacked_params:
-            return None
-        fused, shard = self.stacked_params[module_part]
-        return ".".join(parts[:-2] + [fused]), shard, param
+    def process_after_loading(self) -> None:
+        """Let every linear layer repack its weight for its kernels (after loading or dummy init)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.process_after_loading()
+
+    def _linear_target(self, name: str, modules: dict) -> tuple[str, str, str]:
+        """(module name, shard, tensor name): ``...q_proj.weight`` -> (``...qkv_proj``, ``q``, ``weight``)."""
+        module_name, _, param = name.rpartition(".")
+        parent, _, leaf = module_name.rpartition(".")
+        if leaf in self.stacked_params:
+            fused, shard = self.stacked_params[leaf]
+            return ".".join(filter(None, [parent, fused])), shard, param
+        return module_name, "", param
 
     def _check_all_loaded(self, params: dict, modules: dict, loaded: set[str]) -> None:
         missing = []
         # Report fused shards by the checkpoint's own names (q_proj, not qkv_proj:q).
         checkpoint_part = {value: key for key, value in self.stacked_params.items()}
-        for name in params:
-            module_name, _, param = name.rpartition(".")
-            module = modules.get(module_name)
-            if isinstance(module, MergedLinear):
-                parent, _, fused = module_name.rpartition(".")
-                missing += [
-                    ".".join(filter(None, [parent, checkpoint_part.get((fused, shard), f"{fused}:{shard}"), param]))
-                    for shard in module.shard_offsets if f"{module_name}.{param}:{shard}" not in loaded
-                ]
-            elif name not in loaded and not (self.tie_word_embeddings and name == "lm_head.weight"):
-                missing.append(name)
+        linear_params = set()
+        for module_name, module in modules.items():
+            if not isinstance(module, Linear):
+                continue
+            linear_params.update(f"{module_name}.{param}" for param, _ in module.named_parameters())
+            if self.tie_word_embeddings and module is getattr(self, "lm_head", None):
+                continue
+            parent, _, leaf = module_name.rpartition(".")
+            for shard, param in module.missing_tensors():
+                part = checkpoint_part.get((leaf, shard), f"{leaf}:{shard}") if shard else leaf
+                missing.append(".".join(filter(None, [parent, part, param])))
+        missing += [name for name in params if name not in loaded and name not in linear_params]
         if missing:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensors: {shown}")

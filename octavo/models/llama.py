@@ -14,7 +14,8 @@ from torch import nn
 
 from octavo.layers.activation import SiluAndMul
 from octavo.layers.attention import Attention, AttentionMetadata
-from octavo.layers.linear import MergedLinear
+from octavo.layers.linear import Linear, MergedLinear
+from octavo.layers.quantization.base import QuantizationConfig
 from octavo.layers.norm import RMSNorm
 from octavo.layers.rotary import RotaryEmbedding
 from octavo.models.base import CausalLM
@@ -38,7 +39,8 @@ def _sliding_window(config, layer_index: int) -> Optional[int]:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_index: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config, layer_index: int, rotary_emb: RotaryEmbedding,
+                 quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -49,9 +51,11 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=qkv_bias
+            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=qkv_bias,
+            quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias, quant_config=quant_config,
+                             prefix=f"{prefix}.o_proj")
         self.use_qk_norm = model_type == "qwen3"
         if self.use_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -89,14 +93,16 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported for this architecture.")
         size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias,
+                                         quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = Linear(size, config.hidden_size, bias=bias, quant_config=quant_config,
+                                prefix=f"{prefix}.down_proj")
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,10 +110,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_index: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config, layer_index: int, rotary_emb: RotaryEmbedding,
+                 quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_index, rotary_emb)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, layer_index, rotary_emb, quant_config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -123,12 +130,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config, _head_dim(config), max_position)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, index, self.rotary_emb) for index in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, index, self.rotary_emb, quant_config, f"{prefix}.layers.{index}")
+            for index in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -150,12 +158,13 @@ class LlamaForCausalLM(CausalLM):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, quant_config: Optional[QuantizationConfig] = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, max_position)
+        self.model = LlamaModel(config, max_position, quant_config, "model")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False,
+                              quant_config=None if self.tie_word_embeddings else quant_config, prefix="lm_head")
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -13,6 +13,7 @@ The layer (``octavo.layers.linear.Linear``) owns what every format shares: its s
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Optional
 
@@ -122,3 +123,15 @@ def copy_rows(target: torch.Tensor, tensor: torch.Tensor, rows: tuple[int, int],
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(expected)}.")
     with torch.no_grad():
         target.narrow(dim, offset, size).copy_(tensor)
+
+
+def matches_module_list(prefix: str, names: list[str]) -> bool:
+    """Whether the layer ``prefix`` is in an ignore list: an exact name, a ``re:`` regular expression
+    (compressed-tensors), or a name the prefix ends with (lists may omit the model prefix)."""
+    for name in names:
+        if name.startswith("re:"):
+            if re.fullmatch(name[3:], prefix):
+                return True
+        elif prefix == name or prefix.endswith("." + name):
+            return True
+    return False
