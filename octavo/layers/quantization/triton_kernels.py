@@ -17,9 +17,6 @@ import triton.language as tl
 
 from octavo.layers.quantization.fp8 import FP8_MAX
 
-_MIN_SCALE = 1e-12
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds a float32 half to even
-
 
 @triton.jit
 def _unpack_tile(packed, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -107,7 +104,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
     scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, 1e-12)
     y = x / scale
     if ROUND:
-        y = (y + 12582912.0) - 12582912.0
+        y = (y + 12582912.0) - 12582912.0  # adding and subtracting 1.5 * 2**23 rounds half to even
         y = tl.minimum(tl.maximum(y, -QMAX - 1.0), QMAX)
     else:
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
@@ -184,12 +181,12 @@ def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
 
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-            group_size: int, bits: int, config: tuple[int, ...]) -> torch.Tensor:
+            group_size: int, bits: int, config: tuple[int, ...], split_k: Optional[int] = None) -> torch.Tensor:
     block_m, block_n, block_k, num_warps, num_stages = config
     tokens, in_features = x.shape
     out_features = qweight.shape[1]
     tiles = triton.cdiv(tokens, block_m) * triton.cdiv(out_features, block_n)
-    split = _split_k(tiles, in_features // block_k, x.device)
+    split = split_k or _split_k(tiles, in_features // block_k, x.device)
     out = torch.empty((split, tokens, out_features), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     grid = (triton.cdiv(tokens, block_m), triton.cdiv(out_features, block_n), split)
     _wna16_gemm_kernel[grid](
@@ -240,11 +237,13 @@ def _tuned_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 
 def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-               group_size: int, bits: int, config: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-    """``x [M, K] @ dequant(qweight)`` -> [M, N] in x's dtype, unpacking the weight in registers."""
+               group_size: int, bits: int, config: Optional[tuple[int, ...]] = None,
+               split_k: Optional[int] = None) -> torch.Tensor:
+    """``x [M, K] @ dequant(qweight)`` -> [M, N] in x's dtype, unpacking the weight in registers.
+    ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) and ``split_k`` override the tuned choice."""
     x = x.contiguous()
     config = config or _tuned_config(x, qweight, scales, zeros, group_size, bits)
-    return _launch(x, qweight, scales, zeros, group_size, bits, config)
+    return _launch(x, qweight, scales, zeros, group_size, bits, config, split_k)
 
 
 def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
