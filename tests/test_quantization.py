@@ -293,3 +293,25 @@ def test_pack_words_layout():
     values = torch.arange(8).reshape(1, 8).numpy()
     assert pack_words(values, 4).item() == 0x76543210
     assert pack_words(values, 4, (0, 2, 4, 6, 1, 3, 5, 7)).item() == 0x75316420
+
+
+def test_throughput_bench_reports_quantized_weight_bytes(tmp_path, capsys, monkeypatch):
+    """The octavo row's limit uses the bytes of the weights it holds."""
+    from octavo.benchmarks import roofline
+    from octavo.entrypoints.cli import main
+
+    ceilings = roofline.Ceilings(copy_bandwidth=1e11, matmul_flops=1e12, matmul_dtype="float32", approximate=True)
+    monkeypatch.setattr(roofline, "measure_ceilings", lambda device, dtype: ceilings)  # measuring takes seconds
+
+    build_tiny_model("llama", tmp_path / "model")
+    output = tmp_path / "results.json"
+    status = main(["bench", "throughput", "--model", str(tmp_path / "model"), "--workload", "fixed",
+                   "--num-prompts", "2", "--prompt-len-range", "5", "9", "--output-len-range", "4", "4",
+                   "--device", "cpu", "--quantization", "fp8", "--output", str(output)])
+    assert status == 0, capsys.readouterr().err
+    report = json.loads(output.read_text())
+    octavo = report["engines"][-1]
+    full_bytes = report["limit"]["model_shape"]["weight_bytes"]  # float32 here
+    assert octavo["quantization"] == "fp8" and octavo["weight_bytes"] < full_bytes / 2
+    assert octavo["bound_output_tok_s"] > report["limit"]["bound"]["output_tok_s"]
+    assert "weights 0.00 GB (quantization fp8)" in capsys.readouterr().out
