@@ -5,10 +5,12 @@
 #                                      the Triton backend against the reference (each mode a few minutes)
 #   scripts/gpu_check.sh qwen3 [OUT]   qwen3-0.6b fixed (with both HF peers, about 5 min) and var; JSON into OUT
 #   scripts/gpu_check.sh llama3 [OUT]  llama3-8b fixed 256 with HF static (about 3 min); JSON into OUT
+#   scripts/gpu_check.sh quant [OUT]   quantized weights: kernel and engine tests on CUDA, a decode micro-benchmark,
+#                                      llama3-8b fixed 256 in bf16, FP8 and W4A16 (GPTQ g128); JSON into OUT
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3 [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|quant [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -32,8 +34,19 @@ llama3)
     bench --model dummy:llama3-8b --workload fixed --num-prompts 256 --max-num-seqs 256 \
         --compare hf-static --output "$out/llama3-8b-fixed-256.json"
     ;;
+quant)
+    OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py
+    OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_quantization.py \
+        -k "gptq-v1-asym-act-order or awq or ct-w4a16-sym or ct-fp8-channel-token or online_fp8"
+    python -m octavo.benchmarks.quant_linear --output "$out/quant-linear.json"
+    for quantization in auto fp8 gptq; do
+        bench --model dummy:llama3-8b --workload fixed --num-prompts 256 --max-num-seqs 256 \
+            --quantization "$quantization" --output "$out/llama3-8b-fixed-256-quant-$quantization.json"
+    done
+    python -m octavo.benchmarks.quant_linear --summarize "$out"/llama3-8b-fixed-256-quant-{auto,fp8,gptq}.json
+    ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3 or llama3" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3 or quant" >&2
     exit 2
     ;;
 esac

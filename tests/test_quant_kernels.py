@@ -65,13 +65,14 @@ def test_wna16_gemm_matches_dequantized_matmul(bits, group_size, with_zeros, dty
     torch.testing.assert_close(out.double(), expected, atol=tolerance * float(expected.abs().max()), rtol=0)
 
 
-def test_wna16_gemm_split_k_and_tile_shapes_agree():
+def test_wna16_gemm_split_k_tile_shapes_and_word_loads_agree():
     from octavo.layers.quantization import triton_kernels
 
     qweight, scales, zeros, weight = random_wna16(256, 64, 4, 64, True, torch.float32, DEVICE)
     x = torch.randn(3, 256, device=DEVICE)
     expected = x.double() @ weight
-    for config, split in [((16, 32, 32, 4, 2), 4), ((16, 64, 64, 4, 2), 2), ((32, 32, 16, 4, 2), 1)]:
+    for config, split in [((16, 32, 32, 4, 2, False), 4), ((16, 64, 64, 4, 2, True), 2),
+                          ((32, 32, 16, 4, 2, False), 1), ((16, 32, 64, 4, 2, True), 1)]:
         out = triton_kernels.wna16_gemm(x, qweight, scales, zeros, 64, 4, config=config, split_k=split)
         torch.testing.assert_close(out.double(), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
 

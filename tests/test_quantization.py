@@ -315,3 +315,7 @@ def test_throughput_bench_reports_quantized_weight_bytes(tmp_path, capsys, monke
     assert octavo["quantization"] == "fp8" and octavo["weight_bytes"] < full_bytes / 2
     assert octavo["bound_output_tok_s"] > report["limit"]["bound"]["output_tok_s"]
     assert "weights 0.00 GB (quantization fp8)" in capsys.readouterr().out
+    from octavo.benchmarks.quant_linear import summarize_throughput
+
+    summary = summarize_throughput([str(output), str(output)])
+    assert "fp8" in summary and "1.00x" in summary

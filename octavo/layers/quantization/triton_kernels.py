@@ -23,6 +23,13 @@ def _unpack_tile(packed, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.
     """[BLOCK_K // pack, BLOCK_N] int32 words -> [BLOCK_K, BLOCK_N] unsigned values."""
     PACK: tl.constexpr = 32 // BITS
     words = tl.reshape(tl.broadcast_to(packed[:, None, :], (BLOCK_K // PACK, PACK, BLOCK_N)), (BLOCK_K, BLOCK_N))
+    return _shift_out(words, BITS, BLOCK_K)
+
+
+@triton.jit
+def _shift_out(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row k of a [BLOCK_K, BLOCK_N] tile of words (each row holding its own word) -> value k % pack."""
+    PACK: tl.constexpr = 32 // BITS
     shifts = (tl.arange(0, BLOCK_K) % PACK) * BITS
     return (words >> shifts[:, None]) & ((1 << BITS) - 1)
 
@@ -33,9 +40,11 @@ def _wna16_gemm_kernel(
     M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_split, stride_om,
     GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GATHER_WORDS: tl.constexpr,
 ):
-    """out[split] = x @ dequant(W) over this split's K blocks; a block never spans two groups."""
+    """out[split] = x @ dequant(W) over this split's K blocks; a block never spans two groups.
+    ``GATHER_WORDS``: every row of the tile loads its own copy of its word (cached loads) instead
+    of loading each word once and replicating it in registers; which is faster depends on the GPU."""
     PACK: tl.constexpr = 32 // BITS
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -50,9 +59,14 @@ def _wna16_gemm_kernel(
     for block in range(pid_k, K // BLOCK_K, SPLIT_K):
         k0 = block * BLOCK_K
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
-        packed = tl.load(qweight_ptr + (k0 // PACK + offs_words)[:, None] * stride_qk + offs_n[None, :],
-                         mask=n_mask[None, :], other=0)
-        values = _unpack_tile(packed, BITS, BLOCK_K, BLOCK_N)
+        if GATHER_WORDS:
+            words = tl.load(qweight_ptr + ((k0 + offs_k) // PACK)[:, None] * stride_qk + offs_n[None, :],
+                            mask=n_mask[None, :], other=0)
+            values = _shift_out(words, BITS, BLOCK_K)
+        else:
+            packed = tl.load(qweight_ptr + (k0 // PACK + offs_words)[:, None] * stride_qk + offs_n[None, :],
+                             mask=n_mask[None, :], other=0)
+            values = _unpack_tile(packed, BITS, BLOCK_K, BLOCK_N)
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         if HAS_ZEROS:
@@ -136,12 +150,17 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- W4A16 / W8A16 ----------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates per token bucket, best guess first.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, gather words) candidates per token bucket,
+# best guess first.
 _CANDIDATES = {
-    16: [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 64, 4, 4), (16, 32, 128, 4, 4)],
-    64: [(32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 64, 4, 4)],
-    256: [(64, 128, 64, 4, 4), (128, 128, 64, 8, 4), (64, 64, 128, 4, 4), (128, 64, 64, 4, 4)],
-    1 << 30: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4)],
+    16: [(16, 64, 128, 4, 4, False), (16, 128, 128, 4, 4, False), (16, 64, 64, 4, 4, False),
+         (16, 64, 128, 4, 4, True), (16, 128, 128, 4, 4, True)],
+    64: [(32, 64, 128, 4, 4, False), (64, 64, 128, 4, 4, False), (32, 128, 128, 4, 4, False),
+         (64, 128, 64, 4, 4, False), (32, 64, 128, 4, 4, True)],
+    256: [(64, 128, 64, 4, 4, False), (128, 128, 64, 8, 4, False), (64, 64, 128, 4, 4, False),
+          (128, 64, 64, 4, 4, False), (64, 128, 64, 4, 4, True)],
+    1 << 30: [(128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (64, 128, 64, 4, 4, False),
+              (128, 128, 64, 8, 3, True)],
 }
 
 
@@ -182,7 +201,7 @@ def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
             group_size: int, bits: int, config: tuple[int, ...], split_k: Optional[int] = None) -> torch.Tensor:
-    block_m, block_n, block_k, num_warps, num_stages = config
+    block_m, block_n, block_k, num_warps, num_stages, gather_words = config
     tokens, in_features = x.shape
     out_features = qweight.shape[1]
     tiles = triton.cdiv(tokens, block_m) * triton.cdiv(out_features, block_n)
@@ -195,7 +214,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         zeros.stride(0) if zeros is not None else 0, out.stride(0), out.stride(1),
         GROUP_SIZE=group_size, BITS=bits, HAS_ZEROS=zeros is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATHER_WORDS=gather_words,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
@@ -206,10 +225,10 @@ _TUNED: dict[tuple, tuple[int, ...]] = {}
 
 def _configs(tokens: int, group_size: int, in_features: int, bits: int) -> list[tuple[int, ...]]:
     configs = []
-    for block_m, block_n, block_k, warps, stages in _CANDIDATES[_bucket(tokens)]:
+    for block_m, block_n, block_k, warps, stages, gather in _CANDIDATES[_bucket(tokens)]:
         block_k = _block_k(block_k, group_size, in_features, bits)
-        if block_k is not None and (block_m, block_n, block_k, warps, stages) not in configs:
-            configs.append((block_m, block_n, block_k, warps, stages))
+        if block_k is not None and (block_m, block_n, block_k, warps, stages, gather) not in configs:
+            configs.append((block_m, block_n, block_k, warps, stages, gather))
     return configs
 
 
@@ -240,7 +259,8 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                group_size: int, bits: int, config: Optional[tuple[int, ...]] = None,
                split_k: Optional[int] = None) -> torch.Tensor:
     """``x [M, K] @ dequant(qweight)`` -> [M, N] in x's dtype, unpacking the weight in registers.
-    ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) and ``split_k`` override the tuned choice."""
+    ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, gather words) and ``split_k`` override
+    the tuned choice."""
     x = x.contiguous()
     config = config or _tuned_config(x, qweight, scales, zeros, group_size, bits)
     return _launch(x, qweight, scales, zeros, group_size, bits, config, split_k)

@@ -30,6 +30,8 @@ FUSED_MAX_TOKENS = 1024
 class WNA16LinearMethod(LinearMethod):
     """The shared layout, dequantization and kernels; subclasses read one checkpoint format."""
 
+    fused_max_tokens = FUSED_MAX_TOKENS
+
     def __init__(self, bits: int, group_size: int, symmetric: bool, act_order: bool) -> None:
         if bits not in (4, 8):
             raise ValueError(f"{bits}-bit integer weights are not supported; 4 and 8 bits are.")
@@ -105,7 +107,7 @@ class WNA16LinearMethod(LinearMethod):
 
     def init_dummy(self, layer: nn.Module, generator: torch.Generator) -> None:
         """Uniform random integers with scales that give weights a standard deviation of about 0.02."""
-        layer.qweight.random_(generator=generator)  # random bits: every packed value uniform
+        layer.qweight.random_(-(1 << 31), 1 << 31, generator=generator)  # every packed value uniform
         levels = 1 << self.bits
         value_std = ((levels * levels - 1) / 12) ** 0.5
         layer.scales.fill_(0.02 / value_std)
@@ -132,7 +134,7 @@ class WNA16LinearMethod(LinearMethod):
         if x.is_cuda:
             from octavo.layers.quantization import triton_kernels
 
-            if x.shape[0] <= FUSED_MAX_TOKENS and triton_kernels.wna16_supported(layer, self):
+            if x.shape[0] <= self.fused_max_tokens and triton_kernels.wna16_supported(layer, self):
                 out = triton_kernels.wna16_gemm(x, layer.qweight, layer.scales, layer.zeros,
                                                 self.layer_group_size(layer), self.bits)
                 return out if bias is None else out + bias
