@@ -120,7 +120,7 @@ def format_table(result: dict) -> str:
 def summarize_throughput(paths: list[str]) -> str:
     """One line per throughput JSON: weight format, output tok/s (and against the first), weight
     bytes, and the fraction of the limit computed with those bytes."""
-    lines = [f"{'weights':<20} {'output tok/s':>12} {'vs first':>8} {'weight GB':>9} {'limit tok/s':>11} "
+    lines = [f"{'weights':<20} {'output tok/s':>12} {'vs first':>8} {'weight GB':>9} {'GiB':>6} {'limit tok/s':>11} "
              f"{'fraction of limit':>17}"]
     baseline = None
     for path in paths:
@@ -129,7 +129,8 @@ def summarize_throughput(paths: list[str]) -> str:
         bound = "-" if octavo["bound_output_tok_s"] is None else f"{octavo['bound_output_tok_s']:,.0f}"
         fraction = "-" if octavo["fraction_of_bound"] is None else f"{octavo['fraction_of_bound']:.3f}"
         lines.append(f"{octavo['quantization']:<20} {octavo['output_tok_s']:>12,.0f} "
-                     f"{octavo['output_tok_s'] / baseline:>7.2f}x {octavo['weight_bytes'] / 1e9:>9.2f} {bound:>11} "
+                     f"{octavo['output_tok_s'] / baseline:>7.2f}x {octavo['weight_bytes'] / 1e9:>9.2f} "
+                     f"{octavo['weight_bytes'] / 2**30:>6.2f} {bound:>11} "
                      f"{fraction:>17}")
     return "\n".join(lines)
 

@@ -9,6 +9,11 @@ everything lives on the layer, so one method object serves every layer of a conf
 
 The layer (``octavo.layers.linear.Linear``) owns what every format shares: its shard table
 (name -> (row offset, rows)), the bias, and the bookkeeping of which checkpoint tensors arrived.
+
+A new format is a ``QuantizationConfig`` subclass (registered in ``QUANTIZATION_CONFIGS`` when
+config.json can name it) and a ``LinearMethod``; model code never changes, since every model
+builds its projections as ``Linear(..., quant_config=quant_config, prefix=...)``. A method may
+store the shards of one fused layer in different sub-formats (e.g. GGUF block types per tensor).
 """
 
 from __future__ import annotations
@@ -65,15 +70,15 @@ class QuantizationConfig(ABC):
     packed_modules: dict[str, tuple[str, ...]] = {}
 
     @classmethod
-    @abstractmethod
     def from_config(cls, config: dict[str, Any]) -> "QuantizationConfig":
         """Parse a checkpoint's ``quantization_config``; ValueError naming the field it cannot serve."""
+        raise ValueError(f"the {cls.name} format is not described by a quantization_config in config.json.")
 
     @abstractmethod
     def linear_method(self, prefix: str) -> LinearMethod:
         """The method for the linear layer named ``prefix`` (its checkpoint module name, e.g.
         ``model.layers.0.mlp.down_proj``; a fused layer is asked once per checkpoint shard name
-        and must get the same kind of method for all). Layers the format leaves in full
+        and must get methods of one class for all). Layers the format leaves in full
         precision (``lm_head``, ignore lists) get ``UnquantizedLinearMethod()``."""
 
     def check_dtype(self, dtype: torch.dtype) -> None:
