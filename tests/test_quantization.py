@@ -173,6 +173,23 @@ def test_compressed_tensors_unpacker_reads_our_packing():
     assert torch.equal(repacked, tensors["weight_packed"])
 
 
+@pytest.mark.parametrize("case", ["ct-w4a16-sym-group", "ct-w4a16-channel", "ct-fp8-w8a16", "ct-fp8-channel-token"])
+def test_transformers_reads_the_checkpoints_as_the_reference_does(case, tmp_path):
+    """transformers' own compressed-tensors loading (decompressing, and quantizing FP8 activations
+    per token) gives the reference's logits: the packing and the activation rule are the format's."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    builder, quantization_config, *activations = {**WEIGHT_ONLY, **W8A8}[case]
+    reference = make_quantized_checkpoint("llama", tmp_path, builder, quantization_config)
+    if activations:
+        fake_quantize_activations(reference, activations[0])
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    prompt = torch.tensor([random_prompts()[1]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(prompt).logits, reference(prompt).logits, atol=1e-5, rtol=0)
+
+
 def test_gptq_and_awq_layouts_decode_to_the_same_weight():
     """One quantized weight in both layouts: octavo's loaders reach the same kernel tensors."""
     from octavo.layers.linear import Linear

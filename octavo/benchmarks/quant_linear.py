@@ -90,7 +90,8 @@ def run(model: str, tokens: list[int], device: torch.device) -> dict:
         inputs = {name: torch.randn(count, k, device=device, dtype=torch.bfloat16) for name, k in hidden_in.items()}
         row = {"tokens": count}
         for variant, layers in variants.items():
-            row[variant] = time_graph(lambda layers=layers: [layer(inputs[name]) for layer, name in zip(layers, inputs)])
+            row[variant] = time_graph(
+                lambda layers=layers: [layer(inputs[name]) for layer, name in zip(layers, inputs)])
         # the other W4A16 path at this size: fused kernel above the switch, dequantize-then-cuBLAS below
         method = variants["w4a16"][0].quant_method  # one method object serves every layer of the config
         method.fused_max_tokens = 0 if count <= fused_max_tokens else 1 << 30

@@ -30,7 +30,8 @@ def _supported() -> str:
 
 def check_quantization_option(quantization: Optional[str]) -> None:
     """ValueError for a ``quantization`` value that names no format."""
-    if quantization is not None and quantization not in QUANTIZATION_OPTIONS and quantization not in QUANTIZATION_CONFIGS:
+    known = (*QUANTIZATION_OPTIONS, *QUANTIZATION_CONFIGS)
+    if quantization is not None and quantization not in known:
         raise ValueError(
             f"quantization={quantization!r} is not supported; use auto (read config.json), none, or one of: "
             f"{_supported()}."

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from octavo.layers.quantization.base import LinearMethod, QuantizationConfig, UnquantizedLinearMethod, matches_module_list
+from octavo.layers.quantization.base import (
+    LinearMethod, QuantizationConfig, UnquantizedLinearMethod, matches_module_list,
+)
 from octavo.layers.quantization.packing import awq_to_natural_columns, unpack_int32
 from octavo.layers.quantization.wna16 import WNA16LinearMethod
 

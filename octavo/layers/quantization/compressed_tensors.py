@@ -114,7 +114,8 @@ class CompressedTensorsConfig(QuantizationConfig):
             if group.get("output_activations"):
                 raise ValueError(f"config_groups.{name}.output_activations is not supported.")
             fmt = group.get("format") or default_format
-            groups.append((list(group.get("targets") or []), method_for_scheme(weights, group.get("input_activations"), fmt)))
+            method = method_for_scheme(weights, group.get("input_activations"), fmt)
+            groups.append((list(group.get("targets") or []), method))
         if not groups:
             raise ValueError("quantization_config.config_groups is empty.")
         return cls(groups, list(config.get("ignore") or []))

@@ -57,7 +57,7 @@ class Int8LinearMethod(LinearMethod):
         rows = layer.shard_offsets[shard]
         if name == "weight":
             if tensor.dtype != torch.int8:
-                raise ValueError(f"weight has dtype {tensor.dtype}, expected torch.int8 in an int-quantized checkpoint.")
+                raise ValueError(f"weight has dtype {tensor.dtype}, expected torch.int8 (int-quantized).")
             copy_rows(layer.weight, tensor, rows, name)
         elif name == "weight_scale":
             scale = tensor.float().reshape(-1)
