@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from octavo import LLM
 from tests.conftest import ARCHITECTURES, VOCAB_SIZE, build_tiny_model
 from tests.quant_checkpoints import (
     FP8_MAX, awq_linear, calibrate_input_scales, ct_int8_weight_linear, ct_packed_linear, fake_quantize_activations,

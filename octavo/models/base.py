@@ -57,7 +57,7 @@ class CausalLM(nn.Module):
             tensor = self.transform_checkpoint_weight(name, tensor)
             if self.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            module_name, shard, param = self._linear_target(name, modules)
+            module_name, shard, param = self._linear_target(name)
             module = modules.get(module_name)
             if isinstance(module, Linear):
                 try:
@@ -85,7 +85,7 @@ class CausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.process_after_loading()
 
-    def _linear_target(self, name: str, modules: dict) -> tuple[str, str, str]:
+    def _linear_target(self, name: str) -> tuple[str, str, str]:
         """(module name, shard, tensor name): ``...q_proj.weight`` -> (``...qkv_proj``, ``q``, ``weight``)."""
         module_name, _, param = name.rpartition(".")
         parent, _, leaf = module_name.rpartition(".")

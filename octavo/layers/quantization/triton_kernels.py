@@ -34,7 +34,7 @@ def _shift_out(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     return (words >> shifts[:, None]) & ((1 << BITS) - 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every token count
 def _wna16_gemm_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr,
     M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_split, stride_om,
