@@ -37,7 +37,7 @@ llama3)
 quant)
     OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py
     OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_quantization.py \
-        -k "gptq-v1-asym-act-order or awq or ct-w4a16-sym or ct-fp8-channel-token or online_fp8"
+        -k "weight_only and gptq-v1-asym-act-order or w8a8 and ct-fp8-channel-token"
     python -m octavo.benchmarks.quant_linear --output "$out/quant-linear.json"
     for quantization in auto fp8 gptq; do
         bench --model dummy:llama3-8b --workload fixed --num-prompts 256 --max-num-seqs 256 \

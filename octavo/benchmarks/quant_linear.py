@@ -5,8 +5,8 @@
 
 For each token count, the four projections of one layer (fused q/k/v, o, fused gate/up, down)
 run back to back inside a CUDA graph, as decode steps do, in bfloat16, W4A16 (GPTQ layout,
-group 128; fused kernel and dequantize-then-cuBLAS) and FP8 W8A8; the table gives microseconds
-per layer and the speed-up over bfloat16. ``--summarize`` puts the octavo rows of several
+group 128; fused kernel and dequantize-then-cuBLAS), FP8 W8A8 and INT8 W8A8; the table gives
+microseconds per layer and the speed-up over bfloat16. ``--summarize`` puts the octavo rows of several
 ``bench throughput`` JSON files (one per weight format) side by side, the first as the baseline.
 """
 
@@ -22,12 +22,22 @@ import torch
 
 from octavo.benchmarks.workloads import DUMMY_MODELS, dummy_config
 from octavo.layers.linear import Linear
-from octavo.layers.quantization.base import QuantizationConfig
+from octavo.layers.quantization.base import LinearMethod, QuantizationConfig
 from octavo.layers.quantization.fp8 import Fp8Config
 from octavo.layers.quantization.gptq import GPTQConfig
+from octavo.layers.quantization.int8 import Int8LinearMethod
 from octavo.layers.quantization.wna16 import WNA16LinearMethod
 
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+
+class _Int8Config(QuantizationConfig):
+    """INT8 W8A8 for every layer (checkpoints reach it through compressed-tensors)."""
+
+    name = "int8"
+
+    def linear_method(self, prefix: str) -> LinearMethod:
+        return Int8LinearMethod(static_activations=False)
 
 
 def layer_shapes(hf_config) -> dict[str, tuple[int, int]]:
@@ -82,6 +92,7 @@ def run(model: str, tokens: list[int], device: torch.device) -> dict:
         "bf16": build_layers(shapes, None, device),
         "w4a16": build_layers(shapes, GPTQConfig(4, 128, False, True, False, False, []), device),
         "fp8": build_layers(shapes, Fp8Config.online(), device),
+        "int8": build_layers(shapes, _Int8Config(), device),
     }
     hidden_in = {name: k for name, (k, _) in shapes.items()}
     fused_max_tokens = WNA16LinearMethod.fused_max_tokens
@@ -111,10 +122,12 @@ def format_table(result: dict) -> str:
     lines = [f"{result['model']} one decoder layer's projections on {result['device']}, microseconds "
              f"(W4A16 fused kernel up to {result['fused_max_tokens']} tokens, dequantize + cuBLAS above; "
              "'other' is the path not taken)",
-             f"{'tokens':>6} {'bf16':>9} {'w4a16':>9} {'x bf16':>7} {'other':>9} {'fp8':>9} {'x bf16':>7}"]
+             f"{'tokens':>6} {'bf16':>9} {'w4a16':>9} {'x bf16':>7} {'other':>9} {'fp8':>9} {'x bf16':>7} "
+             f"{'int8':>9} {'x bf16':>7}"]
     for row in result["rows"]:
         lines.append(f"{row['tokens']:>6} {row['bf16']:>9.1f} {row['w4a16']:>9.1f} {row['bf16'] / row['w4a16']:>6.2f}x "
-                     f"{row['w4a16_other_path']:>9.1f} {row['fp8']:>9.1f} {row['bf16'] / row['fp8']:>6.2f}x")
+                     f"{row['w4a16_other_path']:>9.1f} {row['fp8']:>9.1f} {row['bf16'] / row['fp8']:>6.2f}x "
+                     f"{row['int8']:>9.1f} {row['bf16'] / row['int8']:>6.2f}x")
     return "\n".join(lines)
 
 
