@@ -115,8 +115,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
     offs = tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, 1e-12)
-    y = x / scale
+    # IEEE divisions (``/`` may be approximate on GPUs): the same values as the PyTorch reference
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), axis=0), QMAX), 1e-12)
+    y = tl.math.div_rn(x, scale)
     if ROUND:
         y = (y + 12582912.0) - 12582912.0  # adding and subtracting 1.5 * 2**23 rounds half to even
         y = tl.minimum(tl.maximum(y, -QMAX - 1.0), QMAX)
