@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from octavo.layers.quantization import check_quantization_option
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -107,6 +109,9 @@ class EngineConfig:
     # tokenization, detokenization and HTTP never take the GIL from the step loop
     # (None: on for CUDA; off for CPU, where the front end and the core share the cores).
     engine_core_process: Optional[bool] = None
+    # Weight format: auto (config.json's quantization_config), none, or a format name; fp8 also
+    # quantizes a 16-bit checkpoint at load.
+    quantization: Optional[str] = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -115,5 +120,6 @@ class EngineConfig:
             raise ValueError(
                 f"load_format must be one of auto, safetensors, gguf, dummy, pt; got {self.load_format!r}."
             )
+        check_quantization_option(self.quantization)
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")

@@ -49,6 +49,7 @@ class LLM:
         attention_backend: str = "auto",
         async_scheduling: Optional[bool] = None,
         engine_core_process: Optional[bool] = None,
+        quantization: Optional[str] = "auto",
         tensor_parallel_size: int = 1,
         trust_remote_code: bool = False,
     ) -> None:
@@ -77,6 +78,7 @@ class LLM:
             attention_backend=attention_backend,
             async_scheduling=async_scheduling,
             engine_core_process=engine_core_process,
+            quantization=quantization,
             cache=CacheConfig(
                 block_size=block_size,
                 gpu_memory_utilization=gpu_memory_utilization,

@@ -15,10 +15,12 @@
 #   scripts/gpu_check.sh families [OUT] the ALiBi / soft-cap kernel arguments on CUDA against the reference,
 #                                      and every dense family's parity with transformers on CUDA (about
 #                                      3 min); a table per test, JSON into OUT
+#   scripts/gpu_check.sh quant [OUT]   quantized weights: kernel and engine tests on CUDA, a decode micro-benchmark,
+#                                      llama3-8b fixed 256 in bf16, FP8 and W4A16 (GPTQ g128); JSON into OUT
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve|quant [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -141,8 +143,19 @@ families)
 serve)
     serve_check "$out"
     ;;
+quant)
+    OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py
+    OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_quantization.py \
+        -k "weight_only and gptq-v1-asym-act-order or w8a8 and ct-fp8-channel-token"
+    python -m octavo.benchmarks.quant_linear --output "$out/quant-linear.json"
+    for quantization in auto fp8 gptq; do
+        bench --model dummy:llama3-8b --workload fixed --num-prompts 256 --max-num-seqs 256 \
+            --quantization "$quantization" --output "$out/llama3-8b-fixed-256-quant-$quantization.json"
+    done
+    python -m octavo.benchmarks.quant_linear --summarize "$out"/llama3-8b-fixed-256-quant-{auto,fp8,gptq}.json
+    ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families or serve" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families, serve or quant" >&2
     exit 2
     ;;
 esac

@@ -90,6 +90,6 @@ def test_block_families_name_missing_tensors_as_saved(arch, tiny_model_factory):
         if any(fragment in name for fragment in model.ignored_weights):
             continue
         renamed = model.rename_checkpoint_weight(name)
-        stacked = model._stacked_target(renamed)
-        assert (stacked[0] + "." + stacked[2] if stacked else renamed) in ours, name
+        module_name, _, param = model._linear_target(renamed)  # q_proj.weight -> qkv_proj, weight
+        assert f"{module_name}.{param}" in ours, name
         assert model.checkpoint_name(renamed) == name

@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from octavo.benchmarks import hf_peers, roofline
 from octavo.benchmarks.workloads import (
     DUMMY_MODELS,
     DUMMY_PREFIX,
+    DUMMY_QUANTIZATIONS,
     WORKLOADS,
     Request,
     build_requests,
@@ -75,6 +76,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--max-num-batched-tokens", type=int, default=None, help="octavo: most tokens per step")
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="octavo (default: 0.9)")
     bench.add_argument("--enforce-eager", action="store_true", help="octavo: disable CUDA graphs")
+    bench.add_argument("--quantization", default="auto",
+                       help="octavo weight format (default: auto = the checkpoint's); fp8 quantizes 16-bit weights "
+                            f"at load; with a dummy model, {' | '.join(DUMMY_QUANTIZATIONS)} give random weights "
+                            "in that layout. The octavo limit counts its own (quantized) weight bytes")
     bench.add_argument("--no-async-scheduling", action="store_true",
                        help="octavo: wait for each step's tokens before planning the next")
 
@@ -124,13 +129,14 @@ def _parse_peers(value: str) -> list[str]:
 
 
 @contextmanager
-def _model_path(model: str) -> Iterator[tuple[str, str]]:
-    """(folder, load_format): a ``dummy:`` name becomes a temporary folder holding its config.json."""
+def _model_path(model: str, quantization: str = "auto") -> Iterator[tuple[str, str]]:
+    """(folder, load_format): a ``dummy:`` name becomes a temporary folder holding its config.json
+    (with the ``quantization_config`` of a checkpoint format, when one is asked for)."""
     if not model.startswith(DUMMY_PREFIX):
         yield model, "auto"
         return
     with tempfile.TemporaryDirectory(prefix="octavo-bench-") as folder:
-        yield str(write_dummy_model(model.removeprefix(DUMMY_PREFIX), Path(folder))), "dummy"
+        yield str(write_dummy_model(model.removeprefix(DUMMY_PREFIX), Path(folder), quantization)), "dummy"
 
 
 @contextmanager
@@ -189,7 +195,7 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
         llm = LLM(model=path, dtype=args.dtype, device=args.device, seed=args.seed, load_format=load_format,
                   max_model_len=max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                   enforce_eager=args.enforce_eager, skip_tokenizer_init=True,  # token ids in and out, like the peers
-                  async_scheduling=False if args.no_async_scheduling else None,
+                  async_scheduling=False if args.no_async_scheduling else None, quantization=args.quantization,
                   **{key: value for key, value in options.items() if value is not None})
     startup_s = time.perf_counter() - started
 
@@ -216,6 +222,8 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
                            f"(request {i}: {got}, asked for {wanted}).")
     prompt_tokens, _ = _sums(requests)
     details = {"model_load_s": sum(load_seconds), "engine_startup_s": startup_s, "warmup_s": warmup_s,
+               "weight_bytes": llm.llm_engine.core_client.info.weight_bytes,
+               "quantization": args.quantization,
                "generated_tokens": sum(counts), "async_scheduling": llm.llm_engine.async_scheduling}
     return EngineResult("octavo", len(requests), prompt_tokens, sum(counts), elapsed,
                         "first request submitted to last finished", details=details)
@@ -307,7 +315,8 @@ def format_report(report: dict, results: list[EngineResult]) -> str:
     for result in results:
         d = result.details
         if result.engine == "octavo":
-            lines.append(f"octavo: model load {d['model_load_s']:.1f} s, engine start-up {d['engine_startup_s']:.1f} s "
+            lines.append(f"octavo: weights {d['weight_bytes'] / 1e9:.2f} GB (quantization {d['quantization']}), "
+                         f"model load {d['model_load_s']:.1f} s, engine start-up {d['engine_startup_s']:.1f} s "
                          f"(load included), warm-up {d['warmup_s']:.1f} s; every request got exactly its "
                          f"output length ({result.output_tokens:,} tokens)")
         else:
@@ -333,7 +342,7 @@ def run_throughput(args: argparse.Namespace) -> int:
                          f"output lengths {spec.output_len[0]}..{spec.output_len[1]}; use --workload fixed.")
     device = resolve_device(args.device)
 
-    with _model_path(args.model) as (path, load_format):
+    with _model_path(args.model, args.quantization) as (path, load_format):
         hf_config = loader.load_hf_config(loader.check_model_path(path))
         dtype = resolve_dtype(args.dtype, loader.checkpoint_dtype(hf_config), device)
         requests = build_requests(spec, hf_config.vocab_size, args.seed)
@@ -383,7 +392,11 @@ def run_throughput(args: argparse.Namespace) -> int:
             failures["octavo"] = f"{type(error).__name__}: {error}"
 
     for result in results:
-        bound = _bound(shape, ceilings, requests[:result.num_requests])
+        # octavo's limit reads the weights it holds (quantized ones are smaller); peers hold 16-bit ones
+        own_shape = shape
+        if shape is not None and result.details.get("weight_bytes"):
+            own_shape = replace(shape, weight_bytes=result.details["weight_bytes"])
+        bound = _bound(own_shape, ceilings, requests[:result.num_requests])
         result.bound_output_tok_s = bound.output_tok_s if bound else None
     octavo = results[-1] if results and results[-1].engine == "octavo" else None
     if octavo is not None:

@@ -139,7 +139,18 @@ def dummy_config(name: str):
     return getattr(transformers, class_name)(**values)
 
 
-def write_dummy_model(name: str, folder: Path) -> Path:
-    """Save the model's config.json (no weights) into ``folder``, for ``load_format="dummy"``."""
-    dummy_config(name).save_pretrained(folder)
+# quantization_config of a typical checkpoint in each format, so dummy weights take its layout.
+DUMMY_QUANTIZATIONS: dict[str, dict] = {
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+}
+
+
+def write_dummy_model(name: str, folder: Path, quantization: str = "auto") -> Path:
+    """Save the model's config.json (no weights) into ``folder``, for ``load_format="dummy"``;
+    ``quantization`` gptq or awq adds that format's ``quantization_config``."""
+    config = dummy_config(name)
+    if quantization in DUMMY_QUANTIZATIONS:
+        config.quantization_config = dict(DUMMY_QUANTIZATIONS[quantization])
+    config.save_pretrained(folder)
     return folder

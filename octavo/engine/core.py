@@ -105,7 +105,7 @@ class EngineCore:
         started = time.perf_counter()
         self.model = loader.build_model(
             path, self.hf_config, self.dtype, self.device, self.max_model_len,
-            config.load_format, config.allow_pickle_weights, config.seed,
+            config.load_format, config.allow_pickle_weights, config.seed, quantization=config.quantization,
         )
         logger.info("loaded %s (%s, %s) in %.1fs", path, self.dtype, self.device, time.perf_counter() - started)
 
@@ -144,7 +144,8 @@ class EngineCore:
     def info(self) -> CoreInfo:
         return CoreInfo(num_blocks=self.kv_cache.pool.num_blocks, block_size=self.block_size,
                         dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
-                        max_model_len=self.max_model_len, max_num_seqs=self.scheduler.max_num_seqs)
+                        max_model_len=self.max_model_len, max_num_seqs=self.scheduler.max_num_seqs,
+                        weight_bytes=sum(param.numel() * param.element_size() for param in self.model.parameters()))
 
     # ---- sizing ------------------------------------------------------------------------
     def _num_kv_blocks(self, max_batched_tokens: int, max_num_seqs: int) -> int:

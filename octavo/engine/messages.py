@@ -85,6 +85,7 @@ class CoreInfo(msgspec.Struct):
     device: str
     max_model_len: int
     max_num_seqs: int
+    weight_bytes: int = 0  # the model's parameters as loaded (quantized ones are smaller)
 
 
 # ---- the wire --------------------------------------------------------------------------------

@@ -132,6 +132,9 @@ def add_engine_arguments(parser: Union[argparse.ArgumentParser, argparse._Argume
     parser.add_argument("--allow-pickle-weights", action="store_true",
                         help="load pickled *.bin/*.pt weights (they can run code: only for trusted sources)")
     parser.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
+    parser.add_argument("--quantization", default="auto",
+                        help="weight format: auto (from config.json), none, awq, compressed-tensors, fp8, gptq; "
+                             "fp8 also quantizes a 16-bit checkpoint at load (default: auto)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -142,7 +145,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=not args.no_prefix_caching,
         enforce_eager=args.enforce_eager, load_format=args.load_format,
         allow_pickle_weights=args.allow_pickle_weights, seed=args.seed,
-        async_scheduling=False if args.no_async_scheduling else None,
+        async_scheduling=False if args.no_async_scheduling else None, quantization=args.quantization,
     )
 
 

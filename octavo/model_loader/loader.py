@@ -7,6 +7,7 @@ which is all a throughput benchmark needs.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from octavo.layers.linear import Linear
+from octavo.layers.quantization import QuantizationConfig, resolve_quantization
 from octavo.models.base import CausalLM
 from octavo.models.registry import resolve_model_class, stand_in_config
 
@@ -112,18 +115,24 @@ def build_model(
     load_format: str = "auto",
     allow_pickle_weights: bool = False,
     seed: int = 0,
+    quantization: Optional[str] = "auto",
 ) -> CausalLM:
+    """``quantization``: ``auto`` follows config.json's ``quantization_config``; a format name must
+    match it (``fp8`` may also quantize a 16-bit checkpoint at load); ``none`` refuses quantized ones."""
     check_load_format(path, load_format)  # callers other than the engine may not have checked
     model_class = resolve_model_class(hf_config)
+    quant_config = quantization_for_model(model_class, hf_config, quantization, dtype)
+    extra = {} if quant_config is None else {"quant_config": quant_config}
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = model_class(hf_config, max_position=max_model_len)
+            model = model_class(hf_config, max_position=max_model_len, **extra)
     finally:
         torch.set_default_dtype(previous_dtype)
     if load_format == "dummy":
         _init_dummy_weights(model, seed)
+        model.process_after_loading()
     elif is_gguf(path):
         from octavo.model_loader.gguf_loader import iter_gguf_weights
 
@@ -136,11 +145,41 @@ def build_model(
     return model.eval()
 
 
+def quantization_for_model(model_class: type[CausalLM], hf_config, quantization: Optional[str],
+                           dtype: torch.dtype) -> Optional[QuantizationConfig]:
+    """The checkpoint's weight format for this model class, checked against the dtype; ``None``
+    for full-precision weights."""
+    quant_config = resolve_quantization(hf_config, quantization)
+    if quant_config is None:
+        return None
+    if "quant_config" not in inspect.signature(model_class.__init__).parameters:
+        raise ValueError(f"{model_class.__name__} does not support quantized weights yet; load an unquantized checkpoint.")
+    quant_config.packed_modules = packed_modules(model_class.stacked_params)
+    quant_config.check_dtype(dtype)
+    return quant_config
+
+
+def packed_modules(stacked_params: dict[str, tuple[str, str]]) -> dict[str, tuple[str, ...]]:
+    """``{"q_proj": ("qkv_proj", "q"), ...}`` -> ``{"qkv_proj": ("q_proj", "k_proj", "v_proj")}``."""
+    packed: dict[str, list[str]] = {}
+    for checkpoint_name, (fused, _) in stacked_params.items():
+        packed.setdefault(fused, []).append(checkpoint_name)
+    return {fused: tuple(names) for fused, names in packed.items()}
+
+
 @torch.no_grad()
 def _init_dummy_weights(model: CausalLM, seed: int) -> None:
-    """Small random values: realistic magnitudes keep activations finite in half precision."""
+    """Small random values: realistic magnitudes keep activations finite in half precision.
+    Linear layers fill their own parameters (quantized ones in their packed format)."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    linear_params = set()
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.init_dummy(generator)
+            linear_params.update(id(param) for param in module.parameters())
     for name, param in model.named_parameters():
+        if id(param) in linear_params:
+            continue
         if name.endswith("norm.weight") or ".ln_" in name or name.endswith("ln_f.weight"):
             param.fill_(1.0)
         elif name.endswith(".bias"):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from octavo.layers.attention import Attention, AttentionMetadata
-from octavo.layers.linear import MergedLinear
+from octavo.layers.linear import Linear
 from octavo.layers.moe import FusedMoE
 
 
@@ -49,7 +49,8 @@ class CausalLM(nn.Module):
         return tensor
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors in, fusing shards; fail loudly on anything missing or unknown."""
+        """Copy checkpoint tensors in, fusing shards; fail loudly on anything missing or unknown.
+        Linear layers take their tensors through their quantization method, then repack."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         experts = {name: module for name, module in modules.items() if isinstance(module, FusedMoE)}
@@ -70,13 +71,13 @@ class CausalLM(nn.Module):
                 except ValueError as error:
                     raise ValueError(f"checkpoint tensor {checkpoint_name!r} {error}") from None
                 continue
-            target = self._stacked_target(name)
-            if target is not None:
-                module_name, shard, param = target
-                module = modules[module_name]
-                assert isinstance(module, MergedLinear)
-                module.load_shard(shard, param, tensor)
-                loaded.add(f"{module_name}.{param}:{shard}")
+            module_name, shard, param = self._linear_target(name)
+            module = modules.get(module_name)
+            if isinstance(module, Linear):
+                try:
+                    module.load_shard(shard, param, tensor)
+                except ValueError as error:
+                    raise ValueError(f"checkpoint tensor {checkpoint_name!r}: {error}") from error
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {checkpoint_name!r} does not match any model parameter.")
@@ -90,39 +91,49 @@ class CausalLM(nn.Module):
                 param.copy_(tensor)
             loaded.add(name)
         self._check_all_loaded(params, modules, loaded)
+        self.process_after_loading()
 
-    def _stacked_target(self, name: str):
-        parts = name.split(".")
-        if len(parts) < 2:
-            return None
-        module_part, param = parts[-2], parts[-1]
-        if module_part not in self.stacked_params:
-            return None
-        fused, shard = self.stacked_params[module_part]
-        return ".".join(parts[:-2] + [fused]), shard, param
+    def process_after_loading(self) -> None:
+        """Let every linear layer repack its weight for its kernels (after loading or dummy init)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.process_after_loading()
+
+    def _linear_target(self, name: str) -> tuple[str, str, str]:
+        """(module name, shard, tensor name): ``...q_proj.weight`` -> (``...qkv_proj``, ``q``, ``weight``)."""
+        module_name, _, param = name.rpartition(".")
+        parent, _, leaf = module_name.rpartition(".")
+        if leaf in self.stacked_params:
+            fused, shard = self.stacked_params[leaf]
+            return ".".join(filter(None, [parent, fused])), shard, param
+        return module_name, "", param
 
     def _check_all_loaded(self, params: dict, modules: dict, loaded: set[str]) -> None:
         missing = []
         # Report fused shards by the checkpoint's own names (q_proj, not qkv_proj:q).
         checkpoint_part = {value: key for key, value in self.stacked_params.items()}
         stacked = {fused for fused, _ in self.stacked_params.values()}
-        for name in params:
-            module_name, _, param = name.rpartition(".")
-            module = modules.get(module_name)
-            parent, _, fused = module_name.rpartition(".")
-            # A fused layer is loaded by shards unless it was loaded whole (Phi-3's qkv_proj) or
-            # the checkpoint stores it whole.
-            if isinstance(module, MergedLinear) and name not in loaded and fused in stacked:
-                missing += [
-                    ".".join(filter(None, [parent, checkpoint_part.get((fused, shard), f"{fused}:{shard}"), param]))
-                    for shard in module.shard_offsets if f"{module_name}.{param}:{shard}" not in loaded
-                ]
-            elif isinstance(module, FusedMoE):
-                continue  # reported below, by the names the checkpoint would use
-            elif name not in loaded and not (self.tie_word_embeddings and name == "lm_head.weight"):
-                missing.append(name)
-        missing += [f"{module_name}.{tensor}" for module_name, module in modules.items()
-                    if isinstance(module, FusedMoE) for tensor in module.missing_checkpoint_tensors()]
+        # Linear layers and experts keep their own account of what arrived.
+        self_tracked = set()
+        for module_name, module in modules.items():
+            if isinstance(module, FusedMoE):
+                self_tracked.update(f"{module_name}.{param}" for param, _ in module.named_parameters())
+                missing += [f"{module_name}.{tensor}" for tensor in module.missing_checkpoint_tensors()]
+                continue
+            if not isinstance(module, Linear):
+                continue
+            self_tracked.update(f"{module_name}.{param}" for param, _ in module.named_parameters())
+            if self.tie_word_embeddings and module is getattr(self, "lm_head", None):
+                continue
+            parent, _, leaf = module_name.rpartition(".")
+            absent = module.missing_tensors()
+            if leaf not in stacked:  # the checkpoint stores the layer whole, even a fused one
+                missing += dict.fromkeys(".".join(filter(None, [parent, leaf, param])) for _, param in absent)
+                continue
+            for shard, param in absent:
+                part = checkpoint_part.get((leaf, shard), f"{leaf}:{shard}") if shard else leaf
+                missing.append(".".join(filter(None, [parent, part, param])))
+        missing += [name for name in params if name not in loaded and name not in self_tracked]
         if missing:
             missing = [self.checkpoint_name(name) for name in missing]
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")

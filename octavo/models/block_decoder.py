@@ -13,7 +13,7 @@ describes itself as a ``BlockSpec`` and maps its checkpoint names onto the modul
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -21,9 +21,15 @@ from torch import nn
 from octavo.layers.activation import get_activation
 from octavo.layers.alibi import alibi_slopes
 from octavo.layers.attention import Attention, AttentionMetadata
-from octavo.layers.linear import MergedLinear
+from octavo.layers.linear import Linear
+from octavo.layers.quantization.base import QuantizationConfig
 from octavo.layers.rotary import RotaryEmbedding
 from octavo.models.base import CausalLM
+
+
+# (in_features, out_features or shard sizes, bias, module path) -> the layer; see
+# ``BlockDecoderForCausalLM.make_linear``.
+LinearFactory = Callable[[int, Union[int, dict[str, int]], bool, str], Linear]
 
 
 @dataclass(frozen=True)
@@ -62,15 +68,15 @@ class BlockSpec:
 
 
 class BlockAttention(nn.Module):
-    def __init__(self, spec: BlockSpec, rotary_emb: Optional[RotaryEmbedding]) -> None:
+    def __init__(self, spec: BlockSpec, rotary_emb: Optional[RotaryEmbedding], linear: LinearFactory,
+                 path: str) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
-            spec.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=spec.qkv_bias
-        )
-        self.out_proj = nn.Linear(self.q_size, spec.hidden_size, bias=spec.out_bias)
+        self.qkv_proj = linear(spec.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+                               spec.qkv_bias, f"{path}.qkv_proj")
+        self.out_proj = linear(self.q_size, spec.hidden_size, spec.out_bias, f"{path}.out_proj")
         self.qk_norm = spec.qk_norm
         if self.qk_norm:
             self.q_norm = nn.LayerNorm(self.head_dim, eps=spec.norm_eps)
@@ -95,10 +101,10 @@ class BlockAttention(nn.Module):
 
 
 class BlockMLP(nn.Module):
-    def __init__(self, spec: BlockSpec) -> None:
+    def __init__(self, spec: BlockSpec, linear: LinearFactory, path: str) -> None:
         super().__init__()
-        self.fc_in = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.fc_out = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.fc_in = linear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, f"{path}.fc_in")
+        self.fc_out = linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, f"{path}.fc_out")
         self.act = get_activation(spec.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,16 +112,17 @@ class BlockMLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, spec: BlockSpec, rotary_emb: Optional[RotaryEmbedding]) -> None:
+    def __init__(self, spec: BlockSpec, rotary_emb: Optional[RotaryEmbedding], linear: LinearFactory,
+                 path: str) -> None:
         super().__init__()
         self.parallel = spec.parallel
         self.residual_from_norm = spec.residual_from_norm
         self.input_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
-        self.attn = BlockAttention(spec, rotary_emb)
+        self.attn = BlockAttention(spec, rotary_emb, linear, f"{path}.attn")
         # Sequential blocks normalise again before the MLP; parallel ones only with parallel_norms.
         self.mlp_norm = (nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
                          if not spec.parallel or spec.parallel_norms else None)
-        self.mlp = BlockMLP(spec)
+        self.mlp = BlockMLP(spec, linear, f"{path}.mlp")
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         normed = self.input_norm(hidden)
@@ -129,7 +136,7 @@ class DecoderBlock(nn.Module):
 
 
 class BlockModel(nn.Module):
-    def __init__(self, config, spec: BlockSpec, max_position: int) -> None:
+    def __init__(self, config, spec: BlockSpec, max_position: int, linear: LinearFactory) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.embed_positions = (nn.Embedding(spec.max_learned_positions, spec.hidden_size)
@@ -139,7 +146,8 @@ class BlockModel(nn.Module):
         if spec.positions == "rotary":
             self.rotary_emb = RotaryEmbedding(config, spec.head_dim, max_position, rotary_dim=spec.rotary_dim,
                                               interleaved=spec.rotary_interleaved)
-        self.layers = nn.ModuleList(DecoderBlock(spec, self.rotary_emb) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderBlock(spec, self.rotary_emb, linear, f"model.layers.{index}")
+                                    for index in range(spec.num_layers))
         self.final_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
@@ -192,7 +200,11 @@ class BlockDecoderForCausalLM(CausalLM):
     loading), and ``checkpoint_renames()``: (checkpoint path, module path) pairs of dotted
     segments, applied in order when loading and backwards when naming a missing tensor. A fused
     q/k/v matrix is renamed to ``attn.qkv_proj`` and reordered by the spec's ``fused_qkv_layout``;
-    separate ``q_proj``/``k_proj``/``v_proj`` need ``stacked_params = SEPARATE_QKV``."""
+    separate ``q_proj``/``k_proj``/``v_proj`` need ``stacked_params = SEPARATE_QKV``.
+
+    Projections are ``Linear`` layers (``make_linear``) known to a quantization config by their
+    checkpoint names: quantized checkpoints load where q/k/v are stored apart (GPT-J, Phi-2), and
+    online FP8 works for every family; a fused q/k/v stored quantized is refused by the layer."""
 
     checkpoint_prefix = "transformer."
 
@@ -203,7 +215,7 @@ class BlockDecoderForCausalLM(CausalLM):
     def checkpoint_renames(self) -> list[tuple[str, str]]:
         raise NotImplementedError
 
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, quant_config: Optional[QuantizationConfig] = None) -> None:
         super().__init__()
         self.config = config
         self.spec = spec = self.block_spec(config)
@@ -212,12 +224,18 @@ class BlockDecoderForCausalLM(CausalLM):
                 f"max_model_len ({max_position}) exceeds the model's {spec.max_learned_positions} learned "
                 "positions; lower max_model_len."
             )
-        self.model = BlockModel(config, spec, max_position)
+        self._renames = self.checkpoint_renames()
+        self.quant_config = quant_config
+        self.model = BlockModel(config, spec, max_position, self.make_linear)
         self.tie_word_embeddings = spec.tie_word_embeddings
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._renames = self.checkpoint_renames()
+
+    def make_linear(self, in_features: int, out_features: Union[int, dict[str, int]], bias: bool,
+                    path: str) -> Linear:
+        """A projection at module ``path``; the quantization config knows it by its checkpoint name."""
+        return Linear(in_features, out_features, bias, self.quant_config, prefix=self.checkpoint_name(path))
 
     def rename_checkpoint_weight(self, name: str) -> str:
         if name.startswith("lm_head."):
@@ -236,7 +254,9 @@ class BlockDecoderForCausalLM(CausalLM):
         return self.checkpoint_prefix + name
 
     def transform_checkpoint_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if ".qkv_proj." in name:
+        # Only full-precision rows reorder; the layer refuses a fused q/k/v stored quantized.
+        full_precision = tensor.is_floating_point() and tensor.element_size() > 1
+        if ".qkv_proj." in name and name.rpartition(".")[2] in ("weight", "bias") and full_precision:
             spec = self.spec
             return fused_qkv_to_blocks(tensor, spec.fused_qkv_layout, spec.num_heads, spec.num_kv_heads,
                                        spec.head_dim)

@@ -9,17 +9,19 @@ from torch import nn
 
 from octavo.layers.activation import get_activation
 from octavo.layers.attention import Attention, AttentionMetadata
+from octavo.layers.linear import Linear
+from octavo.layers.quantization.base import QuantizationConfig
 from octavo.models.base import CausalLM
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         hidden = config.n_embd
         self.num_heads = config.n_head
         self.head_dim = hidden // self.num_heads
-        self.c_attn = nn.Linear(hidden, 3 * hidden)
-        self.c_proj = nn.Linear(hidden, hidden)
+        self.c_attn = Linear(hidden, 3 * hidden, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_attn")
+        self.c_proj = Linear(hidden, hidden, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj")
         scale = self.head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
         self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, scale=scale)
 
@@ -29,11 +31,11 @@ class GPT2Attention(nn.Module):
 
 
 class GPT2MLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, inner)
-        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.c_fc = Linear(config.n_embd, inner, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_fc")
+        self.c_proj = Linear(inner, config.n_embd, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj")
         self.act = get_activation(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,12 +43,12 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = GPT2Attention(config)
+        self.attn = GPT2Attention(config, quant_config, f"{prefix}.attn")
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = GPT2MLP(config)
+        self.mlp = GPT2MLP(config, quant_config, f"{prefix}.mlp")
 
     def forward(self, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         hidden = hidden + self.attn(self.ln_1(hidden), metadata)
@@ -54,11 +56,11 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.h = nn.ModuleList(GPT2Block(config) for _ in range(config.n_layer))
+        self.h = nn.ModuleList(GPT2Block(config, quant_config, f"{prefix}.h.{index}") for index in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
     def forward(self, input_ids, positions, metadata):
@@ -73,7 +75,7 @@ class GPT2LMHeadModel(CausalLM):
     # HF stores these as Conv1D ([in, out]); nn.Linear wants [out, in].
     _conv1d_weights = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
 
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, quant_config: Optional[QuantizationConfig] = None) -> None:
         super().__init__()
         if getattr(config, "scale_attn_by_inverse_layer_idx", False) or getattr(config, "reorder_and_upcast_attn", False):
             raise ValueError("GPT-2 variants with scale_attn_by_inverse_layer_idx/reorder_and_upcast_attn are not supported.")
@@ -82,9 +84,9 @@ class GPT2LMHeadModel(CausalLM):
                 f"max_model_len ({max_position}) exceeds GPT-2's n_positions ({config.n_positions}); lower max_model_len."
             )
         self.config = config
-        self.transformer = GPT2Model(config)
+        self.transformer = GPT2Model(config, quant_config, "transformer")
         self.tie_word_embeddings = True
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, prefix="lm_head")
         self.lm_head.weight = self.transformer.wte.weight
 
     def rename_checkpoint_weight(self, name: str) -> Optional[str]:

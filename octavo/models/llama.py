@@ -19,8 +19,9 @@ from torch import nn
 
 from octavo.layers.activation import gated_activation
 from octavo.layers.attention import Attention, AttentionMetadata
-from octavo.layers.linear import MergedLinear
+from octavo.layers.linear import Linear, MergedLinear
 from octavo.layers.moe import SparseMoeBlock
+from octavo.layers.quantization.base import QuantizationConfig
 from octavo.layers.norm import RMSNorm
 from octavo.layers.rotary import RotaryEmbedding
 from octavo.models.base import CausalLM
@@ -52,7 +53,8 @@ def _sliding_window(config, layer_index: int) -> Optional[int]:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config, layer_index: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config, layer_index: int, rotary_emb: RotaryEmbedding,
+                 quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -64,9 +66,11 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=qkv_bias
+            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=qkv_bias,
+            quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias, quant_config=quant_config,
+                             prefix=f"{prefix}.o_proj")
         self.use_qk_norm = model_type in ("qwen3", "qwen3_moe")
         if self.use_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -107,12 +111,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config, intermediate_size: Optional[int] = None) -> None:
+    def __init__(self, config, quant_config: Optional[QuantizationConfig], prefix: str,
+                 intermediate_size: Optional[int] = None) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         size = intermediate_size or config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias,
+                                         quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = Linear(size, config.hidden_size, bias=bias, quant_config=quant_config,
+                                prefix=f"{prefix}.down_proj")
         # Gemma-2 reads its GeGLU activation from hidden_activation, every other family from hidden_act.
         gemma2 = getattr(config, "model_type", "") == "gemma2"
         self.act = gated_activation(config.hidden_activation if gemma2 else getattr(config, "hidden_act", "silu"))
@@ -121,29 +128,35 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
-def _feed_forward(config, layer_index: int) -> nn.Module:
+def _num_experts(config) -> int:
+    return getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+
+
+def _feed_forward(config, layer_index: int, quant_config: Optional[QuantizationConfig], prefix: str) -> nn.Module:
     """The MLP, or a sparse MoE block where the config has experts (on every layer for Mixtral; Qwen
     MoE configs may keep some layers dense through ``mlp_only_layers`` and ``decoder_sparse_step``)."""
-    num_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0
+    num_experts = _num_experts(config)
     dense_layers = getattr(config, "mlp_only_layers", None) or []
     sparse_step = getattr(config, "decoder_sparse_step", 1)
     if not num_experts or layer_index in dense_layers or (layer_index + 1) % sparse_step:
-        return LlamaMLP(config)
+        return LlamaMLP(config, quant_config, prefix)
     shared_size = getattr(config, "shared_expert_intermediate_size", 0)
     return SparseMoeBlock(
         config.hidden_size, num_experts, config.num_experts_per_tok,
         getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
         renormalize=getattr(config, "norm_topk_prob", True),  # Mixtral has no switch: it always renormalises
         activation=getattr(config, "hidden_act", "silu"),
-        shared_expert=LlamaMLP(config, shared_size) if shared_size else None,
+        shared_expert=(LlamaMLP(config, quant_config, f"{prefix}.shared_expert", shared_size)
+                       if shared_size else None),
     )
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_index: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config, layer_index: int, rotary_emb: RotaryEmbedding,
+                 quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_index, rotary_emb)
-        self.mlp = _feed_forward(config, layer_index)
+        self.self_attn = LlamaAttention(config, layer_index, rotary_emb, quant_config, f"{prefix}.self_attn")
+        self.mlp = _feed_forward(config, layer_index, quant_config, f"{prefix}.mlp")
         self.input_layernorm = _rms_norm(config, config.hidden_size)
         self.post_attention_layernorm = _rms_norm(config, config.hidden_size)
         # Gemma-2 also normalises the attention and MLP outputs before each residual add.
@@ -167,14 +180,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # Gemma scales embeddings by sqrt(hidden), rounded to the model dtype as transformers does.
         self.embed_scale = float(torch.tensor(config.hidden_size**0.5)) if _is_gemma(config) else None
         self.rotary_emb = RotaryEmbedding(config, _head_dim(config), max_position)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, index, self.rotary_emb) for index in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, index, self.rotary_emb, quant_config, f"{prefix}.layers.{index}")
+            for index in range(config.num_hidden_layers)
         )
         self.norm = _rms_norm(config, config.hidden_size)
 
@@ -199,12 +213,19 @@ class LlamaForCausalLM(CausalLM):
         "up_proj": ("gate_up_proj", "up"),
     }
 
-    def __init__(self, config, max_position: int) -> None:
+    def __init__(self, config, max_position: int, quant_config: Optional[QuantizationConfig] = None) -> None:
         super().__init__()
+        if quant_config is not None and _num_experts(config):
+            raise ValueError(
+                f"quantized weights ({quant_config.name}) are not supported for mixture-of-experts models yet: "
+                "their experts are stacked full-precision tensors. Load an unquantized checkpoint "
+                "(quantization auto or none)."
+            )
         self.config = config
-        self.model = LlamaModel(config, max_position)
+        self.model = LlamaModel(config, max_position, quant_config, "model")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False,
+                              quant_config=None if self.tie_word_embeddings else quant_config, prefix="lm_head")
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)  # Gemma-2
