@@ -369,3 +369,17 @@ def test_throughput_bench_reports_quantized_weight_bytes(tmp_path, capsys, monke
 
     summary = summarize_throughput([str(output), str(output)])
     assert "fp8" in summary and "1.00x" in summary
+
+
+def test_quantization_reaches_the_core_process(tmp_path):
+    """``quantization`` travels to a core in its own process (the default on CUDA) with the config."""
+    build_tiny_model("llama", tmp_path)
+    in_process = make_llm(tmp_path, quantization="fp8")
+    across = make_llm(tmp_path, quantization="fp8", engine_core_process=True)
+    assert across.llm_engine.core is None
+    info = across.llm_engine.core_client.info
+    assert info.weight_bytes == in_process.llm_engine.core_client.info.weight_bytes
+    assert info.weight_bytes < make_llm(tmp_path).llm_engine.core_client.info.weight_bytes / 2
+    prompts = random_prompts(3)
+    assert engine_greedy(across, prompts) == engine_greedy(in_process, prompts)
+    across.llm_engine.shutdown()
