@@ -23,6 +23,7 @@ from octavo.kv_cache.manager import KVCacheManager, KVCacheStats
 from octavo.model_loader import loader
 from octavo.outputs import CompletionOutput, Logprob, RequestOutput
 from octavo.sampling_params import SamplingParams
+from octavo.structured_output import StructuredOutputManager
 from octavo.worker.kv_cache_memory import bytes_per_block, check_cuda_share, cpu_kv_cache_bytes, cuda_kv_cache_bytes
 from octavo.worker.model_runner import LaunchedStep, ModelRunner, SampledToken
 from octavo.worker.sampler import make_generator
@@ -70,6 +71,7 @@ class LLMEngine:
         self.tokenizer = None if config.skip_tokenizer_init else loader.load_tokenizer(path, config.tokenizer)
         self.eos_token_ids = loader.eos_token_ids(path, self.hf_config, self.tokenizer)
         self.vocab_size = self.hf_config.vocab_size
+        self.structured_output = StructuredOutputManager(self.tokenizer, self.vocab_size, self.eos_token_ids)
         logger.info("loaded %s (%s, %s) in %.1fs", path, self.dtype, self.device, time.perf_counter() - started)
 
         cache, sched = config.cache, config.scheduler
@@ -166,12 +168,14 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use.")
         text, token_ids, cache_salt = self.tokenize_prompt(prompt)
         self.validate_prompt(token_ids, params)
+        params.resolve_bad_words(self.tokenizer)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - len(token_ids)
         seqs = []
         for index in range(params.num_samples):
             generator = make_generator(params.seed + index, self.device) if params.seed is not None else None
             seqs.append(Sequence(next(self._seq_ids), request_id, index, token_ids, params, max_tokens,
                                  generator, cache_salt, arrival_time))
+            seqs[-1].grammar = self.structured_output.grammar_for(params.structured_outputs)
         detokenize = params.detokenize and self.tokenizer is not None
         state = RequestState(
             request_id, text, token_ids, params, seqs,
@@ -202,6 +206,10 @@ class LLMEngine:
                 + ("this model has no tokenizer" if self.tokenizer is None else "detokenize is False")
                 + "; use stop_token_ids instead."
             )
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = next((t for t in ids if t >= self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"{name} has token id {bad}, out of the vocabulary [0, {self.vocab_size}).")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > self.vocab_size:
@@ -253,6 +261,7 @@ class LLMEngine:
         previous = self._in_flight
         self._in_flight = (batch, self._launch(batch, previous[1] if previous else None))
         outputs = self._process(*previous) if previous is not None else []
+        self._in_flight[1].finish_sampling()  # sampling that needed the tokens just processed
         self._drop_in_flight_if_idle()
         return outputs
 
@@ -320,6 +329,9 @@ class LLMEngine:
         params = seq.params
         token = sampled.token_id
         seq.append_token(token, sampled.logprob)
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            logger.error("request %s: the grammar rejected token %d; the rest is unconstrained", seq.request_id, token)
+            seq.grammar = None
         if state.logprobs is not None:  # the sampler's table always includes the sampled token
             state.logprobs[seq.sample_index].append(self._to_logprob_dicts([sampled.top_logprobs])[0])
 

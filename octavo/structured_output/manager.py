@@ -1,0 +1,120 @@
+"""Per-sequence grammar state and the per-step token bitmask.
+
+The engine core owns both. ``StructuredOutputManager.grammar_for`` gives each sequence (every
+sample of n > 1 included) its own ``SequenceGrammar``; the engine advances it with each token
+it appends (``accept``), and the model runner asks ``BitmaskFiller.fill`` for the next step's
+mask of the rows that have one. The mask is filled on the CPU by xgrammar's thread pool (it
+releases the GIL) while the device runs the step's forward pass, then uploaded and applied
+before sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from octavo.structured_output.backend import GrammarCompiler, load_xgrammar
+from octavo.structured_output.params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+
+class SequenceGrammar:
+    """One sequence's matcher, created once its grammar has compiled (usually during prefill)."""
+
+    def __init__(self, compiled: Future) -> None:
+        self._compiled = compiled
+        self._matcher: Any = None
+
+    @property
+    def matcher(self) -> Any:
+        if self._matcher is None:
+            self._matcher = load_xgrammar().GrammarMatcher(self._compiled.result())
+        return self._matcher
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by one sampled token; False if the grammar rejects it (which the mask prevents)."""
+        matcher = self.matcher
+        return not matcher.is_terminated() and matcher.accept_token(token_id)
+
+    @property
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+class StructuredOutputManager:
+    """Hands out per-sequence grammars; compiles lazily, so engines without xgrammar still run."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._stop_token_ids = frozenset(stop_token_ids)
+        self._compiler: Optional[GrammarCompiler] = None
+
+    def grammar_for(self, params: Optional[StructuredOutputsParams]) -> Optional[SequenceGrammar]:
+        if params is None:
+            return None
+        if self._tokenizer is None:
+            raise ValueError("structured_outputs needs the model's tokenizer, and this model has none.")
+        if self._compiler is None:
+            self._compiler = GrammarCompiler(self._tokenizer, self._vocab_size, self._stop_token_ids)
+        return SequenceGrammar(self._compiler.compile(params))
+
+    def close(self) -> None:
+        if self._compiler is not None:
+            self._compiler.close()
+
+
+@dataclass
+class GrammarBitmask:
+    """A step's packed masks (bit j of row i: token j is allowed) and the logits rows they cover."""
+
+    bitmask: torch.Tensor  # [num_rows, ceil(vocab / 32)] int32, on the logits' device
+    rows: list[int]
+
+
+class BitmaskFiller:
+    """Fills and uploads the bitmask for the constrained rows of a step.
+
+    The host buffer is pinned and reused. That is safe because the model runner fills the mask
+    of step k + 1 only once step k's tokens have reached the host (a constrained step samples
+    after the step before it is processed), and step k's upload was queued before its sampling.
+    """
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self._host: Optional[torch.Tensor] = None
+        self._batch_matcher: Any = None
+
+    def fill(self, grammars: Sequence[Optional[SequenceGrammar]]) -> Optional[GrammarBitmask]:
+        """``grammars``: one per logits row, None for unconstrained (or finished) rows."""
+        rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
+        if not rows:
+            return None
+        xgr = load_xgrammar()
+        host = self._buffer(len(grammars), xgr)
+        if self._batch_matcher is None:
+            self._batch_matcher = xgr.BatchGrammarMatcher()
+        self._batch_matcher.batch_fill_next_token_bitmask([grammars[row].matcher for row in rows], host, rows)
+        if self.device.type == "cuda":
+            bitmask = host.to(self.device, non_blocking=True)
+        else:
+            bitmask = host.clone()  # the caller may keep it past the next fill
+        return GrammarBitmask(bitmask, rows)
+
+    def _buffer(self, num_rows: int, xgr: Any) -> torch.Tensor:
+        if self._host is None or self._host.shape[0] < num_rows:
+            shape = xgr.get_bitmask_shape(max(num_rows, 64), self.vocab_size)
+            self._host = torch.empty(shape, dtype=xgr.bitmask_dtype, pin_memory=self.device.type == "cuda")
+        return self._host[:num_rows]
+
+
+def apply_bitmask(logits: torch.Tensor, mask: GrammarBitmask) -> None:
+    """Set to -inf, in place, the float32 ``logits`` of tokens the grammars forbid."""
+    load_xgrammar().apply_token_bitmask_inplace(logits, mask.bitmask, vocab_size=logits.shape[1],
+                                                indices=mask.rows)
