@@ -81,11 +81,12 @@ class StructuredOutputsParams:
 
     @property
     def schema_text(self) -> Optional[str]:
-        """The JSON schema as canonical text (sorted keys), the key it is compiled and cached by."""
+        """The JSON schema as compact text, the key it is compiled and cached by (keys keep their
+        order: it is the order the properties are generated in)."""
         if self.json is None:
             return None
         schema = json.loads(self.json) if isinstance(self.json, str) else self.json
-        return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        return json.dumps(schema, separators=(",", ":"))
 
     def choice_ebnf(self) -> str:
         """The choice as an EBNF alternation of literals (JSON string escapes are valid EBNF ones)."""

@@ -1,0 +1,141 @@
+"""Structured output offline: every constrained output parses and matches its schema, regex,
+choice or grammar, with n > 1 (each sample its own matcher) and with the pipelined scheduler
+(constrained rows sample only after the step in flight has been processed)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from octavo import LLM, SamplingParams
+from octavo.structured_output import StructuredOutputsParams
+from tests.structured_fixtures import build_structured_model
+
+pytest.importorskip("xgrammar")
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "color": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+    },
+    "required": ["name", "age", "color", "tags"],
+    "additionalProperties": False,
+}
+PROMPTS = ["Hello", "The capital of France is", "What is the weather like?"]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("structured")
+    build_structured_model(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(request, model_folder):
+    return LLM(str(model_folder), device="cpu", dtype="float32", async_scheduling=request.param,
+               kv_cache_memory=8 << 20)
+
+
+def texts(outputs) -> list[str]:
+    for output in outputs:
+        for completion in output.outputs:
+            assert completion.finish_reason == "stop", completion
+    return [completion.text for output in outputs for completion in output.outputs]
+
+
+def parse_json(text: str):
+    # strict=False: xgrammar's JSON strings admit raw control characters, which json rejects by default.
+    return json.loads(text, strict=False)
+
+
+def test_json_schema_n_samples(llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=200,
+                            structured_outputs=StructuredOutputsParams(json=PERSON))
+    results = texts(llm.generate(PROMPTS, params, use_tqdm=False))
+    assert len(results) == 9
+    for text in results:
+        jsonschema.validate(parse_json(text), PERSON)
+    # The samples drew their own tokens (distinct matchers), not copies of one another.
+    assert len(set(results)) > 3
+
+
+def test_json_schema_compact_greedy(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=200,
+                            structured_outputs={"json": json.dumps(PERSON), "disable_any_whitespace": True})
+    for text in texts(llm.generate(PROMPTS, params, use_tqdm=False)):
+        jsonschema.validate(parse_json(text), PERSON)
+        outside_strings = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)
+        assert not re.search(r"[\n\r\t]|\s\s", outside_strings)  # one line, single-space separators
+        assert list(parse_json(text)) == list(PERSON["properties"])  # in the schema's order
+
+
+def test_regex_choice_grammar(llm):
+    regex = r"[a-z]{2,6}@(octavo|example)\.(org|com)"
+    outputs = llm.generate(PROMPTS, SamplingParams(n=2, seed=2, max_tokens=40, structured_outputs={"regex": regex}),
+                           use_tqdm=False)
+    assert all(re.fullmatch(regex, text) for text in texts(outputs))
+
+    choices = ["yes", "no", "maybe so"]
+    outputs = llm.generate(PROMPTS, SamplingParams(n=4, seed=3, max_tokens=10, structured_outputs={"choice": choices}),
+                           use_tqdm=False)
+    assert set(texts(outputs)) <= set(choices)
+
+    grammar = 'root ::= "(" num ("+" num)* ")"\nnum ::= [1-9] [0-9]?'
+    outputs = llm.generate(PROMPTS, SamplingParams(seed=4, max_tokens=60, structured_outputs={"grammar": grammar}),
+                           use_tqdm=False)
+    assert all(re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?)*\)", text) for text in texts(outputs))
+
+
+def test_json_object(llm):
+    # Any JSON object: a random model has no reason to ever close a string, as a trained one has,
+    # so a bias towards the closing tokens stands in for that (logit_bias under a grammar).
+    tokenizer = llm.get_tokenizer()
+    closing = {tokenizer.convert_tokens_to_ids(token): 6.0 for token in ('"', "}")}
+    params = SamplingParams(seed=5, max_tokens=300, logit_bias=closing,
+                            structured_outputs={"json_object": True, "disable_any_whitespace": True})
+    for text in texts(llm.generate(PROMPTS, params, use_tqdm=False)):
+        assert isinstance(parse_json(text), dict)
+
+
+def test_mixed_batch_keeps_unconstrained_rows_unchanged(llm):
+    """A constrained request beside plain ones changes nothing for them (greedy, compared alone)."""
+    plain = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    alone = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, plain, use_tqdm=False)]
+    constrained = SamplingParams(temperature=0.0, max_tokens=60, structured_outputs={"choice": ["red", "blue"]})
+    mixed = llm.generate(PROMPTS + ["Hello"], [plain] * 3 + [constrained], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in mixed[:3]] == alone
+    assert mixed[3].outputs[0].text in ("red", "blue")
+
+
+def test_same_schema_compiles_once(llm):
+    manager = llm.llm_engine.structured_output
+    first = manager.grammar_for(StructuredOutputsParams(json=PERSON))
+    again = manager.grammar_for(StructuredOutputsParams(json=json.dumps(PERSON, indent=2)))
+    assert first._compiled is again._compiled  # keyed by the canonical schema, not its spelling
+    assert first.matcher is not again.matcher  # but each sequence has its own matcher
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"regex": "a("}, "structured_outputs.regex is invalid"),
+    ({"json": {"type": "no-such-type"}}, "structured_outputs.json is invalid"),
+    ({"grammar": "root ::= missing"}, "structured_outputs.grammar is invalid"),
+    ({"choice": []}, "structured_outputs.choice must be"),
+    ({"json": {}, "regex": "a"}, "exactly one of"),
+    ({}, "exactly one of"),
+    ({"jsn": {}}, "unknown keys: jsn"),
+])
+def test_invalid_constraints_are_value_errors(value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SamplingParams(structured_outputs=value)
+
+
+def test_ignore_eos_is_refused_with_a_grammar():
+    with pytest.raises(ValueError, match="ignore_eos"):
+        SamplingParams(ignore_eos=True, structured_outputs={"regex": "a+"})
