@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from octavo.structured_output.params import StructuredOutputsParams
 
 _CACHE_SIZE = 256  # compiled grammars kept; each is a few kB to a few MB
+# Free whitespace allowed between two JSON tokens: room for any indentation a model would use,
+# but no endless run of blanks, a loop small models fall into when whitespace is unbounded.
+_MAX_JSON_WHITESPACE = 16
 
 
 def load_xgrammar() -> ModuleType:
@@ -61,10 +64,10 @@ class GrammarCompiler:
     def _compile(self, params: "StructuredOutputsParams") -> Any:
         compiler, kind = self._compiler, params.kind
         any_whitespace = not params.disable_any_whitespace
-        if kind == "json":
-            return compiler.compile_json_schema(params.schema_text, any_whitespace=any_whitespace)
-        if kind == "json_object":
-            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=any_whitespace)
+        if kind in ("json", "json_object"):
+            schema = params.schema_text if kind == "json" else '{"type": "object"}'
+            return compiler.compile_json_schema(schema, any_whitespace=any_whitespace,
+                                                max_whitespace_cnt=_MAX_JSON_WHITESPACE if any_whitespace else None)
         if kind == "regex":
             return compiler.compile_regex(params.regex)
         if kind == "choice":

@@ -21,8 +21,9 @@ _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
 class StructuredOutputsParams:
     """One of: ``json`` (a JSON schema, dict or string), ``regex``, ``choice`` (a list of strings,
     the output is exactly one of them), ``grammar`` (EBNF, xgrammar's dialect of GBNF) or
-    ``json_object=True`` (any JSON object). ``disable_any_whitespace`` makes JSON compact (no
-    free whitespace between tokens), which also keeps small models from padding with spaces."""
+    ``json_object=True`` (any JSON object). JSON may hold free whitespace between its tokens, at
+    most 16 characters in a row; ``disable_any_whitespace`` makes it one line with ", " and ": "
+    separators instead."""
 
     json: Optional[Union[str, dict[str, Any]]] = None
     regex: Optional[str] = None

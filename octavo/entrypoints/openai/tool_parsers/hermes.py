@@ -39,7 +39,7 @@ class HermesToolParser(ToolParser):
 
 def _parse_body(body: str):
     try:
-        return call_from_json(json.loads(body))
+        return call_from_json(json.loads(body, strict=False))
     except json.JSONDecodeError:
         logger.info("a <tool_call> block is not valid JSON; it is left out: %r", body[:200])
         return None

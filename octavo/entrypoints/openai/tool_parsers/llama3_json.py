@@ -8,7 +8,7 @@ import json
 from octavo.entrypoints.openai.tool_parsers.base import ToolCall, ToolParser, call_from_json
 
 _PYTHON_TAG = "<|python_tag|>"
-_DECODER = json.JSONDecoder()
+_DECODER = json.JSONDecoder(strict=False)  # models may write raw control characters in strings
 
 
 def decode_objects(body: str, separators: str) -> tuple[list[object], bool]:
