@@ -5,10 +5,13 @@
 #                                      the Triton backend against the reference (each mode a few minutes)
 #   scripts/gpu_check.sh qwen3 [OUT]   qwen3-0.6b fixed (with both HF peers, about 5 min) and var; JSON into OUT
 #   scripts/gpu_check.sh llama3 [OUT]  llama3-8b fixed 256 with HF static (about 3 min); JSON into OUT
+#   scripts/gpu_check.sh structured [OUT]  qwen3-0.6b: 256 JSON-schema requests against the same requests
+#                                      unconstrained (tok/s, ratio, bitmask-fill step profile), then the
+#                                      structured-output tests on CUDA; needs xgrammar (about 3 min)
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3 [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|structured [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -32,8 +35,14 @@ llama3)
     bench --model dummy:llama3-8b --workload fixed --num-prompts 256 --max-num-seqs 256 \
         --compare hf-static --output "$out/llama3-8b-fixed-256.json"
     ;;
+structured)
+    python -m octavo.benchmarks.structured --model dummy:qwen3-0.6b --num-prompts 256 --max-tokens 256 \
+        --output "$out/structured-256.json"
+    OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_structured_output.py \
+        tests/test_watermark.py tests/test_logits_controls.py
+    ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3 or llama3" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3 or structured" >&2
     exit 2
     ;;
 esac

@@ -4,6 +4,7 @@ through ``LLM.generate`` (with pipelined steps) and through the server."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tests.structured_fixtures import build_structured_model
 from tests.test_server import MODEL, start_server
 
 VOCAB = 40
+DEVICE = os.environ.get("OCTAVO_TEST_DEVICE", "cpu")
 
 
 def row(params: SamplingParams, output=()) -> SamplingRow:
@@ -96,7 +98,10 @@ def model_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(model_folder):
-    return LLM(str(model_folder), device="cpu", dtype="float32", async_scheduling=True, kv_cache_memory=8 << 20)
+    engine = LLM(str(model_folder), device=DEVICE, dtype="float32", async_scheduling=True, kv_cache_memory=8 << 20,
+                 gpu_memory_utilization=0.2)
+    yield engine
+    del engine
 
 
 def test_generate_honours_controls_with_pipelined_steps(llm):

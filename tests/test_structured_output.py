@@ -5,6 +5,7 @@ choice or grammar, with n > 1 (each sample its own matcher) and with the pipelin
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import jsonschema
@@ -28,6 +29,8 @@ PERSON = {
     "required": ["name", "note", "age", "color", "tags"],
     "additionalProperties": False,
 }
+# OCTAVO_TEST_DEVICE=cuda runs the same checks on a GPU (the Triton mask kernel, overlapped steps).
+DEVICE = os.environ.get("OCTAVO_TEST_DEVICE", "cpu")
 PROMPTS = ["Hello", "The capital of France is", "What is the weather like?"]
 
 
@@ -40,8 +43,10 @@ def model_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
 def llm(request, model_folder):
-    return LLM(str(model_folder), device="cpu", dtype="float32", async_scheduling=request.param,
-               kv_cache_memory=8 << 20)
+    engine = LLM(str(model_folder), device=DEVICE, dtype="float32", async_scheduling=request.param,
+                 kv_cache_memory=8 << 20, gpu_memory_utilization=0.2)
+    yield engine
+    del engine
 
 
 def texts(outputs) -> list[str]:

@@ -10,6 +10,8 @@ regime the scheme is designed for, and the one where a wrong green list would sh
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ from octavo.watermark import detect_watermark, green_mask, is_green
 from tests.structured_fixtures import build_structured_model
 
 NUM_TOKENS = 200
+DEVICE = os.environ.get("OCTAVO_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -28,25 +31,33 @@ def model_folder(tmp_path_factory):
     return folder
 
 
-def generate(folder, async_scheduling: bool, **params) -> list[list[int]]:
-    llm = LLM(str(folder), device="cpu", dtype="float32", async_scheduling=async_scheduling, kv_cache_memory=8 << 20)
-    outputs = llm.generate(["Hello", "The capital of France is"],
+@pytest.fixture(scope="module")
+def engines(model_folder):
+    """{async_scheduling: LLM}"""
+    made = {mode: LLM(str(model_folder), device=DEVICE, dtype="float32", async_scheduling=mode,
+                      kv_cache_memory=8 << 20, gpu_memory_utilization=0.2) for mode in (True, False)}
+    yield made
+    made.clear()
+
+
+def generate(engines, async_scheduling: bool, **params) -> list[list[int]]:
+    outputs = engines[async_scheduling].generate(["Hello", "The capital of France is"],
                            SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True, seed=7, **params), use_tqdm=False)
     # The prompt's last token seeds the first generated token's list.
     return [o.prompt_token_ids[-1:] + o.outputs[0].token_ids for o in outputs]
 
 
-def test_watermarked_text_is_detected_and_plain_text_is_not(model_folder):
-    for tokens in generate(model_folder, async_scheduling=True, watermark=True):
+def test_watermarked_text_is_detected_and_plain_text_is_not(engines):
+    for tokens in generate(engines, async_scheduling=True, watermark=True):
         assert detect_watermark(tokens).z_score > 4
-    for tokens in generate(model_folder, async_scheduling=True):
+    for tokens in generate(engines, async_scheduling=True):
         assert abs(detect_watermark(tokens).z_score) < 2
 
 
-def test_pipelined_and_plain_steps_watermark_alike(model_folder):
+def test_pipelined_and_plain_steps_watermark_alike(engines):
     params = dict(watermark=True, watermark_gamma=0.5, watermark_delta=1.0, watermark_key=1234)
-    assert generate(model_folder, True, **params) == generate(model_folder, False, **params)
-    tokens = generate(model_folder, True, **params)[0]
+    assert generate(engines, True, **params) == generate(engines, False, **params)
+    tokens = generate(engines, True, **params)[0]
     assert detect_watermark(tokens, gamma=0.5, key=1234).z_score > 4
     assert detect_watermark(tokens, gamma=0.5).z_score < 2  # another key: no watermark to see
 
@@ -61,8 +72,8 @@ def test_green_mask_matches_the_detector():
     assert mask[1].sum() < mask[2].sum()
 
 
-def test_detect_cli(model_folder, capsys):
-    tokens = generate(model_folder, True, watermark=True)[0]
+def test_detect_cli(engines, model_folder, capsys):
+    tokens = generate(engines, True, watermark=True)[0]
     assert main(["watermark", "detect", "--token-ids", ",".join(map(str, tokens))]) == 0
     assert "-> watermarked" in capsys.readouterr().out
     text = "The capital of France is Paris. Hello, my name is octavo."
