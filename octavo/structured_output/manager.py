@@ -91,16 +91,13 @@ class BitmaskFiller:
         self._host: Optional[torch.Tensor] = None
         self._batch_matcher: Any = None
 
-    def fill(self, grammars: Sequence[Optional[SequenceGrammar]]) -> Optional[GrammarBitmask]:
-        """``grammars``: one per logits row, None for unconstrained (or finished) rows."""
-        rows = [row for row, grammar in enumerate(grammars) if grammar is not None]
-        if not rows:
-            return None
+    def fill(self, grammars: Sequence[SequenceGrammar], rows: list[int], num_rows: int) -> GrammarBitmask:
+        """The masks of ``grammars`` for logits ``rows`` (of ``num_rows``), uploaded to the device."""
         xgr = load_xgrammar()
-        host = self._buffer(len(grammars), xgr)
+        host = self._buffer(num_rows, xgr)
         if self._batch_matcher is None:
             self._batch_matcher = xgr.BatchGrammarMatcher()
-        self._batch_matcher.batch_fill_next_token_bitmask([grammars[row].matcher for row in rows], host, rows)
+        self._batch_matcher.batch_fill_next_token_bitmask([grammar.matcher for grammar in grammars], host, rows)
         if self.device.type == "cuda":
             bitmask = host.to(self.device, non_blocking=True)
         else:

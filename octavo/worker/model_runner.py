@@ -356,14 +356,18 @@ class ModelRunner:
             )
             for seq in samplers
         ]
-        grammars = [None if seq.is_finished else seq.grammar for seq in samplers]
-        bitmask = self.bitmask_filler.fill(grammars)
-        pending = [seq.num_pending_tokens > num_launched_pending for seq in samplers]
-        penalize_pending = any(p and has_penalty(seq.params) for p, seq in zip(pending, samplers))
+        # Rows that finished while their sampling was deferred need no mask: their token is dropped.
+        constrained = [row for row, seq in enumerate(samplers) if seq.grammar is not None and not seq.is_finished]
+        bitmask = (self.bitmask_filler.fill([samplers[row].grammar for row in constrained], constrained, len(rows))
+                   if constrained else None)
+        penalize_pending = any(seq.num_pending_tokens > num_launched_pending and has_penalty(seq.params)
+                               for seq in samplers)
         watermark = any(seq.params.watermark for seq in samplers)
         newest = self._newest_tokens(inputs, fork_rows) if penalize_pending or watermark else None
-        pending_output_tokens = (torch.where(self._upload(torch.tensor(pending)), newest, -1)
-                                 if penalize_pending else None)
+        pending_output_tokens = None
+        if penalize_pending:
+            pending = self._upload(torch.tensor([seq.num_pending_tokens > num_launched_pending for seq in samplers]))
+            pending_output_tokens = torch.where(pending, newest, -1)
         output = self.sampler.sample(logits, rows, pending_output_tokens, bitmask, newest if watermark else None)
         launched.device_token_ids = output.sampled_token_ids
         launched.row_of_seq = {seq.seq_id: index for index, seq in enumerate(samplers)}
