@@ -183,6 +183,8 @@ class SamplingParams:
             fail("watermark_key", "must be an integer")
         if self.structured_outputs is not None and self.ignore_eos:
             fail("ignore_eos", "must be false with structured_outputs: a finished grammar allows only EOS")
+        if self.structured_outputs is not None and self.min_tokens:
+            fail("min_tokens", "must be 0 with structured_outputs: the grammar decides where the output ends")
 
     def resolve_bad_words(self, tokenizer: Any) -> None:
         """Fill ``bad_words_token_ids``: each word as it tokenizes at the start of a text and after

@@ -7,7 +7,8 @@
 #   scripts/gpu_check.sh llama3 [OUT]  llama3-8b fixed 256 with HF static (about 3 min); JSON into OUT
 #   scripts/gpu_check.sh structured [OUT]  qwen3-0.6b: 256 JSON-schema requests against the same requests
 #                                      unconstrained (tok/s, ratio, bitmask-fill step profile), then the
-#                                      structured-output tests on CUDA; needs xgrammar (about 3 min)
+#                                      structured-output and watermark tests on CUDA; needs xgrammar
+#                                      (and jsonschema for the tests); about 3 min
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ structured)
     python -m octavo.benchmarks.structured --model dummy:qwen3-0.6b --num-prompts 256 --max-tokens 256 \
         --output "$out/structured-256.json"
     OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_structured_output.py \
-        tests/test_watermark.py tests/test_logits_controls.py
+        tests/test_watermark.py
     ;;
 *)
     echo "unknown mode $what: use kernels, engine, qwen3, llama3 or structured" >&2

@@ -146,3 +146,34 @@ def test_invalid_constraints_are_value_errors(value, message):
 def test_ignore_eos_is_refused_with_a_grammar():
     with pytest.raises(ValueError, match="ignore_eos"):
         SamplingParams(ignore_eos=True, structured_outputs={"regex": "a+"})
+
+
+def test_min_tokens_is_refused_with_a_grammar():
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(min_tokens=3, structured_outputs={"choice": ["a"]})
+
+
+def test_missing_xgrammar_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar now raises ImportError
+    with pytest.raises(ValueError, match=r"pip install 'octavo\[structured\]'"):
+        SamplingParams(structured_outputs={"regex": "a+"})
+    assert SamplingParams(logit_bias={1: 2.0}).logit_bias == {1: 2.0}  # the rest needs no grammar engine
+
+
+def test_a_grammar_that_fails_to_compile_leaves_its_row_unconstrained():
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from octavo.structured_output import SequenceGrammar, constrained_rows
+
+    failed: Future = Future()
+    failed.set_exception(RuntimeError("compiler broke"))
+    good: Future = Future()
+    good.set_result(None)
+    seqs = [SimpleNamespace(grammar=SequenceGrammar(failed), is_finished=False),
+            SimpleNamespace(grammar=None, is_finished=False),
+            SimpleNamespace(grammar=SequenceGrammar(good), is_finished=True)]
+    assert constrained_rows(seqs) == ([], [])
+    assert seqs[0].grammar is None

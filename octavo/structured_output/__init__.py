@@ -6,6 +6,7 @@ from octavo.structured_output.manager import (
     SequenceGrammar,
     StructuredOutputManager,
     apply_bitmask,
+    constrained_rows,
 )
 from octavo.structured_output.params import StructuredOutputsParams
 
@@ -16,4 +17,5 @@ __all__ = [
     "StructuredOutputManager",
     "StructuredOutputsParams",
     "apply_bitmask",
+    "constrained_rows",
 ]

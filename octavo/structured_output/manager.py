@@ -36,6 +36,16 @@ class SequenceGrammar:
             self._matcher = load_xgrammar().GrammarMatcher(self._compiled.result())
         return self._matcher
 
+    def start(self) -> bool:
+        """Create the matcher (waiting for the compile if it is still running); False if the
+        grammar failed to compile, which the checks at construction make all but impossible."""
+        try:
+            self.matcher
+        except Exception:  # noqa: BLE001 - whatever the compiler raised, the engine must go on
+            logger.exception("a grammar failed to compile; its request continues unconstrained")
+            return False
+        return True
+
     def accept(self, token_id: int) -> bool:
         """Advance by one sampled token; False if the grammar rejects it (which the mask prevents)."""
         matcher = self.matcher
@@ -67,6 +77,24 @@ class StructuredOutputManager:
     def close(self) -> None:
         if self._compiler is not None:
             self._compiler.close()
+
+
+def constrained_rows(seqs: Sequence[Any]) -> tuple[list[int], list[SequenceGrammar]]:
+    """The rows of ``seqs`` (Sequences) that need a mask this step, and their grammars. Finished
+    rows need none (a token sampled for them is dropped); a grammar that failed to compile is
+    dropped from its sequence."""
+    rows: list[int] = []
+    grammars: list[SequenceGrammar] = []
+    for row, seq in enumerate(seqs):
+        grammar = seq.grammar
+        if grammar is None or seq.is_finished:
+            continue
+        if not grammar.start():
+            seq.grammar = None
+            continue
+        rows.append(row)
+        grammars.append(grammar)
+    return rows, grammars
 
 
 @dataclass

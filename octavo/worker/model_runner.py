@@ -20,7 +20,7 @@ from octavo.engine.scheduler import ScheduledBatch
 from octavo.layers.attention import AttentionMetadata, get_attention_backend
 from octavo.layers.attention.metadata import PrefillPart
 from octavo.models.base import CausalLM
-from octavo.structured_output.manager import BitmaskFiller
+from octavo.structured_output.manager import BitmaskFiller, constrained_rows
 from octavo.worker.cuda_graphs import DecodeGraphs
 from octavo.worker.sampler import (
     DeviceSamplerOutput,
@@ -356,10 +356,8 @@ class ModelRunner:
             )
             for seq in samplers
         ]
-        # Rows that finished while their sampling was deferred need no mask: their token is dropped.
-        constrained = [row for row, seq in enumerate(samplers) if seq.grammar is not None and not seq.is_finished]
-        bitmask = (self.bitmask_filler.fill([samplers[row].grammar for row in constrained], constrained, len(rows))
-                   if constrained else None)
+        constrained, grammars = constrained_rows(samplers)
+        bitmask = self.bitmask_filler.fill(grammars, constrained, len(rows)) if constrained else None
         penalize_pending = any(seq.num_pending_tokens > num_launched_pending and has_penalty(seq.params)
                                for seq in samplers)
         watermark = any(seq.params.watermark for seq in samplers)

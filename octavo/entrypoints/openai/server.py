@@ -167,7 +167,7 @@ def _validation_error(error: ValidationError) -> APIError:
 
 def _param_of(message: str, request: BaseModel, aliases: dict[str, str]) -> Optional[str]:
     """The parameter a conversion ValueError names: its first word, when that is a field."""
-    name = message.split(" ", 1)[0]
+    name = message.split(" ", 1)[0].split(".", 1)[0]  # "structured_outputs.regex ..." names structured_outputs
     if name not in _SAMPLING_FIELDS and name not in type(request).model_fields:
         return None
     return aliases.get(name, name)
