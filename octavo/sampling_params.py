@@ -18,6 +18,8 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from octavo.logits_process import LogitsProcessor
+# Importable from here too, as from vllm.sampling_params.
+from octavo.structured_output.params import StructuredOutputsParams
 from octavo.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, DEFAULT_KEY
 
 # Below this temperature sampling is treated as greedy (argmax).
@@ -48,7 +50,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
     # Structured output: a JSON schema, regex, choice or grammar the text must match.
-    structured_outputs: Optional[Any] = None  # StructuredOutputsParams, or its dict form
+    structured_outputs: Optional[StructuredOutputsParams] = None  # or its dict form
     logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit, in [-100, 100]
     allowed_token_ids: Optional[list[int]] = None  # sample only among these
     bad_words: Optional[list[str]] = None  # words (one or more tokens) never generated
@@ -78,8 +80,6 @@ class SamplingParams:
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0  # -1 and None are accepted spellings of "disabled", as in vLLM
         if self.structured_outputs is not None:
-            from octavo.structured_output.params import StructuredOutputsParams
-
             self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
         for name in ("allowed_token_ids", "bad_words", "logits_processors"):
             value = getattr(self, name)

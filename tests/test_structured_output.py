@@ -177,3 +177,13 @@ def test_a_grammar_that_fails_to_compile_leaves_its_row_unconstrained():
             SimpleNamespace(grammar=SequenceGrammar(good), is_finished=True)]
     assert constrained_rows(seqs) == ([], [])
     assert seqs[0].grammar is None
+
+
+def test_params_are_plain_data():
+    """What the engine core needs travels as plain data (dicts, lists, strings, numbers)."""
+    import dataclasses
+
+    params = SamplingParams(n=2, structured_outputs=StructuredOutputsParams(json=PERSON), logit_bias={3: 1.5},
+                            allowed_token_ids=[3, 4], bad_words=["Paris"], watermark=True)
+    plain = json.loads(json.dumps(dataclasses.asdict(params)))  # logit_bias keys become strings: accepted
+    assert SamplingParams(**plain) == params

@@ -315,11 +315,13 @@ def apply_logits_controls(logits: torch.Tensor, rows: Sequence[SamplingRow],
     params = [row.params for row in rows]
     allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids]
     if allowed_rows:
-        allowed = torch.zeros(len(allowed_rows), vocab_size, dtype=torch.bool)
-        for position, i in enumerate(allowed_rows):
-            allowed[position, params[i].allowed_token_ids] = True
+        # Built on the device from (row, token) pairs: only the ids travel, not [rows, vocab] flags.
+        pair_rows = [position for position, i in enumerate(allowed_rows) for _ in params[i].allowed_token_ids]
+        pair_tokens = [token for i in allowed_rows for token in params[i].allowed_token_ids]
+        allowed = torch.zeros(len(allowed_rows), vocab_size, dtype=torch.bool, device=device)
+        allowed[_to_device(pair_rows, torch.int64, device), _to_device(pair_tokens, torch.int64, device)] = True
         index = _to_device(allowed_rows, torch.int64, device)
-        logits[index] = logits[index].masked_fill_(~_upload(allowed, device), -math.inf)
+        logits[index] = logits[index].masked_fill_(~allowed, -math.inf)
     blocked_rows: list[int] = []
     blocked_tokens: list[int] = []
     _bad_words_blocked(rows, blocked_rows, blocked_tokens)
