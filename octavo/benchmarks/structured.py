@@ -29,15 +29,17 @@ from octavo import LLM, SamplingParams
 from octavo.benchmarks.throughput import _model_path, _timed_calls
 from octavo.model_loader import loader
 
+# Bounded everywhere, so that even random weights close the object within a few hundred tokens.
 SCHEMA = {
     "type": "object",
     "properties": {
-        "id": {"type": "integer"},
+        "id": {"type": "integer", "minimum": 0, "maximum": 1000000},
         "title": {"type": "string", "maxLength": 40},
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 6},
-        "scores": {"type": "array", "items": {"type": "number"}},
+        "scores": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 100}, "maxItems": 8},
         "status": {"enum": ["open", "closed", "pending"]},
-        "owner": {"type": "object", "properties": {"name": {"type": "string"}, "admin": {"type": "boolean"}},
+        "owner": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                                   "admin": {"type": "boolean"}},
                   "required": ["name", "admin"]},
     },
     "required": ["id", "title", "tags", "scores", "status", "owner"],

@@ -408,6 +408,8 @@ class ChatCompletionRequest(SamplingRequest):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true.")
         logprobs = _default(self.top_logprobs, 0) if self.logprobs else None
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice required or a named function needs tools.")
         constraint = self.tool_call_constraint()
         if constraint is not None and self.structured_output_constraint() is not None:
             raise ValueError("tool_choice required or named already fixes the output's shape: "
