@@ -41,8 +41,10 @@ def engines(model_folder):
 
 
 def generate(engines, async_scheduling: bool, **params) -> list[list[int]]:
-    outputs = engines[async_scheduling].generate(["Hello", "The capital of France is"],
-                           SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True, seed=7, **params), use_tqdm=False)
+    prompts = ["Hello", "The capital of France is", "What is the weather like?"]
+    outputs = engines[async_scheduling].generate(
+        prompts, [SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True, seed=7 + i, **params) for i in range(3)],
+        use_tqdm=False)
     # The prompt's last token seeds the first generated token's list.
     return [o.prompt_token_ids[-1:] + o.outputs[0].token_ids for o in outputs]
 
