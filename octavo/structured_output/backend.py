@@ -38,11 +38,13 @@ class GrammarCompiler:
     """Compiled grammars for one tokenizer and vocabulary, cached and compiled off the step thread."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int]) -> None:
-        xgr = load_xgrammar()
-        # vocab_size is the model's (often padded past the tokenizer's): the masks must cover every logit.
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=sorted(stop_token_ids) or None)
-        self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
+        load_xgrammar()  # fail now, with the install hint, rather than in the compile thread
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._stop_token_ids = sorted(stop_token_ids)
+        # Built by the compile thread, as reading a large vocabulary takes a while; it only reads the
+        # tokenizer, which the step thread's encode and decode calls never change.
+        self._compiler: Any = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="octavo-grammar")
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
         self._lock = threading.Lock()
@@ -62,6 +64,12 @@ class GrammarCompiler:
             return future
 
     def _compile(self, params: "StructuredOutputsParams") -> Any:
+        if self._compiler is None:
+            xgr = load_xgrammar()
+            # vocab_size is the model's (often padded past the tokenizer's): masks must cover every logit.
+            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size,
+                                                      stop_token_ids=self._stop_token_ids or None)
+            self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         compiler, kind = self._compiler, params.kind
         any_whitespace = not params.disable_any_whitespace
         if kind in ("json", "json_object"):
@@ -73,6 +81,3 @@ class GrammarCompiler:
         if kind == "choice":
             return compiler.compile_grammar(params.choice_ebnf())
         return compiler.compile_grammar(params.grammar)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -3,9 +3,8 @@
 The engine core owns both. ``StructuredOutputManager.grammar_for`` gives each sequence (every
 sample of n > 1 included) its own ``SequenceGrammar``; the engine advances it with each token
 it appends (``accept``), and the model runner asks ``BitmaskFiller.fill`` for the next step's
-mask of the rows that have one. The mask is filled on the CPU by xgrammar's thread pool (it
-releases the GIL) while the device runs the step's forward pass, then uploaded and applied
-before sampling.
+mask of the rows that have one. The mask is filled on the CPU, across xgrammar's own threads,
+while the device runs the step's forward pass, then uploaded and applied before sampling.
 """
 
 from __future__ import annotations
@@ -51,10 +50,6 @@ class SequenceGrammar:
         matcher = self.matcher
         return not matcher.is_terminated() and matcher.accept_token(token_id)
 
-    @property
-    def is_terminated(self) -> bool:
-        return self.matcher.is_terminated()
-
 
 class StructuredOutputManager:
     """Hands out per-sequence grammars; compiles lazily, so engines without xgrammar still run."""
@@ -73,10 +68,6 @@ class StructuredOutputManager:
         if self._compiler is None:
             self._compiler = GrammarCompiler(self._tokenizer, self._vocab_size, self._stop_token_ids)
         return SequenceGrammar(self._compiler.compile(params))
-
-    def close(self) -> None:
-        if self._compiler is not None:
-            self._compiler.close()
 
 
 def constrained_rows(seqs: Sequence[Any]) -> tuple[list[int], list[SequenceGrammar]]:
