@@ -164,3 +164,19 @@ def test_server_logit_bias_allowed_bad_words(model_folder):
             client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, logit_bias={"1": 500})
     finally:
         server.stop()
+
+
+def test_readme_logits_processor_example(llm):
+    class NoRepeatLastToken:  # as in the README
+        def __call__(self, output_token_ids, logits):
+            if output_token_ids:
+                logits[output_token_ids[-1]] = float("-inf")
+            return logits
+
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
+                                                 logits_processors=[NoRepeatLastToken()]), use_tqdm=False)
+    tokens = out[0].outputs[0].token_ids
+    assert len(tokens) == 40 and all(a != b for a, b in zip(tokens, tokens[1:]))
+    plain = llm.generate(["Hello"], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    plain_tokens = plain[0].outputs[0].token_ids
+    assert any(a == b for a, b in zip(plain_tokens, plain_tokens[1:]))  # greedy alone does repeat
