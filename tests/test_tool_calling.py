@@ -72,6 +72,12 @@ def test_named_tool_choice_is_enforced(server):
         choice = response.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         check_calls(choice.message.tool_calls, {"get_time"})
+    state = collect_stream(client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=120, seed=2, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}))[0]
+    (call,) = state["calls"].values()  # the arguments streamed as generated, joined by the client
+    assert state["finish_reason"] == "tool_calls" and call["name"] == "get_time" and call["id"].startswith("call_")
+    assert call["arguments"] == choice.message.tool_calls[0].function.arguments
 
 
 def test_required_n_and_streamed(server):
@@ -213,21 +219,36 @@ def test_langchain_bind_tools_and_structured_output(server):
 
 # ---- parsers on their own -------------------------------------------------------------------
 def stream_in_pieces(parser, text: str, size: int):
+    """(content, [(name, arguments)]) as a client joins the streamed deltas."""
     pieces = [parser.stream(text[i:i + size]) for i in range(0, len(text), size)] + [parser.finish()]
     content = "".join(p.content for p in pieces)
-    calls = [(d.name, d.arguments) for p in pieces for d in p.tool_calls]
-    return content, calls
+    calls: dict[int, list] = {}
+    for delta in (d for p in pieces for d in p.tool_calls):
+        if delta.index not in calls:
+            assert delta.id and delta.name  # the first delta of a call names it
+            calls[delta.index] = [delta.name, ""]
+        else:
+            assert delta.id is None and delta.name is None
+        calls[delta.index][1] += delta.arguments
+    return content, [tuple(call) for _, call in sorted(calls.items())]
 
 
 @pytest.mark.parametrize("size", [1, 3, 1000])
 def test_hermes_parser(size):
-    text = ('I will call two.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n'
-            '<tool_call>{"name": "g", "arguments": {}}')  # the last block unclosed: generation ended
+    text = ('I will call three.\n<tool_call>\n{"name": "f", "arguments": {"a": {"b": "} x"}}}\n</tool_call>\n'
+            '<tool_call>not json</tool_call><tool_call>{"arguments": {"c": 2}, "name": "g"}</tool_call>'
+            '<tool_call>{"name": "h", "arguments": {}}')  # the last block unclosed: generation ended
     parsed = HermesToolParser().parse(text)
-    assert parsed.content == "I will call two."
-    assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == [("f", {"a": 1}), ("g", {})]
+    assert parsed.content == "I will call three."
+    expected = [("f", {"a": {"b": "} x"}}), ("g", {"c": 2}), ("h", {})]
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == expected
     content, calls = stream_in_pieces(HermesToolParser(), text, size)
-    assert content.strip() == "I will call two." and [name for name, _ in calls] == ["f", "g"]
+    assert content.strip() == "I will call three."
+    assert calls == [(c.name, c.arguments) for c in parsed.tool_calls]  # the same calls, streamed
+    parser = HermesToolParser()
+    deltas = [d for i in range(0, len(text), size) for d in parser.stream(text[i:i + size]).tool_calls]
+    if size == 1:  # arguments arrive as they are generated, not once the block closes
+        assert sum(d.index == 0 for d in deltas) > 5
     assert HermesToolParser().parse("no calls <tool_ here").content == "no calls <tool_ here"
     assert stream_in_pieces(HermesToolParser(), "a <tool_x> b", size) == ("a <tool_x> b", [])
 

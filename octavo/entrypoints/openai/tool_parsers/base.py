@@ -4,7 +4,8 @@ A parser reads a model's generated text and splits it into plain content and too
 Subclasses implement ``scan``: from the text so far, the content that is certainly content and
 the tool calls that are complete. Streaming then only emits what is new since the last call,
 so a call is sent once whole (its id, name and arguments in one delta, which OpenAI clients
-accept as they accept arguments split over several deltas).
+accept as they accept arguments split over several deltas); parsers that can tell where the
+arguments start (Hermes, a named function) stream them as they are generated instead.
 """
 
 from __future__ import annotations
