@@ -2,16 +2,25 @@
 
 Names and defaults follow vLLM's ``SamplingParams`` so that code written for it
 runs unchanged. Every invalid value raises ``ValueError`` naming the field.
+
+Every field is plain data (numbers, strings, lists, dicts, and ``StructuredOutputsParams``,
+itself plain data), so the params can be sent to an engine in another process, except
+``logits_processors``: Python callables that work only with the in-process engine.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
 
 import numpy as np
+
+from octavo.logits_process import LogitsProcessor
+# Importable from here too, as from vllm.sampling_params.
+from octavo.structured_output.params import StructuredOutputsParams
+from octavo.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, DEFAULT_KEY
 
 # Below this temperature sampling is treated as greedy (argmax).
 _GREEDY_EPSILON = 1e-5
@@ -40,6 +49,18 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    # Structured output: a JSON schema, regex, choice or grammar the text must match.
+    structured_outputs: Optional[StructuredOutputsParams] = None  # or its dict form
+    logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: Optional[list[int]] = None  # sample only among these
+    bad_words: Optional[list[str]] = None  # words (one or more tokens) never generated
+    logits_processors: Optional[list[LogitsProcessor]] = None  # in-process engine only
+    watermark: bool = False  # green-list watermark (see octavo.watermark)
+    watermark_gamma: float = DEFAULT_GAMMA
+    watermark_delta: float = DEFAULT_DELTA
+    watermark_key: int = DEFAULT_KEY
+    # Token ids of ``bad_words``, filled in from the tokenizer when the request is added.
+    bad_words_token_ids: Optional[list[list[int]]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.stop is None:
@@ -58,7 +79,14 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}.")
         if self.top_k is None or self.top_k == -1:
             self.top_k = 0  # -1 and None are accepted spellings of "disabled", as in vLLM
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
+        for name in ("allowed_token_ids", "bad_words", "logits_processors"):
+            value = getattr(self, name)
+            if isinstance(value, (tuple, set, frozenset)):
+                setattr(self, name, list(value))
         self._validate()
+        self._validate_logits_controls()
 
     def _validate(self) -> None:
         def fail(name: str, message: str) -> None:
@@ -109,6 +137,81 @@ class SamplingParams:
                      "spaces_between_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 fail(name, "must be true or false")
+
+    def _validate_logits_controls(self) -> None:
+        def fail(name: str, message: str) -> None:
+            raise ValueError(f"{name} {message}, got {getattr(self, name)!r}.")
+
+        def is_token_id(value: object) -> bool:
+            return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and value >= 0
+
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                fail("logit_bias", "must be a dict of token id -> bias")
+            try:  # JSON object keys arrive as strings
+                self.logit_bias = {int(token): bias for token, bias in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                fail("logit_bias", "must have integer token ids as keys")
+            for token, bias in self.logit_bias.items():
+                if token < 0:
+                    fail("logit_bias", "must have non-negative token ids as keys")
+                if (not isinstance(bias, numbers.Real) or isinstance(bias, (bool, np.bool_))
+                        or not math.isfinite(bias) or not -100.0 <= bias <= 100.0):
+                    fail("logit_bias", "values must be numbers in [-100, 100]")
+        if self.allowed_token_ids is not None and (
+            not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
+            or not all(map(is_token_id, self.allowed_token_ids))
+        ):
+            fail("allowed_token_ids", "must be a non-empty list of non-negative integers")
+        if self.bad_words is not None and (
+            not isinstance(self.bad_words, list) or not all(isinstance(w, str) and w.strip() for w in self.bad_words)
+        ):
+            fail("bad_words", "must be a list of non-empty strings")
+        if self.bad_words_token_ids is not None and (
+            not isinstance(self.bad_words_token_ids, list)
+            or not all(isinstance(word, list) and word and all(map(is_token_id, word))
+                       for word in self.bad_words_token_ids)
+        ):
+            fail("bad_words_token_ids", "must be a list of non-empty lists of non-negative integers")
+        if self.logits_processors is not None and (
+            not isinstance(self.logits_processors, list) or not all(map(callable, self.logits_processors))
+        ):
+            fail("logits_processors", "must be a list of callables")
+        if not isinstance(self.watermark, (bool, np.bool_)):
+            fail("watermark", "must be true or false")
+        if (not isinstance(self.watermark_gamma, numbers.Real) or isinstance(self.watermark_gamma, bool)
+                or not 0.0 < self.watermark_gamma < 1.0):
+            fail("watermark_gamma", "must be a number in (0, 1)")
+        if (not isinstance(self.watermark_delta, numbers.Real) or isinstance(self.watermark_delta, bool)
+                or not math.isfinite(self.watermark_delta) or self.watermark_delta < 0.0):
+            fail("watermark_delta", "must be a finite number >= 0")
+        if not isinstance(self.watermark_key, numbers.Integral) or isinstance(self.watermark_key, bool):
+            fail("watermark_key", "must be an integer")
+        if self.structured_outputs is not None and self.ignore_eos:
+            fail("ignore_eos", "must be false with structured_outputs: a finished grammar allows only EOS")
+        if self.structured_outputs is not None and self.min_tokens:
+            fail("min_tokens", "must be 0 with structured_outputs: the grammar decides where the output ends")
+
+    def resolve_bad_words(self, tokenizer: Any) -> None:
+        """Fill ``bad_words_token_ids``: each word as it tokenizes at the start of a text and after
+        a space (they tokenize differently with most BPE vocabularies)."""
+        if not self.bad_words or self.bad_words_token_ids is not None:
+            return
+        if tokenizer is None:
+            raise ValueError("bad_words needs the model's tokenizer, and this model has none.")
+        variants: dict[tuple[int, ...], None] = {}
+        for word in self.bad_words:
+            for text in (word.strip(), " " + word.strip()):
+                ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+                if ids:
+                    variants[ids] = None
+        self.bad_words_token_ids = [list(ids) for ids in variants]
+
+    @property
+    def uses_logits_controls(self) -> bool:
+        """Any stage beyond the classic sampling parameters (the sampler skips them otherwise)."""
+        return bool(self.structured_outputs is not None or self.logit_bias or self.allowed_token_ids
+                    or self.bad_words or self.logits_processors or self.watermark)
 
     @property
     def greedy(self) -> bool:

@@ -17,10 +17,16 @@
 #                                      3 min); a table per test, JSON into OUT
 #   scripts/gpu_check.sh quant [OUT]   quantized weights: kernel and engine tests on CUDA, a decode micro-benchmark,
 #                                      llama3-8b fixed 256 in bf16, FP8 and W4A16 (GPTQ g128); JSON into OUT
+#   scripts/gpu_check.sh structured [OUT]  qwen3-0.6b: 256 JSON-schema requests against the same requests
+#                                      unconstrained (tok/s and ratio, engine core in its own process), the
+#                                      constrained run again with the core in process for the bitmask-fill step
+#                                      profile, then the structured-output, logits-controls and watermark tests
+#                                      on CUDA (in process and across it); needs xgrammar (and jsonschema for
+#                                      the tests); about 4 min
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve|quant [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve|quant|structured [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -154,8 +160,14 @@ quant)
     done
     python -m octavo.benchmarks.quant_linear --summarize "$out"/llama3-8b-fixed-256-quant-{auto,fp8,gptq}.json
     ;;
+structured)
+    python -m octavo.benchmarks.structured --model dummy:qwen3-0.6b --num-prompts 256 --max-tokens 256 \
+        --output "$out/structured-256.json"
+    OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_structured_output.py \
+        tests/test_logits_controls.py tests/test_watermark.py
+    ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families, serve or quant" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families, serve, quant or structured" >&2
     exit 2
     ;;
 esac

@@ -4,8 +4,11 @@ Each ``step()`` asks the scheduler what runs, has the model runner compute it, a
 sampled tokens and applies the token-level stops (EOS, stop token ids, ``max_tokens``, the
 context length). It returns, per request that advanced, each sample's new tokens. Text never
 enters here: detokenization and stop strings are the front end's, which ends a sample that
-hits a stop string by aborting it. The core runs in its own process behind
-``core_client.ProcessCoreClient`` (``core_process.py``), or in the caller's thread.
+hits a stop string by aborting it. Structured output is per step, so it lives here: each
+constrained sample has its own grammar matcher, advanced as its tokens are appended, and the
+model runner masks the logits with the matchers' bitmask; the tokenizer that grammars compile
+against is loaded only when the first constrained request arrives. The core runs in its own
+process behind ``core_client.ProcessCoreClient`` (``core_process.py``), or in the caller's thread.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from octavo.engine.scheduler import ScheduledBatch, Scheduler
 from octavo.kv_cache.manager import KVCacheManager, KVCacheStats
 from octavo.model_loader import loader
 from octavo.sampling_params import SamplingParams
+from octavo.structured_output import StructuredOutputManager
 from octavo.worker.kv_cache_memory import bytes_per_block, check_cuda_share, cpu_kv_cache_bytes, cuda_kv_cache_bytes
 from octavo.worker.model_runner import LaunchedStep, ModelRunner, SampledToken
 from octavo.worker.sampler import make_generator
@@ -60,6 +64,12 @@ def check_request_fits(token_ids: list[int], params: SamplingParams, vocab_size:
         value = getattr(params, name)
         if value is not None and value > vocab_size:
             raise ValueError(f"{name} ({value}) exceeds the vocabulary size ({vocab_size}).")
+    bad_word_ids = [token for word in params.bad_words_token_ids or () for token in word]
+    for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ()),
+                      ("bad_words", bad_word_ids)):
+        bad = next((t for t in ids if t >= vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{name} has token id {bad}, out of the vocabulary [0, {vocab_size}).")
     max_tokens = params.max_tokens or 1
     if len(token_ids) + max_tokens > max_model_len:
         raise ValueError(
@@ -97,6 +107,8 @@ class EngineCore:
         self.max_model_len = loader.derive_max_model_len(self.hf_config, config.max_model_len)
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.structured_output = StructuredOutputManager(
+            lambda: loader.load_tokenizer(self.model_path, config.tokenizer), self.vocab_size, self.eos_token_ids)
         torch.manual_seed(config.seed)
         # The share must be free before loading; the engine's own use is measured from here.
         self._cuda_reserved_at_start = (check_cuda_share(self.device, config.cache.gpu_memory_utilization)
@@ -187,6 +199,7 @@ class EngineCore:
             generator = make_generator(params.seed + index, self.device) if params.seed is not None else None
             seqs.append(Sequence(next(self._seq_ids), request.core_id, index, token_ids, params, max_tokens,
                                  generator, request.cache_salt, request.arrival_time, request.count_prefix_stats))
+            seqs[-1].grammar = self.structured_output.grammar_for(params.structured_outputs)  # one per sample
         send_logprobs = params.logprobs is not None or params.num_samples > params.n
         self.requests[request.core_id] = _CoreRequestState(request.core_id, params, seqs,
                                                            request.count_prefix_stats, send_logprobs)
@@ -240,6 +253,9 @@ class EngineCore:
         previous = self._in_flight
         self._in_flight = (batch, self._launch(batch, previous[1] if previous else None))
         outputs = self._process(*previous) if previous is not None else []
+        # A step with a constrained row queued its forward pass but deferred sampling until the
+        # tokens just processed had advanced the grammars (the mask was filled meanwhile).
+        self._in_flight[1].finish_sampling()
         self._drop_in_flight_if_idle()
         return outputs
 
@@ -310,6 +326,9 @@ class EngineCore:
         params = seq.params
         token = sampled.token_id
         seq.append_token(token, sampled.logprob)
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            logger.error("request %s: the grammar rejected token %d; the rest is unconstrained", seq.request_id, token)
+            seq.grammar = None
         delta = next((d for d in output.samples if d.index == seq.sample_index), None)
         if delta is None:
             delta = SampleDelta(seq.sample_index, [])

@@ -37,7 +37,7 @@ def uses_core_process(config: EngineConfig) -> bool:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.inputs = InputProcessor(config)
+        self.inputs = InputProcessor(config, core_in_process=not uses_core_process(config))
         self.tokenizer = self.inputs.tokenizer
         self.eos_token_ids = self.inputs.eos_token_ids
         self.max_model_len = self.inputs.max_model_len

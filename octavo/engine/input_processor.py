@@ -2,7 +2,9 @@
 
 It reads what the front end needs without loading any weights (the HF config, the tokenizer,
 the EOS ids, the context length), so a bad request is refused in the caller's process with a
-``ValueError`` naming what to change, and the core only ever gets requests that fit.
+``ValueError`` naming what to change, and the core only ever gets requests that fit. What needs
+the tokenizer once per request is done here too (``bad_words`` into token ids), so the core
+gets plain token ids.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ PromptInput = Union[str, dict[str, Any]]
 
 
 class InputProcessor:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, core_in_process: bool = False) -> None:
         self.config = config
+        # Logits processors are callables: they reach only a core in this process.
+        self.core_in_process = core_in_process
         self.model_path = loader.check_model_path(config.model, config.load_format)
         self.hf_config = loader.load_hf_config(self.model_path)
         self.max_model_len = loader.derive_max_model_len(self.hf_config, config.max_model_len)
@@ -54,6 +58,21 @@ class InputProcessor:
         return prompt, self.tokenizer.encode(prompt), cache_salt
 
     def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Check the request for the core, and fill in what needs the tokenizer: ``bad_words``
+        become ``params.bad_words_token_ids``."""
+        if params.logits_processors and not self.core_in_process:
+            raise ValueError(
+                "logits_processors are Python callables and run only with the engine core in this process; "
+                "start the engine with engine_core_process=False (LLM(..., engine_core_process=False)), or "
+                "use logit_bias, allowed_token_ids, bad_words or structured_outputs, which work everywhere."
+            )
+        if self.tokenizer is None:
+            unresolved_bad_words = params.bad_words and params.bad_words_token_ids is None
+            for name, needed in (("structured_outputs", params.structured_outputs), ("bad_words", unresolved_bad_words)):
+                if needed:
+                    raise ValueError(f"{name} needs the model's tokenizer, and this engine has none "
+                                     "(skip_tokenizer_init, or a model without tokenizer files).")
+        params.resolve_bad_words(self.tokenizer)
         check_request_fits(token_ids, params, self.vocab_size, self.max_model_len, self.max_num_seqs)
         if params.stop and (self.tokenizer is None or not params.detokenize):
             raise ValueError(

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import enum
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from octavo.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from octavo.structured_output import SequenceGrammar
 
 
 class SequenceStatus(enum.Enum):
@@ -53,6 +56,8 @@ class Sequence:
         self.params = params
         self.max_tokens = max_tokens  # resolved: params.max_tokens or what fits max_model_len
         self.generator = generator
+        # Structured output: this sequence's own grammar matcher (SequenceGrammar), if constrained.
+        self.grammar: Optional["SequenceGrammar"] = None
         self.cache_salt_key: Optional[bytes] = cache_salt.encode() if cache_salt else None
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         self.count_prefix_stats = count_prefix_stats  # beam search's own look-ups stay out of the hit rate

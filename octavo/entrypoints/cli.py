@@ -1,4 +1,4 @@
-"""The ``octavo`` command: generate, chat, serve, bench."""
+"""The ``octavo`` command: generate, chat, serve, bench, watermark."""
 
 from __future__ import annotations
 
@@ -279,11 +279,67 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_watermark_detect(args: argparse.Namespace) -> int:
+    """Print the z-score of a text (or of token ids) under the green-list watermark."""
+    from octavo.watermark import detect_watermark
+
+    if args.token_ids is not None:
+        token_ids = [int(t) for t in args.token_ids.replace(",", " ").split()]
+    else:
+        from pathlib import Path
+
+        from octavo.model_loader import loader
+
+        text = Path(args.file).read_text() if args.file else args.text
+        if text is None:
+            raise ValueError("give the text to score, --file PATH or --token-ids.")
+        model = args.model
+        if model is None:
+            from octavo.model_loader.default_model import default_model_path
+
+            model = str(default_model_path())
+        tokenizer = loader.load_tokenizer(loader.check_model_path(model, "auto"), args.tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"{model} has no tokenizer: pass --tokenizer or --token-ids.")
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+    result = detect_watermark(token_ids, args.gamma, args.key, not args.count_repeated_bigrams)
+    verdict = "watermarked" if result.is_watermarked(args.z_threshold) else "not watermarked"
+    print(f"z-score {result.z_score:.2f}  p-value {result.p_value:.3g}  green {result.num_green_tokens}/"
+          f"{result.num_tokens_scored} ({result.green_fraction:.1%})  -> {verdict} (threshold z > {args.z_threshold:g})")
+    return 0
+
+
+def _add_watermark_parser(sub) -> None:
+    from octavo.watermark import DEFAULT_GAMMA, DEFAULT_KEY
+
+    watermark = sub.add_parser("watermark", help="detect the green-list watermark in a text",
+                               description="Tools for the green-list watermark (SamplingParams(watermark=True)).",
+                               formatter_class=HelpFormatter)
+    commands = watermark.add_subparsers(dest="watermark_command", required=True, metavar="{detect}")
+    detect = commands.add_parser("detect", help="the z-score of a text: above about 4 it was watermarked",
+                                 description="Score a text against the green-list watermark: its green tokens "
+                                             "against the gamma fraction expected without one.",
+                                 formatter_class=HelpFormatter)
+    add_log_level_argument(detect, default=argparse.SUPPRESS)
+    detect.add_argument("text", nargs="?", default=None, help="the generated text (or --file / --token-ids)")
+    detect.add_argument("--file", default=None, help="read the text from this file")
+    detect.add_argument("--token-ids", default=None, help="score these token ids instead (comma or space separated)")
+    detect.add_argument("--model", default=None, help="the model whose tokenizer produced the text "
+                                                      "(default: the embedded SmolLM2-135M-Instruct)")
+    detect.add_argument("--tokenizer", default=None, help="a tokenizer folder, if not the model's")
+    detect.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="green fraction used when generating")
+    detect.add_argument("--key", type=int, default=DEFAULT_KEY, help="watermark_key used when generating")
+    detect.add_argument("--z-threshold", type=float, default=4.0)
+    detect.add_argument("--count-repeated-bigrams", action="store_true",
+                        help="score every token, not each distinct (previous, token) pair once")
+    detect.set_defaults(func=cmd_watermark_detect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="octavo", description="High-throughput LLM inference and serving.",
                                      formatter_class=HelpFormatter)
     add_log_level_argument(parser, default=None)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,chat,serve,bench,watermark}")
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
@@ -330,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_arguments(bench)
         bench.set_defaults(func=run_bench)
         _add_server_benchmarks(bench)
+    _add_watermark_parser(sub)
     return parser
 
 

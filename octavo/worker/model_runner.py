@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from octavo.engine.scheduler import ScheduledBatch
 from octavo.layers.attention import AttentionMetadata, get_attention_backend
 from octavo.layers.attention.metadata import PrefillPart
 from octavo.models.base import CausalLM
+from octavo.structured_output.manager import BitmaskFiller, constrained_rows
 from octavo.worker.cuda_graphs import DecodeGraphs
 from octavo.worker.sampler import (
     DeviceSamplerOutput,
@@ -71,8 +72,17 @@ class LaunchedStep:
     output: Optional[DeviceSamplerOutput] = None
     device_token_ids: Optional[torch.Tensor] = None
     row_of_seq: dict[int, int] = field(default_factory=dict)
+    # Set while the step's sampling waits for the previous step's tokens (see ``ModelRunner.launch``).
+    deferred_sampling: Optional[Callable[[], None]] = None
+
+    def finish_sampling(self) -> None:
+        """Queue the sampling that ``launch`` deferred; a no-op when it sampled at once."""
+        if self.deferred_sampling is not None:
+            sample, self.deferred_sampling = self.deferred_sampling, None
+            sample()
 
     def wait(self) -> StepResult:
+        self.finish_sampling()
         if self.output is not None:
             host = self.output.to_host()
             for index, seq in enumerate(self.samplers):
@@ -103,6 +113,13 @@ def _forking_now(seq: Sequence) -> list[Sequence]:
     return seq.pending_forks if seq.num_output_tokens == 0 and seq.num_pending_tokens == 0 else []
 
 
+def _needs_host_tokens(seq: Sequence) -> bool:
+    """Its logits processing reads the tokens generated so far on the host: a grammar's state,
+    bad words of several tokens, logits processors."""
+    params = seq.params
+    return seq.grammar is not None or bool(params.bad_words or params.logits_processors)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, block_size: int,
                  eos_token_ids: frozenset[int], attention_backend: str = "auto") -> None:
@@ -113,6 +130,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.backend = get_attention_backend(attention_backend, device)
         self.sampler = Sampler()
+        self.bitmask_filler = BitmaskFiller(model.config.vocab_size, device)
         self.attention_layers = model.attention_layers()
         self.kv_caches: list[torch.Tensor] = []
         self.decode_graphs: Optional[DecodeGraphs] = None
@@ -307,6 +325,26 @@ class ModelRunner:
             rows = [row for row, seq in enumerate(inputs.sample_seqs) for _ in range(1 + len(_forking_now(seq)))]
             fork_rows = self._upload(torch.tensor(rows))
             logits = logits.index_select(0, fork_rows)
+        launched.samplers = samplers
+        # A row whose logits depend on the host's view of its tokens (a grammar's state, ...)
+        # cannot sample before the step in flight has been processed. The forward pass is
+        # queued already, so the engine processes that step while the device computes this
+        # one and then calls ``finish_sampling``: the mask is filled on the CPU meanwhile.
+        if previous is not None and any(map(_needs_host_tokens, samplers)):
+            launched.deferred_sampling = lambda: self._sample(launched, inputs, logits, fork_rows, 1)
+        else:
+            self._sample(launched, inputs, logits, fork_rows, 0)
+        return launched
+
+    @torch.inference_mode()
+    def _sample(self, launched: LaunchedStep, inputs: ModelInputs, logits: torch.Tensor,
+                fork_rows: Optional[torch.Tensor], num_launched_pending: int) -> None:
+        """Sample the step's rows and queue the copy of the tokens to the host.
+
+        ``num_launched_pending`` is 1 when sampling was deferred: the engine has then already
+        counted this step's own token as pending in every sampler.
+        """
+        samplers = launched.samplers
         rows = [
             SamplingRow(
                 params=seq.params,
@@ -314,29 +352,31 @@ class ModelRunner:
                 num_prompt_tokens=seq.num_prompt_tokens,
                 generator=seq.generator,
                 eos_token_ids=self.eos_token_ids,
-                num_pending_tokens=seq.num_pending_tokens,
+                num_pending_tokens=seq.num_pending_tokens - num_launched_pending,
             )
             for seq in samplers
         ]
-        output = self.sampler.sample(logits, rows, self._pending_output_tokens(inputs, samplers, fork_rows))
-        launched.samplers = samplers
+        constrained, grammars = constrained_rows(samplers)
+        bitmask = self.bitmask_filler.fill(grammars, constrained, len(rows)) if constrained else None
+        penalize_pending = any(seq.num_pending_tokens > num_launched_pending and has_penalty(seq.params)
+                               for seq in samplers)
+        watermark = any(seq.params.watermark for seq in samplers)
+        newest = self._newest_tokens(inputs, fork_rows) if penalize_pending or watermark else None
+        pending_output_tokens = None
+        if penalize_pending:
+            pending = self._upload(torch.tensor([seq.num_pending_tokens > num_launched_pending for seq in samplers]))
+            pending_output_tokens = torch.where(pending, newest, -1)
+        output = self.sampler.sample(logits, rows, pending_output_tokens, bitmask, newest if watermark else None)
         launched.device_token_ids = output.sampled_token_ids
         launched.row_of_seq = {seq.seq_id: index for index, seq in enumerate(samplers)}
         output.start_copy()
         launched.output = output
-        return launched
 
-    def _pending_output_tokens(self, inputs: ModelInputs, samplers: list[Sequence],
-                               fork_rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """For penalties: each sampling row's newest output token when the host does not have it
-        yet (-1 otherwise). That token is the row's input this step, already on the device."""
-        if not any(seq.num_pending_tokens and has_penalty(seq.params) for seq in samplers):
-            return None
+    def _newest_tokens(self, inputs: ModelInputs, fork_rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """Each sampling row's newest token, on the device: its input this step. With a step in
+        flight it may not have reached the host yet (penalties, watermark seeds need it)."""
         newest = inputs.input_ids[inputs.sample_indices]
-        if fork_rows is not None:
-            newest = newest.index_select(0, fork_rows)
-        pending = self._upload(torch.tensor([seq.num_pending_tokens > 0 for seq in samplers]))
-        return torch.where(pending, newest, -1)
+        return newest.index_select(0, fork_rows) if fork_rows is not None else newest
 
     def _prompt_logprobs(self, batch: ScheduledBatch, inputs: ModelInputs, hidden: torch.Tensor,
                          result: StepResult) -> None:

@@ -2,8 +2,10 @@
 
 The engine calls the sampler once per step with one logits row per sequence that needs a
 token. Reported logprobs come from the raw model distribution; the token is drawn from the
-logits after penalties, min_tokens, temperature and top-k / top-p / min-p. Every stage is a
-masked tensor op over the whole batch and is skipped when no row needs it, so the common
+logits after, in order: the structured-output grammar mask, allowed_token_ids, bad_words and
+logit_bias, logits processors, penalties, min_tokens, the watermark, temperature and top-k /
+top-p / min-p. Every stage is a masked tensor op over the whole batch (logits processors,
+being user callables, run per row) and is skipped when no row needs it, so the common
 all-greedy, penalty-free step is a single argmax.
 """
 
@@ -16,7 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from octavo.logits_process import apply_logits_processors
 from octavo.sampling_params import SamplingParams
+from octavo.structured_output.manager import GrammarBitmask, apply_bitmask
+from octavo.watermark import green_mask
 
 # token id -> (logprob, rank); rank 1 is the most likely token.
 TopLogprobs = dict[int, tuple[float, int]]
@@ -285,6 +290,81 @@ def _min_tokens_blocked(
     return row_index, token_index
 
 
+def _bad_words_blocked(rows: Sequence[SamplingRow], row_index: list[int], token_index: list[int]) -> None:
+    """Append the (row, token) pairs that would complete one of a row's bad words: a one-token
+    word always, a longer one when the output ends with all of it but its last token."""
+    for i, row in enumerate(rows):
+        words = row.params.bad_words_token_ids
+        if not words:
+            continue
+        output = row.output_token_ids
+        for word in words:
+            prefix = len(word) - 1
+            if prefix == 0 or (len(output) >= prefix and output[len(output) - prefix:] == word[:-1]):
+                row_index.append(i)
+                token_index.append(word[-1])
+
+
+def apply_logits_controls(logits: torch.Tensor, rows: Sequence[SamplingRow],
+                          grammar_bitmask: GrammarBitmask | None) -> None:
+    """The grammar mask, allowed_token_ids, bad_words, logit_bias and logits processors, in
+    place on float32 ``logits``; each is one batched op over the rows that use it."""
+    device, vocab_size = logits.device, logits.shape[1]
+    if grammar_bitmask is not None:
+        apply_bitmask(logits, grammar_bitmask)
+    params = [row.params for row in rows]
+    allowed_rows = [i for i, p in enumerate(params) if p.allowed_token_ids]
+    if allowed_rows:
+        # Built on the device from (row, token) pairs: only the ids travel, not [rows, vocab] flags.
+        pair_rows = [position for position, i in enumerate(allowed_rows) for _ in params[i].allowed_token_ids]
+        pair_tokens = [token for i in allowed_rows for token in params[i].allowed_token_ids]
+        allowed = torch.zeros(len(allowed_rows), vocab_size, dtype=torch.bool, device=device)
+        allowed[_to_device(pair_rows, torch.int64, device), _to_device(pair_tokens, torch.int64, device)] = True
+        index = _to_device(allowed_rows, torch.int64, device)
+        logits[index] = logits[index].masked_fill_(~allowed, -math.inf)
+    blocked_rows: list[int] = []
+    blocked_tokens: list[int] = []
+    _bad_words_blocked(rows, blocked_rows, blocked_tokens)
+    if blocked_rows:
+        logits[_to_device(blocked_rows, torch.int64, device),
+               _to_device(blocked_tokens, torch.int64, device)] = -math.inf
+    bias_rows, bias_tokens, biases = [], [], []
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            bias_rows += [i] * len(p.logit_bias)
+            bias_tokens += p.logit_bias.keys()
+            biases += p.logit_bias.values()
+    if bias_rows:
+        logits.index_put_(
+            (_to_device(bias_rows, torch.int64, device), _to_device(bias_tokens, torch.int64, device)),
+            _to_device(biases, torch.float32, device), accumulate=True,
+        )
+    for i, row in enumerate(rows):
+        if row.params.logits_processors:
+            logits[i] = apply_logits_processors(logits[i], row.params.logits_processors,
+                                                row.prompt_token_ids, row.output_token_ids)
+
+
+def apply_watermark(logits: torch.Tensor, params: Sequence[SamplingParams],
+                    previous_tokens: torch.Tensor | None) -> None:
+    """Add ``watermark_delta`` to the green-list logits of watermarked rows, in place; the list is
+    seeded by each row's newest token (``previous_tokens``, [rows] on the device)."""
+    rows = [i for i, p in enumerate(params) if p.watermark]
+    if not rows:
+        return
+    if previous_tokens is None:
+        raise ValueError("watermarking needs each row's previous token (previous_tokens).")
+    device = logits.device
+    index = _to_device(rows, torch.int64, device)
+    green = green_mask(
+        previous_tokens.index_select(0, index), logits.shape[1],
+        _to_device([params[i].watermark_gamma for i in rows], torch.float64, device),
+        _to_device([params[i].watermark_key for i in rows], torch.int64, device),
+    )
+    deltas = _to_device([params[i].watermark_delta for i in rows], torch.float32, device)
+    logits.index_add_(0, index, green.to(torch.float32) * deltas[:, None])
+
+
 def has_penalty(params: SamplingParams) -> bool:
     return (
         params.repetition_penalty != 1.0
@@ -342,21 +422,28 @@ class Sampler:
         return self.sample(logits, rows).to_host()
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow],
-               pending_output_tokens: torch.Tensor | None = None) -> DeviceSamplerOutput:
+               pending_output_tokens: torch.Tensor | None = None,
+               grammar_bitmask: GrammarBitmask | None = None,
+               previous_tokens: torch.Tensor | None = None) -> DeviceSamplerOutput:
         """Like ``__call__`` but leaves the result on the device (no synchronisation).
 
         ``pending_output_tokens``: see ``apply_penalties``; needed only for penalised rows
-        whose ``num_pending_tokens`` is not 0.
+        whose ``num_pending_tokens`` is not 0. ``grammar_bitmask``: the structured-output
+        masks of the constrained rows. ``previous_tokens``: each row's newest token on the
+        device, needed only by watermarked rows.
         """
         vocab_size = logits.shape[1]
         params = [row.params for row in rows]
         greedy = [p.greedy for p in params]
         penalized = any(map(has_penalty, params))
+        controlled = grammar_bitmask is not None or any(p.uses_logits_controls for p in params)
         blocked_rows, blocked_tokens = _min_tokens_blocked(rows, vocab_size)
 
         work = logits
-        if penalized or blocked_rows or not all(greedy):
+        if penalized or blocked_rows or controlled or not all(greedy):
             work = logits.to(torch.float32, copy=True)  # private copy: raw logits feed the logprobs
+        if controlled:
+            apply_logits_controls(work, rows, grammar_bitmask)
         if penalized:
             apply_penalties(
                 work,
@@ -373,6 +460,8 @@ class Sampler:
                 _to_device(blocked_rows, torch.int64, device),
                 _to_device(blocked_tokens, torch.int64, device),
             ] = -math.inf
+        if controlled:
+            apply_watermark(work, params, previous_tokens)
         sampled = work.argmax(dim=-1) if all(greedy) else self._sample(work, rows, greedy)
         return self._output(logits, sampled, params)
 

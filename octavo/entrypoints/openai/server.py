@@ -69,16 +69,20 @@ from octavo.entrypoints.openai.protocol import (
     ChatLogProbs,
     ChatLogProbsContent,
     ChatResponseMessage,
+    ChatToolCall,
     CompletionChoice,
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
     CompletionStreamResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
+    FunctionCall,
     ModelCard,
     ModelList,
     PromptLogprob,
@@ -89,6 +93,13 @@ from octavo.entrypoints.openai.protocol import (
     UsageInfo,
 )
 from octavo.entrypoints.openai.token_bytes import TokenBytes, escaped, is_whole_text
+from octavo.entrypoints.openai.tool_parsers import (
+    TOOL_PARSERS,
+    NamedToolParser,
+    RequiredToolParser,
+    StreamPiece,
+    ToolParser,
+)
 from octavo.metrics import CONTENT_TYPE, EngineMetrics
 from octavo.outputs import CompletionOutput, Logprob, PromptLogprobs
 from octavo.sampling_params import SamplingParams
@@ -122,6 +133,7 @@ class ServerSettings:
     max_stop_strings: int = 16
     max_prompts_per_request: int = 64
     max_request_body_bytes: int = 8 << 20
+    tool_call_parser: Optional[str] = None  # a TOOL_PARSERS name: finds calls when tool_choice is auto
 
 
 # ---- errors --------------------------------------------------------------------------------
@@ -172,7 +184,7 @@ def _validation_error(error: ValidationError) -> APIError:
 
 def _param_of(message: str, request: BaseModel, aliases: dict[str, str]) -> Optional[str]:
     """The parameter a conversion ValueError names: its first word, when that is a field."""
-    name = message.split(" ", 1)[0]
+    name = message.split(" ", 1)[0].split(".", 1)[0]  # "structured_outputs.regex ..." names structured_outputs
     if name not in _SAMPLING_FIELDS and name not in type(request).model_fields:
         return None
     return aliases.get(name, name)
@@ -462,13 +474,14 @@ class OpenAIServing:
         encoded = await self._off_loop(lambda: [tokenizer.encode(text) for text in prompt])
         return [_Prompt(ids, text) for ids, text in zip(encoded, prompt)]
 
-    async def _chat_token_ids(self, messages: list, add_generation_prompt: bool) -> list[int]:
+    async def _chat_token_ids(self, messages: list, add_generation_prompt: bool,
+                              tools: Optional[list[dict[str, Any]]] = None) -> list[int]:
         if not messages:
             raise _bad_request("messages must not be empty.", "messages")
         tokenizer = self._require_tokenizer("messages")
         try:
             conversation = [message.template_dict() for message in messages]
-            token_ids = await self._off_loop(tokenizer.apply_chat_template, conversation,
+            token_ids = await self._off_loop(tokenizer.apply_chat_template, conversation, tools=tools,
                                              add_generation_prompt=add_generation_prompt, tokenize=True,
                                              return_dict=False)
         except Exception as exc:  # noqa: BLE001 - a template can fail in many ways, all on the input
@@ -667,7 +680,9 @@ class OpenAIServing:
         if request.max_completion_tokens is not None:
             aliases["max_tokens"] = "max_completion_tokens"
         params = self._sampling_params(request, aliases)
-        prompt = _Prompt(await self._chat_token_ids(request.messages, bool(request.add_generation_prompt)))
+        self._tool_parser(request)  # a 400 now, not once the reply is generated
+        prompt = _Prompt(await self._chat_token_ids(request.messages, bool(request.add_generation_prompt),
+                                                    request.template_tools()))
         self._check_prompt(prompt, params, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._add_all(request_id, [prompt], params, request.cache_salt)
@@ -675,22 +690,47 @@ class OpenAIServing:
         if request.stream:
             return self._event_stream(streams, self._chat_events(request_id, request, params, prompt, streams[0]))
         (final,) = await self._generate_all(raw, streams)
-        choices = [
-            ChatCompletionChoice(
+        choices = []
+        for completion in final.outputs:
+            parser = self._tool_parser(request)
+            message = ChatResponseMessage(content=completion.text)
+            finish_reason = completion.finish_reason
+            if parser is not None:
+                parsed = parser.parse(completion.text)
+                message = ChatResponseMessage(content=parsed.content, tool_calls=[
+                    ChatToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
+                    for call in parsed.tool_calls
+                ])
+                finish_reason = _tool_finish_reason(finish_reason, bool(parsed.tool_calls))
+            choices.append(ChatCompletionChoice(
                 index=completion.index,
-                message=ChatResponseMessage(content=completion.text),
+                message=message,
                 logprobs=(self._chat_logprobs(completion.token_ids, completion.logprobs, params.logprobs)
                           if params.logprobs is not None else None),
-                finish_reason=completion.finish_reason,
+                finish_reason=finish_reason,
                 stop_reason=completion.stop_reason,
-            )
-            for completion in final.outputs
-        ]
+            ))
         response = ChatCompletionResponse(
             id=request_id, model=self.settings.served_model_name, choices=choices,
             usage=self._usage([prompt], [final]),
             prompt_logprobs=self._prompt_logprobs(prompt, final.prompt_logprobs, request.prompt_logprobs))
         return Response(response.model_dump_json(), media_type="application/json")
+
+    def _tool_parser(self, request: ChatCompletionRequest) -> Optional[ToolParser]:
+        """A fresh parser for one choice's output, or None when the output is plain text."""
+        mode = request.tool_mode
+        if mode == "named":
+            return NamedToolParser(request.named_tool().function.name)
+        if mode == "required":
+            return RequiredToolParser()
+        if mode == "auto":
+            name = self.settings.tool_call_parser
+            if name is None:
+                raise _bad_request('tool_choice "auto" needs a server started with --tool-call-parser '
+                                   f'({", ".join(TOOL_PARSERS)}); or send tool_choice "required" or a '
+                                   'named function, which need no parser.', "tool_choice")
+            return TOOL_PARSERS[name]()
+        return None
 
     async def _chat_events(self, request_id: str, request: ChatCompletionRequest, params: SamplingParams,
                            prompt: _Prompt, stream: RequestStream) -> AsyncIterator[str]:
@@ -700,20 +740,31 @@ class OpenAIServing:
             return _sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=choices,
                                                      usage=usage))
 
+        parsers = [self._tool_parser(request) for _ in range(params.n)]
         final = None
         try:
             yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                          for i in range(params.n)])
             async for final in stream:
-                choices = [
-                    ChatCompletionStreamChoice(
-                        index=completion.index, delta=DeltaMessage(content=delta.text),
-                        logprobs=(self._chat_logprobs(delta.token_ids, delta.logprobs, params.logprobs)
-                                  if params.logprobs is not None else None),
-                        finish_reason=completion.finish_reason, stop_reason=completion.stop_reason)
-                    for completion, delta in zip(final.outputs, final.deltas)
-                    if delta.text or completion.finish_reason or (params.logprobs is not None and delta.token_ids)
-                ]
+                choices = []
+                for completion, delta in zip(final.outputs, final.deltas):
+                    parser = parsers[completion.index]
+                    finish_reason = completion.finish_reason
+                    message = DeltaMessage(content=delta.text)
+                    if parser is not None:
+                        piece = parser.stream(delta.text)
+                        if finish_reason is not None:
+                            rest = parser.finish()
+                            piece = StreamPiece(piece.content + rest.content, piece.tool_calls + rest.tool_calls)
+                            finish_reason = _tool_finish_reason(finish_reason, parser.made_calls)
+                        message = _delta_message(piece)
+                    if message.content or message.tool_calls or finish_reason or (
+                            params.logprobs is not None and delta.token_ids):
+                        choices.append(ChatCompletionStreamChoice(
+                            index=completion.index, delta=message,
+                            logprobs=(self._chat_logprobs(delta.token_ids, delta.logprobs, params.logprobs)
+                                      if params.logprobs is not None else None),
+                            finish_reason=finish_reason, stop_reason=completion.stop_reason))
                 if choices:
                     yield chunk(choices)
             if request.include_usage:
@@ -728,7 +779,8 @@ class OpenAIServing:
         if (request.prompt is None) == (request.messages is None):
             raise _bad_request("give exactly one of prompt and messages.", "prompt")
         if request.messages is not None:
-            tokens = await self._chat_token_ids(request.messages, bool(request.add_generation_prompt))
+            tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
+            tokens = await self._chat_token_ids(request.messages, bool(request.add_generation_prompt), tools)
         else:
             tokenizer = self._require_tokenizer("prompt")
             tokens = await self._off_loop(tokenizer.encode, request.prompt,
@@ -751,6 +803,20 @@ class OpenAIServing:
 
     def models(self) -> ModelList:
         return ModelList(data=[self.model_card()])
+
+
+def _tool_finish_reason(finish_reason: Optional[str], made_calls: bool) -> Optional[str]:
+    """OpenAI's "tool_calls" for a reply that ended normally with calls in it."""
+    return "tool_calls" if made_calls and finish_reason == "stop" else finish_reason
+
+
+def _delta_message(piece: StreamPiece) -> DeltaMessage:
+    calls = [
+        DeltaToolCall(index=call.index, id=call.id, type="function" if call.id else None,
+                      function=DeltaFunctionCall(name=call.name, arguments=call.arguments))
+        for call in piece.tool_calls
+    ]
+    return DeltaMessage(content=piece.content or None, tool_calls=calls or None)
 
 
 # ---- the app -------------------------------------------------------------------------------
@@ -892,6 +958,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser, log_level_default: Opti
     # The same engine flags as generate and chat.
     add_engine_arguments(parser.add_argument_group("engine"), model_positional=True)
 
+    tools = parser.add_argument_group("tool calling")
+    tools.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                       help="how to find tool calls in replies when tool_choice is auto (the default with "
+                            "tools): hermes for <tool_call> JSON blocks (Hermes, Qwen), llama3_json for Llama 3 "
+                            "JSON calls. Without it only tool_choice required or a named function work.")
+    tools.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="accepted for vLLM compatibility: auto tool choice is on whenever "
+                            "--tool-call-parser is given.")
+
     limits = parser.add_argument_group("request limits")
     limits.add_argument("--max-n", type=positive_int, default=16, help="largest n")
     limits.add_argument("--max-best-of", type=positive_int, default=16, help="largest best_of")
@@ -936,6 +1011,7 @@ def _server_settings(args: argparse.Namespace, served_model_name: str, model: st
         max_stop_strings=args.max_stop_strings,
         max_prompts_per_request=args.max_prompts_per_request,
         max_request_body_bytes=args.max_request_body_bytes,
+        tool_call_parser=args.tool_call_parser,
     )
 
 
