@@ -8,6 +8,7 @@ naming its field before any request is queued.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Union
@@ -104,20 +105,32 @@ class StructuredOutputsParams:
         return (kind, getattr(self, kind))
 
     def _check_parses(self, kind: str) -> None:
-        xgr = load_xgrammar()
-        try:
-            if kind == "json":
-                if isinstance(self.json, str):
-                    json.loads(self.json)
-                xgr.Grammar.from_json_schema(self.schema_text)
-            elif kind == "regex":
-                xgr.Grammar.from_regex(self.regex)
-            elif kind == "grammar":
-                xgr.Grammar.from_ebnf(self.grammar)
-            elif kind == "choice":
-                xgr.Grammar.from_ebnf(self.choice_ebnf())
-        except (RuntimeError, ValueError) as error:
-            detail = " ".join(str(error).split())
-            # xgrammar prefixes its messages with a timestamp and a source location.
-            detail = detail.split(": ", 1)[-1] if ".cc:" in detail else detail
-            raise ValueError(f"structured_outputs.{kind} is invalid: {detail}") from None
+        load_xgrammar()  # the install hint, even for a constraint checked before
+        if kind == "json_object":
+            return
+        if kind == "json":
+            try:
+                source = self.schema_text
+            except ValueError as error:  # a JSON string that does not parse
+                raise ValueError(f"structured_outputs.json is invalid: {error}") from None
+        else:
+            source = self.choice_ebnf() if kind == "choice" else getattr(self, kind)
+        detail = _parse_error(kind, source)
+        if detail is not None:
+            raise ValueError(f"structured_outputs.{kind} is invalid: {detail}")
+
+
+# Requests tend to repeat one constraint, and the engine core checks each again on arrival.
+@functools.lru_cache(maxsize=256)
+def _parse_error(kind: str, source: str) -> Optional[str]:
+    """What the grammar engine says is wrong with ``source`` (a JSON schema's text, a regex or
+    EBNF), or None when it parses."""
+    xgr = load_xgrammar()
+    parse = {"json": xgr.Grammar.from_json_schema, "regex": xgr.Grammar.from_regex}.get(kind, xgr.Grammar.from_ebnf)
+    try:
+        parse(source)
+    except (RuntimeError, ValueError) as error:
+        detail = " ".join(str(error).split())
+        # xgrammar prefixes its messages with a timestamp and a source location.
+        return detail.split(": ", 1)[-1] if ".cc:" in detail else detail
+    return None
