@@ -95,6 +95,11 @@ class LLM:
         self.llm_engine = LLMEngine(config)
         self._request_ids = count()
 
+    def shutdown(self) -> None:
+        """Stop the engine core now (its process, and the GPU memory it holds); the object is
+        unusable afterwards. Dropping the last reference does the same."""
+        self.llm_engine.shutdown()
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 

@@ -65,9 +65,9 @@ class StreamingRequestOutput(RequestOutput):
     """A ``RequestOutput`` plus, per returned sample, what is new since the last delivered output.
 
     ``deltas`` is filled only when every generated sample is returned (``best_of`` unset or equal
-    to ``n``): with ``best_of > n`` the kept samples are known only at the end. The logprobs lists
-    in ``outputs`` keep growing until the request finishes; read them from the finished output,
-    and use the deltas while streaming.
+    to ``n``): with ``best_of > n`` the kept samples are known only at the end. The token and
+    logprobs lists in ``outputs`` keep growing until the request finishes; read them from the
+    finished output, and use the deltas while streaming.
     """
 
     deltas: list[CompletionDelta] = field(default_factory=list)

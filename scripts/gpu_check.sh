@@ -93,7 +93,8 @@ write_for_model_folder(write_dummy_model('qwen3-0.6b', Path(sys.argv[1])))" "$mo
     tail -n 5 "$out/server.log"
     if [ -f "$out/serve-fixed-512.json" ]; then
         stage "offline LLM.generate on the same requests" 300 python -m octavo.benchmarks.offline_baseline \
-            "$out/serve-fixed-512.json" --model "$model" "${engine[@]}" --output "$out/serve-vs-offline.json"
+            "$out/serve-fixed-512.json" --model "$model" "${engine[@]}" --skip-tokenizer-too \
+            --output "$out/serve-vs-offline.json"
     fi
     if [ ${#failed[@]} -gt 0 ]; then
         printf 'FAILED: %s\n' "${failed[@]}"

@@ -500,7 +500,7 @@ def test_concurrent_streams_with_cancellations(server):
     async def one(aclient: openai.AsyncOpenAI, i: int) -> Optional[tuple[str, str, int]]:
         cancel = i % 3 == 0
         stream = await aclient.completions.create(
-            model=MODEL, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=64 if cancel else 12, temperature=0,
+            model=MODEL, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=300 if cancel else 12, temperature=0,
             stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         text, finish, usage, chunks = "", None, None, 0
         async for chunk in stream:

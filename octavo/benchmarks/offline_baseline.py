@@ -90,6 +90,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("served", help="the JSON written by `octavo bench serve --output`")
     add_engine_arguments(parser)
     parser.add_argument("--output", "-o", default=None, help="write the offline figures and the table here")
+    parser.add_argument("--skip-tokenizer-too", action="store_true",
+                        help="also run the same requests with skip_tokenizer_init=True (token ids only), to show "
+                             "what detokenization costs offline")
     args = parser.parse_args(argv)
     served = json.loads(Path(args.served).read_text())
     if served["meta"]["prompt_format"] != "ids":
@@ -107,12 +110,25 @@ def main(argv: Optional[list[str]] = None) -> int:
             warmup = warmup_requests(requests, workload["vocab_size"], seed, count=workload.get("num_warmups", 4))
             print(f"offline: {len(requests)} requests (seed {seed})...", file=sys.stderr)
             offline[seed] = run_offline(llm, requests, warmup)
+        llm.shutdown()
+    undetokenized: dict[int, dict[str, Any]] = {}
+    if seeds and args.skip_tokenizer_too:
+        llm = LLM(**engine_kwargs(args), skip_tokenizer_init=True)
+        for seed in seeds:
+            requests = build_requests(spec, workload["vocab_size"], seed)
+            warmup = warmup_requests(requests, workload["vocab_size"], seed, count=workload.get("num_warmups", 4))
+            undetokenized[seed] = run_offline(llm, requests, warmup)
+            ratio = offline[seed]["output_throughput"] / undetokenized[seed]["output_throughput"]
+            print(f"offline seed {seed}: tokenizer loaded {offline[seed]['output_throughput']:,.0f} out tok/s, "
+                  f"skip_tokenizer_init {undetokenized[seed]['output_throughput']:,.0f}: ratio {ratio:.3f}")
+        llm.shutdown()
     rows = compare(served, offline)
     print(format_comparison(rows))
     if not seeds:
         print("(no rate-inf run in the report: no offline figure to compare with)")
     if args.output:
         Path(args.output).write_text(json.dumps({"offline": {str(k): v for k, v in offline.items()},
+                                                 "offline_skip_tokenizer": {str(k): v for k, v in undetokenized.items()},
                                                  "comparison": rows}, indent=2) + "\n")
         print(f"wrote {args.output}")
     return 0

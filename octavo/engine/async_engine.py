@@ -19,6 +19,7 @@ from typing import AsyncIterator, Callable, Optional, Union
 
 from octavo.config import EngineConfig
 from octavo.engine.core_client import AsyncProcessCoreClient, EngineDeadError, EngineUnavailableError
+from octavo.engine.gc_tuning import tune_after_startup
 from octavo.engine.input_processor import InputProcessor, PromptInput
 from octavo.engine.messages import CoreRequest, CoreStats, StepOutputs
 from octavo.engine.output_processor import OutputProcessor, RequestState
@@ -184,6 +185,7 @@ class AsyncLLMEngine:
         self._loop = asyncio.get_running_loop()
         self._started = True
         self.client.start(self._on_outputs, self._on_dead)
+        tune_after_startup()
 
     def begin_drain(self, timeout: Optional[float] = None) -> None:
         """Refuse new requests from now on; accepted ones carry on, and with ``timeout`` those still

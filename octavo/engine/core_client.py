@@ -145,7 +145,11 @@ class _CoreProcess:
                 pass
 
     def wait_stopped(self) -> None:
-        """Wait for the core to exit (killing it after a while); any thread."""
+        """Wait for the core to exit after ``request_shutdown`` (stopping it after a while); any thread."""
+        try:
+            self.process.wait(timeout=_SHUTDOWN_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pass
         self._finalizer()
 
     def close_sockets(self) -> None:
@@ -159,11 +163,14 @@ class _CoreProcess:
 
 
 def _stop_process(process: subprocess.Popen, folder: str) -> None:
-    try:
-        process.wait(timeout=_SHUTDOWN_WAIT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    """End the core process (it frees its GPU memory with it) and remove its socket folder."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=_SHUTDOWN_WAIT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -25,6 +25,7 @@ from typing import Optional
 import zmq
 
 from octavo.engine.core import EngineCore
+from octavo.engine.gc_tuning import tune_after_startup
 from octavo.engine.messages import (
     AbortRequests,
     AddRequests,
@@ -145,6 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             logger.error("the engine core failed to start: %s", exc)
             _fail(outbox, exc, during_startup=True)
             return 1
+        tune_after_startup()
         outbox.send(encode(Ready(core.info())))
         try:
             CoreLoop(core, inbox, outbox, args.parent_pid).run()

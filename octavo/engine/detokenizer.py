@@ -11,13 +11,25 @@ SentencePiece "▁" prefix) treat the first generated token as a continuation, a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+from tokenizers import Tokenizer
 
 from octavo.sampling_params import SamplingParams
 
 _REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded ahead of the output as context (vLLM uses the same count).
 _PROMPT_CONTEXT_TOKENS = 5
+
+
+def fast_decode(tokenizer: Any) -> Callable[[list[int], bool], str]:
+    """``decode(ids, skip_special_tokens)``, straight through the Rust tokenizer where the HF
+    wrapper would add nothing (no clean-up of tokenization spaces): a seventh of the cost per
+    call, which matters at two calls per token per sequence."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if isinstance(backend, Tokenizer) and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids, skip_special_tokens: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids, skip_special_tokens: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def decode_token(tokenizer: Any, token_id: int) -> str:
@@ -35,6 +47,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._tokenizer = tokenizer if params.detokenize else None
+        self._fast_decode = fast_decode(tokenizer) if self._tokenizer is not None else None
         self._skip_special_tokens = params.skip_special_tokens
         self._stops: list[str] = list(params.stop) if self._tokenizer is not None else []
         self._include_stop = params.include_stop_str_in_output
@@ -91,7 +104,7 @@ class IncrementalDetokenizer:
         return delta
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
+        return self._fast_decode(token_ids, self._skip_special_tokens)
 
     def _next_text(self, token_id: int) -> str:
         """Text that ``token_id`` completes ("" while a character or the text is still pending)."""

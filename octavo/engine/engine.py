@@ -16,6 +16,7 @@ import torch
 
 from octavo.config import EngineConfig, resolve_device
 from octavo.engine.core_client import InprocCoreClient, ProcessCoreClient
+from octavo.engine.gc_tuning import tune_after_startup
 from octavo.engine.input_processor import InputProcessor, PromptInput
 from octavo.engine.messages import CoreRequest, CoreStats
 from octavo.engine.output_processor import OutputProcessor, RequestState
@@ -58,6 +59,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids: dict[str, int] = {}  # request id -> core id of the live request
         self._core_ids = count()
+        tune_after_startup()
 
     @property
     def core(self):

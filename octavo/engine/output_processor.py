@@ -163,7 +163,7 @@ class OutputProcessor:
             CompletionOutput(
                 index=index,
                 text=sample.detokenizer.text,
-                token_ids=list(sample.token_ids),
+                token_ids=sample.token_ids,  # grows while streaming (the deltas say what is new)
                 cumulative_logprob=sample.cumulative_logprob if params.logprobs is not None else None,
                 logprobs=sample.logprobs,
                 finish_reason=sample.finish_reason,

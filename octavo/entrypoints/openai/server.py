@@ -291,6 +291,10 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StreamingRequestOutput]]:
     """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:  # the common case, without a task per output
+        async for output in streams[0]:
+            yield 0, output
+        return
     pending = {asyncio.ensure_future(stream.__anext__()): index for index, stream in enumerate(streams)}
     try:
         while pending:
