@@ -74,7 +74,7 @@ def record_turns(monkeypatch) -> Turns:
         turns.engine = self
         turns.prompts.append(self.tokenizer.decode(prompt["prompt_token_ids"]))
         add_request(self, request_id, prompt, *args, **kwargs)
-        turns.states.append(self.requests[request_id])
+        turns.states.append(self.outputs.requests[self._ids[request_id]])
 
     def recording_stream_completion(*args, **kwargs) -> str:
         turns.replies.append(stream_completion(*args, **kwargs))
@@ -121,8 +121,8 @@ def test_ctrl_c_stops_a_reply_and_the_session_goes_on(tiny_gguf, monkeypatch, ca
     monkeypatch.setattr(LLMEngine, "step", step_interrupted_once)
     assert cli.main(["chat", "--model", str(tiny_gguf), *ENGINE_FLAGS, "--max-tokens", "6"]) == 0
     assert capsys.readouterr().out.count(" [stopped]") == 1
-    stopped, next_reply = (state.seqs[0] for state in turns.states)
-    assert stopped.num_output_tokens == 1 and next_reply.num_output_tokens == 6
+    stopped, next_reply = (state.samples[0] for state in turns.states)
+    assert len(stopped.token_ids) == 1 and len(next_reply.token_ids) == 6
     assert not turns.engine.has_unfinished_requests()  # the stopped request was aborted
     # the stopped reply stays in the history, as far as it got
     assert turns.prompts[1] == turn("Tell me a story", turns.replies[0]) + turn("Go on")

@@ -20,7 +20,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("the model was loaded before the flags were checked")
 
     monkeypatch.setattr("octavo.llm.LLM", never)
-    monkeypatch.setattr(server_module, "LLMEngine", never)
+    monkeypatch.setattr(server_module, "AsyncLLMEngine", never)
 
 
 @pytest.mark.parametrize("argv, flag", [

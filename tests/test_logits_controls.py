@@ -171,7 +171,7 @@ def test_logits_processors_need_the_core_in_this_process(model_folder):
                            use_tqdm=False)
         assert out[0].outputs[0].token_ids == [favourite] * 3
     finally:
-        llm.llm_engine.shutdown()
+        llm.shutdown()
 
 
 def test_server_logit_bias_allowed_bad_words(model_folder):

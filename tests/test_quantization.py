@@ -382,4 +382,4 @@ def test_quantization_reaches_the_core_process(tmp_path):
     assert info.weight_bytes < make_llm(tmp_path).llm_engine.core_client.info.weight_bytes / 2
     prompts = random_prompts(3)
     assert engine_greedy(across, prompts) == engine_greedy(in_process, prompts)
-    across.llm_engine.shutdown()
+    across.shutdown()

@@ -48,7 +48,7 @@ def llm(request, model_folder):
     engine = LLM(str(model_folder), device=DEVICE, dtype="float32", async_scheduling=async_scheduling,
                  engine_core_process=engine_core_process, kv_cache_memory=8 << 20, gpu_memory_utilization=0.2)
     yield engine
-    engine.llm_engine.shutdown()
+    engine.shutdown()
 
 
 def texts(outputs) -> list[str]:

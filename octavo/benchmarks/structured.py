@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seconds_u, lengths_u, profile_u, _ = _run(llm, prompts, plain)
         assert lengths_u == lengths, "the unconstrained run must generate the same tokens per request"
         if not in_process and args.profile:
-            llm.llm_engine.shutdown()  # frees the device for the profiling engine
+            llm.shutdown()  # frees the device for the profiling engine
             llm = _start(folder, load_format, args, False, vocab)
             _, _, profile_c, _ = _run(llm, prompts, constrained)
         tokens = sum(lengths)
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "num_steps": {"constrained": len(profile_c["step"]),
                           "unconstrained": len(profile_u["step"]) if in_process else None},
         }
-        llm.llm_engine.shutdown()
+        llm.shutdown()
     return report
 
 
