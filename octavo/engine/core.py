@@ -84,7 +84,6 @@ class _CoreRequestState:
     core_id: int
     params: SamplingParams
     seqs: list[Sequence]
-    count_prefix_stats: bool
     # What the front end needs beside the token ids.
     send_logprobs: bool  # each sampled token's logprob (logprobs, or best_of ranking)
     sent_first_scheduled: bool = False
@@ -201,8 +200,7 @@ class EngineCore:
                                  generator, request.cache_salt, request.arrival_time, request.count_prefix_stats))
             seqs[-1].grammar = self.structured_output.grammar_for(params.structured_outputs)  # one per sample
         send_logprobs = params.logprobs is not None or params.num_samples > params.n
-        self.requests[request.core_id] = _CoreRequestState(request.core_id, params, seqs,
-                                                           request.count_prefix_stats, send_logprobs)
+        self.requests[request.core_id] = _CoreRequestState(request.core_id, params, seqs, send_logprobs)
         # Only the first sample computes the prompt; the others fork from it (sharing blocks).
         seqs[0].pending_forks = seqs[1:]
         self.scheduler.add(seqs[0])

@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import weakref
 from typing import Iterable, Optional
 
@@ -316,12 +315,3 @@ class AsyncProcessCoreClient:
         await asyncio.get_running_loop().run_in_executor(None, self._process.wait_stopped)
         self._process.close_sockets()
 
-
-def wait_for_exit(process: subprocess.Popen, timeout: float) -> Optional[int]:
-    """The exit code once the process has ended, or None after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return process.returncode
-        time.sleep(0.05)
-    return None
