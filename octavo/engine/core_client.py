@@ -120,9 +120,11 @@ class _CoreProcess:
 
     def wait_ready(self) -> CoreInfo:
         """Block until the core has loaded the model; raise its start-up error otherwise."""
+        # With asyncio sockets (before the loop runs) read through a blocking shadow of the socket.
+        sock = zmq.Socket.shadow(self.from_core.underlying)
         while True:
-            if self.from_core.poll(_LIVENESS_POLL_MS):
-                message = decode_from_core(self.from_core.recv())
+            if sock.poll(_LIVENESS_POLL_MS):
+                message = decode_from_core(sock.recv())
                 if isinstance(message, Ready):
                     return message.info
                 if isinstance(message, CoreFailed):
@@ -247,26 +249,11 @@ class AsyncProcessCoreClient:
     def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int], log_level: str = "info") -> None:
         self._process = _CoreProcess(config, eos_token_ids, zmq.asyncio.Context(), log_level)
         try:
-            self.info = self._wait_ready()
+            self.info = self._process.wait_ready()
         except BaseException:
             self._process.shutdown()
             raise
         self._tasks: list[asyncio.Future] = []
-
-    def _wait_ready(self) -> CoreInfo:
-        # The sockets are asyncio ones; before the loop runs, read through a blocking shadow.
-        shadow = zmq.Socket.shadow(self._process.from_core.underlying)
-        while True:
-            if shadow.poll(_LIVENESS_POLL_MS):
-                message = decode_from_core(shadow.recv())
-                if isinstance(message, Ready):
-                    return message.info
-                if isinstance(message, CoreFailed):
-                    self._process.process.wait()
-                    _raise_failure(message)
-                raise EngineDeadError(f"the engine core sent {type(message).__name__} before it was ready.")
-            if self._process.process.poll() is not None:
-                raise self._process.exit_error()
 
     @property
     def process(self) -> subprocess.Popen:
