@@ -139,26 +139,6 @@ def _model_path(model: str, quantization: str = "auto") -> Iterator[tuple[str, s
         yield str(write_dummy_model(model.removeprefix(DUMMY_PREFIX), Path(folder), quantization)), "dummy"
 
 
-@contextmanager
-def _timed_calls(owner, name: str) -> Iterator[list[float]]:
-    """Seconds spent in ``owner.name`` while the block runs: how the model load is split out of start-up."""
-    original = getattr(owner, name)
-    seconds: list[float] = []
-
-    def timed(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            seconds.append(time.perf_counter() - started)
-
-    setattr(owner, name, timed)
-    try:
-        yield seconds
-    finally:
-        setattr(owner, name, original)
-
-
 def _free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -191,12 +171,11 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
 
     options = {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens}
     started = time.perf_counter()
-    with _timed_calls(loader, "build_model") as load_seconds:
-        llm = LLM(model=path, dtype=args.dtype, device=args.device, seed=args.seed, load_format=load_format,
-                  max_model_len=max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-                  enforce_eager=args.enforce_eager, skip_tokenizer_init=True,  # token ids in and out, like the peers
-                  async_scheduling=False if args.no_async_scheduling else None, quantization=args.quantization,
-                  **{key: value for key, value in options.items() if value is not None})
+    llm = LLM(model=path, dtype=args.dtype, device=args.device, seed=args.seed, load_format=load_format,
+              max_model_len=max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+              enforce_eager=args.enforce_eager, skip_tokenizer_init=True,  # token ids in and out, like the peers
+              async_scheduling=False if args.no_async_scheduling else None, quantization=args.quantization,
+              **{key: value for key, value in options.items() if value is not None})
     startup_s = time.perf_counter() - started
 
     def submit(batch: list[Request], use_tqdm: bool):
@@ -208,10 +187,15 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
     submit(warmup, use_tqdm=False)
     warmup_s = time.perf_counter() - started
 
-    hf_peers.synchronize(llm.llm_engine.device)
+    # A core in this process may still have work queued on the device; one in its own process has
+    # finished a step before its tokens arrive here.
+    in_process = llm.llm_engine.core is not None
+    if in_process:
+        hf_peers.synchronize(llm.llm_engine.device)
     started = time.perf_counter()
     outputs = submit(requests, use_tqdm=True)
-    hf_peers.synchronize(llm.llm_engine.device)
+    if in_process:
+        hf_peers.synchronize(llm.llm_engine.device)
     elapsed = time.perf_counter() - started
 
     counts = [len(output.outputs[0].token_ids) for output in outputs]
@@ -221,8 +205,9 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
         raise RuntimeError(f"octavo gave {len(wrong)} request(s) the wrong number of tokens "
                            f"(request {i}: {got}, asked for {wanted}).")
     prompt_tokens, _ = _sums(requests)
-    details = {"model_load_s": sum(load_seconds), "engine_startup_s": startup_s, "warmup_s": warmup_s,
-               "weight_bytes": llm.llm_engine.core_client.info.weight_bytes,
+    info = llm.llm_engine.core_client.info
+    details = {"model_load_s": info.load_seconds, "engine_startup_s": startup_s, "warmup_s": warmup_s,
+               "weight_bytes": info.weight_bytes,
                "quantization": args.quantization,
                "generated_tokens": sum(counts), "async_scheduling": llm.llm_engine.async_scheduling}
     return EngineResult("octavo", len(requests), prompt_tokens, sum(counts), elapsed,

@@ -118,7 +118,8 @@ class EngineCore:
             path, self.hf_config, self.dtype, self.device, self.max_model_len,
             config.load_format, config.allow_pickle_weights, config.seed, quantization=config.quantization,
         )
-        logger.info("loaded %s (%s, %s) in %.1fs", path, self.dtype, self.device, time.perf_counter() - started)
+        self.load_seconds = time.perf_counter() - started
+        logger.info("loaded %s (%s, %s) in %.1fs", path, self.dtype, self.device, self.load_seconds)
 
         cache, sched = config.cache, config.scheduler
         self.block_size = cache.block_size
@@ -156,7 +157,8 @@ class EngineCore:
         return CoreInfo(num_blocks=self.kv_cache.pool.num_blocks, block_size=self.block_size,
                         dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
                         max_model_len=self.max_model_len, max_num_seqs=self.scheduler.max_num_seqs,
-                        weight_bytes=sum(param.numel() * param.element_size() for param in self.model.parameters()))
+                        weight_bytes=sum(param.numel() * param.element_size() for param in self.model.parameters()),
+                        load_seconds=self.load_seconds)
 
     # ---- sizing ------------------------------------------------------------------------
     def _num_kv_blocks(self, max_batched_tokens: int, max_num_seqs: int) -> int:

@@ -86,6 +86,7 @@ class CoreInfo(msgspec.Struct):
     max_model_len: int
     max_num_seqs: int
     weight_bytes: int = 0  # the model's parameters as loaded (quantized ones are smaller)
+    load_seconds: float = 0.0  # building the model and its weights
 
 
 # ---- the wire --------------------------------------------------------------------------------
