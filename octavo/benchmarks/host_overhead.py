@@ -7,8 +7,10 @@ Scheduling, input preparation, sampling bookkeeping, stop checks and block accou
 in Python on the host. On a GPU they must fit inside the device time of a step for the
 asynchronous scheduler to hide them; this measures them alone, on any machine, by replacing
 the model's forward pass and LM head with stubs that return zeros of the right shapes.
-The vocabulary is small on purpose: work over the logits (argmax, softmax) is device work on
-a GPU, and on the CPU it would drown the bookkeeping this is meant to show.
+The stubbed LM head returns only ``--logits-columns`` columns (16): work over the logits
+(argmax, softmax) is device work on a GPU, and on the CPU the argmax over even a 1024-token
+vocabulary takes a millisecond at 512 rows, which would drown the bookkeeping this is meant to
+show. Prompt token ids still span ``--vocab-size``.
 
 Absolute CPU times vary from one machine to the next, so ``--baseline-rev REV`` checks REV out
 into a temporary ``git worktree`` and measures it too, each measurement in a fresh process,
@@ -50,7 +52,7 @@ def _tiny_config(vocab_size: int):
 
 
 def measure(num_seqs: int, prompt_len: int, steps: int, async_scheduling: bool, vocab_size: int,
-            profiler: Optional[cProfile.Profile] = None) -> float:
+            logits_columns: int = 16, profiler: Optional[cProfile.Profile] = None) -> float:
     """Milliseconds of host time per decode step with ``num_seqs`` running sequences.
 
     Written against the engine before and after the engine-core split (``--baseline-rev`` runs
@@ -69,7 +71,7 @@ def measure(num_seqs: int, prompt_len: int, steps: int, async_scheduling: bool, 
     core = getattr(engine, "core", None) or engine  # before the split the engine held the model
     hidden_size = core.model.config.hidden_size
     core.model.forward = lambda input_ids, positions, metadata: torch.zeros(input_ids.shape[0], hidden_size)
-    core.model.compute_logits = lambda hidden: torch.zeros(hidden.shape[0], vocab_size)
+    core.model.compute_logits = lambda hidden: torch.zeros(hidden.shape[0], logits_columns)
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
     for index in range(num_seqs):
@@ -95,7 +97,7 @@ def _measure_all(args: argparse.Namespace) -> dict[str, float]:
     for num_seqs in args.num_seqs:
         for mode in ("plain", "async"):
             results[f"{num_seqs}/{mode}"] = measure(num_seqs, args.prompt_len, args.steps, mode == "async",
-                                                    args.vocab_size)
+                                                    args.vocab_size, args.logits_columns)
     return results
 
 
@@ -103,6 +105,7 @@ def _measure_in_subprocess(root: Path, args: argparse.Namespace) -> dict[str, fl
     """This file's measurement run with the ``octavo`` package found under ``root``."""
     command = [sys.executable, str(Path(__file__).resolve()), "--json", "--prompt-len", str(args.prompt_len),
                "--steps", str(args.steps), "--vocab-size", str(args.vocab_size),
+               "--logits-columns", str(args.logits_columns),
                "--num-seqs", *map(str, args.num_seqs)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     done = subprocess.run(command, env=env, cwd=root, check=True, capture_output=True, text=True)
@@ -156,6 +159,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--logits-columns", type=int, default=16, help="width of the stubbed logits")
     parser.add_argument("--baseline-rev", action="append", default=[], metavar="REV",
                         help="also measure git revision REV (repeatable) and print current / REV")
     parser.add_argument("--repeats", type=int, default=3, help="with --baseline-rev: runs of each checkout")
@@ -165,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.host_profile:
         profiler = cProfile.Profile()
-        measure(max(args.num_seqs), args.prompt_len, args.steps, True, args.vocab_size, profiler)
+        measure(max(args.num_seqs), args.prompt_len, args.steps, True, args.vocab_size, args.logits_columns, profiler)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(args.host_profile)
         return
     if args.json:
