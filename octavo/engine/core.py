@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from itertools import count
+from itertools import count, repeat
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -26,7 +26,7 @@ from octavo.kv_cache.manager import KVCacheManager, KVCacheStats
 from octavo.model_loader import loader
 from octavo.sampling_params import SamplingParams
 from octavo.worker.kv_cache_memory import bytes_per_block, check_cuda_share, cpu_kv_cache_bytes, cuda_kv_cache_bytes
-from octavo.worker.model_runner import LaunchedStep, ModelRunner, SampledToken
+from octavo.worker.model_runner import LaunchedStep, ModelRunner
 from octavo.worker.sampler import make_generator
 
 logger = logging.getLogger(__name__)
@@ -77,6 +77,10 @@ class _CoreRequestState:
     count_prefix_stats: bool
     # What the front end needs beside the token ids.
     send_logprobs: bool  # each sampled token's logprob (logprobs, or best_of ranking)
+    # The token-level stops, resolved once: the ids that end a sample (stop ids, and EOS unless
+    # ignored), and the length at which it ends (max_tokens or the context, whichever is first).
+    stop_ids: frozenset[int]
+    length_limit: int
     sent_first_scheduled: bool = False
 
     @property
@@ -187,8 +191,10 @@ class EngineCore:
             seqs.append(Sequence(next(self._seq_ids), request.core_id, index, token_ids, params, max_tokens,
                                  generator, request.cache_salt, request.arrival_time, request.count_prefix_stats))
         send_logprobs = params.logprobs is not None or params.num_samples > params.n
-        self.requests[request.core_id] = _CoreRequestState(request.core_id, params, seqs,
-                                                           request.count_prefix_stats, send_logprobs)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        self.requests[request.core_id] = _CoreRequestState(
+            request.core_id, params, seqs, request.count_prefix_stats, send_logprobs, stop_ids,
+            min(len(token_ids) + max_tokens, self.max_model_len))
         # Only the first sample computes the prompt; the others fork from it (sharing blocks).
         seqs[0].pending_forks = seqs[1:]
         self.scheduler.add(seqs[0])
@@ -272,29 +278,53 @@ class EngineCore:
         """Take a launched step's tokens: append them, apply token-level stops, build outputs."""
         result = launched.wait()
         outputs: dict[int, CoreOutput] = {}
-        for seq in batch.seqs:
-            state = self.requests.get(seq.request_id)
-            if state is not None and seq.seq_id in result.prompt_logprobs:
-                entries = result.prompt_logprobs[seq.seq_id]
-                seq.prompt_logprobs.extend(entries)
-                output = outputs.get(state.core_id) or self._new_output(state)
-                output.prompt_logprobs = (output.prompt_logprobs or []) + entries
-                outputs[state.core_id] = output
-            if seq.seq_id not in result.sampled:
-                continue
-            family = [seq] + (self.scheduler.fork(seq) if seq.pending_forks and state is not None else [])
-            for member in family:
-                member.num_pending_tokens -= 1
-                if state is None or member.is_finished:
-                    continue  # aborted, or stopped on the token before (one step was in flight)
-                output = outputs.get(state.core_id) or self._new_output(state)
-                outputs[state.core_id] = output
-                self._append_token(state, member, result.sampled[member.seq_id], output)
-        for core_id, output in outputs.items():
-            state = self.requests[core_id]
-            if state.finished:
-                output.finished = True
-                del self.requests[core_id]
+        requests = self.requests
+        if result.prompt_logprobs:
+            for seq in batch.seqs:
+                state = requests.get(seq.request_id)
+                if state is not None and seq.seq_id in result.prompt_logprobs:
+                    entries = result.prompt_logprobs[seq.seq_id]
+                    seq.prompt_logprobs.extend(entries)
+                    output = outputs.get(state.core_id) or self._new_output(state)
+                    output.prompt_logprobs = (output.prompt_logprobs or []) + entries
+                    outputs[state.core_id] = output
+        finishing: list[int] = []
+        top_logprobs = result.top_logprobs or repeat(None)
+        # One row per sampling sequence; siblings forking from a parent follow it in the rows.
+        for seq, token, logprob, top in zip(launched.samplers, result.token_ids, result.logprobs, top_logprobs):
+            seq.num_pending_tokens -= 1
+            state = requests.get(seq.request_id)
+            if state is None or seq.is_finished:
+                continue  # aborted, or stopped on the token before (one step was in flight)
+            if seq.pending_forks:
+                self.scheduler.fork(seq)  # before the parent's token: the siblings draw their own
+            output = outputs.get(state.core_id)
+            if output is None:
+                output = outputs[state.core_id] = self._new_output(state)
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += logprob
+            delta = SampleDelta(seq.sample_index, [token])
+            output.samples.append(delta)
+            if state.send_logprobs:
+                delta.new_logprobs = [logprob]
+                if state.params.logprobs is not None:  # the sampler's table always includes the sampled token
+                    delta.top_logprobs = [top or {}]
+            status = None
+            if token in state.stop_ids and seq.num_output_tokens >= state.params.min_tokens:
+                status = SequenceStatus.FINISHED_STOPPED
+                if token in state.params.stop_token_ids:
+                    delta.stop_reason = token
+            elif len(seq.token_ids) >= state.length_limit:
+                status = SequenceStatus.FINISHED_LENGTH
+            if status is not None:
+                delta.finish_reason = status.value
+                self.scheduler.finish(seq, status)
+                finishing.append(state.core_id)
+        for core_id in finishing:
+            state = requests.get(core_id)
+            if state is not None and state.finished:
+                outputs[core_id].finished = True
+                del requests[core_id]
         return list(outputs.values())
 
     def _new_output(self, state: _CoreRequestState) -> CoreOutput:
@@ -303,37 +333,6 @@ class EngineCore:
             state.sent_first_scheduled = True
             output.first_scheduled_time = state.seqs[0].first_scheduled_time
         return output
-
-    def _append_token(self, state: _CoreRequestState, seq: Sequence, sampled: SampledToken,
-                      output: CoreOutput) -> None:
-        params = seq.params
-        token = sampled.token_id
-        seq.append_token(token, sampled.logprob)
-        delta = next((d for d in output.samples if d.index == seq.sample_index), None)
-        if delta is None:
-            delta = SampleDelta(seq.sample_index, [])
-            if state.send_logprobs:
-                delta.new_logprobs = []
-            if params.logprobs is not None:
-                delta.top_logprobs = []
-            output.samples.append(delta)
-        delta.new_token_ids.append(token)
-        if delta.new_logprobs is not None:
-            delta.new_logprobs.append(sampled.logprob)
-        if delta.top_logprobs is not None:  # the sampler's table always includes the sampled token
-            delta.top_logprobs.append(sampled.top_logprobs or {})
-
-        status = None
-        if seq.num_output_tokens >= params.min_tokens:
-            if token in params.stop_token_ids:
-                status, delta.stop_reason = SequenceStatus.FINISHED_STOPPED, token
-            elif token in self.eos_token_ids and not params.ignore_eos:
-                status = SequenceStatus.FINISHED_STOPPED
-        if status is None and (seq.num_output_tokens >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len):
-            status = SequenceStatus.FINISHED_LENGTH
-        if status is not None:
-            delta.finish_reason = status.value
-            self.scheduler.finish(seq, status)
 
     # ---- stats -------------------------------------------------------------------------
     def _track_waste(self) -> None:

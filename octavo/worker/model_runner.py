@@ -35,15 +35,11 @@ _PROMPT_LOGPROBS_ROWS = 256  # prompt positions turned into logits at a time
 
 
 @dataclass
-class SampledToken:
-    token_id: int
-    logprob: float
-    top_logprobs: Optional[dict[int, tuple[float, int]]]
-
-
-@dataclass
 class StepResult:
-    sampled: dict[int, SampledToken] = field(default_factory=dict)  # seq_id -> token
+    # One entry per sampling sequence, in the order of ``LaunchedStep.samplers``.
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: Optional[list[Optional[dict[int, tuple[float, int]]]]] = None  # with params.logprobs
     # seq_id -> prompt logprob entries for the prompt positions computed this step
     prompt_logprobs: dict[int, list[dict[int, tuple[float, int]]]] = field(default_factory=dict)
 
@@ -62,7 +58,7 @@ class LaunchedStep:
     """A step whose work is queued on the device; ``wait`` collects its tokens.
 
     The sampled ids also stay on the device (``device_token_ids``, one row per sampling
-    sequence, ``row_of_seq`` says which), so the next step can start from them before the
+    sequence, in the order of ``samplers``), so the next step can start from them before the
     host has seen them.
     """
 
@@ -70,15 +66,21 @@ class LaunchedStep:
     samplers: list[Sequence] = field(default_factory=list)
     output: Optional[DeviceSamplerOutput] = None
     device_token_ids: Optional[torch.Tensor] = None
-    row_of_seq: dict[int, int] = field(default_factory=dict)
+    _row_of_seq: Optional[dict[int, int]] = None
+
+    def row_of_seq(self) -> dict[int, int]:
+        """seq_id -> row of ``device_token_ids`` (built on first use: a steady decode step
+        takes the rows as they are and never needs it)."""
+        if self._row_of_seq is None:
+            self._row_of_seq = {seq.seq_id: index for index, seq in enumerate(self.samplers)}
+        return self._row_of_seq
 
     def wait(self) -> StepResult:
         if self.output is not None:
             host = self.output.to_host()
-            for index, seq in enumerate(self.samplers):
-                self.result.sampled[seq.seq_id] = SampledToken(
-                    host.sampled_token_ids[index], host.sampled_logprobs[index], host.top_logprobs[index]
-                )
+            self.result.token_ids = host.sampled_token_ids
+            self.result.logprobs = host.sampled_logprobs
+            self.result.top_logprobs = host.top_logprobs
             self.output = None
         return self.result
 
@@ -261,7 +263,7 @@ class ModelRunner:
         if pending_at:
             if previous is None or previous.device_token_ids is None:
                 raise RuntimeError("a sequence has a pending token but no step is in flight")
-            row_of_seq = previous.row_of_seq
+            row_of_seq = previous.row_of_seq()
             pending_from = [row_of_seq[batch.seqs[int(seq_index[flat])].seq_id] for flat in pending_at]
             at = self._upload(torch.tensor(pending_at, dtype=torch.long))
             source = self._upload(torch.tensor(pending_from, dtype=torch.long))
@@ -321,7 +323,6 @@ class ModelRunner:
         output = self.sampler.sample(logits, rows, self._pending_output_tokens(inputs, samplers, fork_rows))
         launched.samplers = samplers
         launched.device_token_ids = output.sampled_token_ids
-        launched.row_of_seq = {seq.seq_id: index for index, seq in enumerate(samplers)}
         output.start_copy()
         launched.output = output
         return launched
