@@ -22,7 +22,7 @@ from octavo.config import EngineConfig, resolve_device, resolve_dtype
 from octavo.engine.messages import CoreInfo, CoreOutput, CoreRequest, CoreStats, SampleDelta
 from octavo.engine.request import Sequence, SequenceStatus
 from octavo.engine.scheduler import ScheduledBatch, Scheduler
-from octavo.kv_cache.manager import KVCacheManager, KVCacheStats
+from octavo.kv_cache.manager import BatchBlockTables, KVCacheManager, KVCacheStats
 from octavo.model_loader import loader
 from octavo.sampling_params import SamplingParams
 from octavo.worker.kv_cache_memory import bytes_per_block, check_cuda_share, cpu_kv_cache_bytes, cuda_kv_cache_bytes
@@ -141,6 +141,7 @@ class EngineCore:
         self._seq_ids = count()
         self.peak_kv_waste_slots = 0
         self.peak_running_at_waste = 0
+        self._waste_key: Optional[tuple[int, int]] = None
         self.num_prefill_tokens_computed = 0
         self._sharing_stats: Optional[tuple[int, int]] = None
         self._sharing_stats_time = 0.0
@@ -260,15 +261,16 @@ class EngineCore:
 
     def _launch(self, batch: ScheduledBatch, previous: Optional[LaunchedStep]) -> LaunchedStep:
         """Queue the batch on the device and advance the host's counters as if it had run."""
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            if seq.num_output_tokens == 0 and seq.num_pending_tokens == 0:
-                self.num_prefill_tokens_computed += num_new
-        block_tables = [self.kv_cache.block_table(seq.seq_id) for seq in batch.seqs]
-        launched = self.runner.launch(batch, block_tables, previous)
+        launched = self.runner.launch(batch, BatchBlockTables(self.kv_cache, batch.seqs), previous)
+        if not launched.steady:  # a steady step only decodes
+            for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+                if seq.num_output_tokens == 0 and seq.num_pending_tokens == 0:
+                    self.num_prefill_tokens_computed += num_new
         self.scheduler.on_step_launched(batch)
         # Index filled blocks now, not when the tokens arrive, so the very next step's new
         # requests can hit them (their K/V is written before any later step reads it).
-        self.scheduler.cache_full_blocks(batch.seqs)
+        seqs = batch.seqs
+        self.scheduler.cache_full_blocks([seqs[row] for row in launched.full_block_rows] if launched.steady else seqs)
         for seq in launched.samplers:
             seq.num_pending_tokens += 1
         self._track_waste()
@@ -336,6 +338,12 @@ class EngineCore:
 
     # ---- stats -------------------------------------------------------------------------
     def _track_waste(self) -> None:
+        # With no block taken or freed and as many sequences running, the waste can only have
+        # shrunk (each step fills slots): no new peak to look for.
+        key = (self.kv_cache.num_free_blocks, self.scheduler.num_running)
+        if key == self._waste_key:
+            return
+        self._waste_key = key
         waste = self.scheduler.kv_waste_slots()
         if waste > self.peak_kv_waste_slots:
             self.peak_kv_waste_slots = waste

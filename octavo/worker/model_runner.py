@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Optional
+from typing import Optional, Sequence as SequenceOf
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ from octavo.worker.sampler import (
     SamplingRow,
     compute_prompt_logprobs,
     has_penalty,
+    is_plain_greedy,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class ModelInputs:
     metadata: AttentionMetadata
     sample_seqs: list[Sequence]
     sample_indices: torch.Tensor  # rows of the hidden states to turn into logits
+    host_positions: Optional[np.ndarray] = None  # the host's copies, kept for the next step's diffs
+    host_tables: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -66,6 +69,10 @@ class LaunchedStep:
     samplers: list[Sequence] = field(default_factory=list)
     output: Optional[DeviceSamplerOutput] = None
     device_token_ids: Optional[torch.Tensor] = None
+    # A steady decode step (see ``_SteadyBatch``): every row decodes one token, and
+    # ``full_block_rows`` are the rows whose last block this step fills.
+    steady: bool = False
+    full_block_rows: list[int] = field(default_factory=list)
     _row_of_seq: Optional[dict[int, int]] = None
 
     def row_of_seq(self) -> dict[int, int]:
@@ -83,6 +90,22 @@ class LaunchedStep:
             self.result.top_logprobs = host.top_logprobs
             self.output = None
         return self.result
+
+
+@dataclass
+class _SteadyBatch:
+    """What a decode step leaves for the next one when every row decoded one token and sampled.
+
+    If the next batch holds the same sequences in the same order, each again with one token
+    and no block copies, its inputs follow from these arrays by diffs: positions advance by
+    one, and only rows that enter a new block change their table. That is the common step of
+    a long decode, and it then costs O(rows that changed) in Python.
+    """
+
+    seqs: list[Sequence]
+    positions: np.ndarray  # [rows] int64, the position each row computed
+    tables: np.ndarray  # [rows, blocks] int32, zero-padded
+    plain_greedy: bool  # every row passes is_plain_greedy
 
 
 def _decodes_first(batch: ScheduledBatch, block_tables: list[list[int]]) -> tuple[ScheduledBatch, list[list[int]]]:
@@ -118,6 +141,7 @@ class ModelRunner:
         self.attention_layers = model.attention_layers()
         self.kv_caches: list[torch.Tensor] = []
         self.decode_graphs: Optional[DecodeGraphs] = None
+        self._steady: Optional[_SteadyBatch] = None
         first = self.attention_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         for layer in self.attention_layers:
@@ -277,7 +301,54 @@ class ModelRunner:
             metadata=self._metadata(query_start, seq_lens, tables, slots),
             sample_seqs=[batch.seqs[row] for row in sample_rows],
             sample_indices=self._upload(torch.from_numpy(sample_indices)),
+            host_positions=positions,
+            host_tables=tables,
         )
+
+    def _steady_inputs(self, batch: ScheduledBatch, block_tables: SequenceOf[list[int]],
+                       previous: Optional[LaunchedStep]) -> Optional[ModelInputs]:
+        """The inputs of a steady decode step (see ``_SteadyBatch``), or None if this is not one."""
+        steady = self._steady
+        seqs = batch.seqs
+        if (steady is None or batch.block_copies or batch.num_tokens != len(seqs) or seqs != steady.seqs
+                or (previous is not None and previous.samplers != seqs)):
+            return None
+        num_seqs = len(seqs)
+        positions = steady.positions + 1
+        block_index = positions // self.block_size
+        tables = steady.tables
+        grown = np.flatnonzero(positions % self.block_size == 0)  # rows whose token opens a new block
+        if len(grown):
+            width = int(block_index[grown].max()) + 1
+            # A new array, not an update in place: the last step's upload may still read this one.
+            tables = np.pad(tables, ((0, 0), (0, max(0, width - tables.shape[1]))))
+            for row in grown.tolist():
+                tables[row, block_index[row]] = block_tables[row][block_index[row]]
+        rows = np.arange(num_seqs)
+        slots = tables[rows, block_index].astype(np.int64) * self.block_size + positions % self.block_size
+        if previous is not None:
+            input_ids = previous.device_token_ids  # every row's input is its token still in flight
+        else:
+            input_ids = self._upload(torch.tensor([seq.token_ids[-1] for seq in seqs], dtype=torch.long))
+        query_start = np.arange(num_seqs + 1, dtype=np.int64)
+        self._steady = _SteadyBatch(seqs, positions, tables, steady.plain_greedy)
+        return ModelInputs(
+            input_ids=input_ids,
+            positions=self._upload(torch.from_numpy(positions)),
+            metadata=self._metadata(query_start, positions + 1, tables, slots),
+            sample_seqs=seqs,
+            sample_indices=self._upload(torch.from_numpy(rows)),
+        )
+
+    def _keep_steady(self, batch: ScheduledBatch, inputs: ModelInputs, samplers: list[Sequence]) -> None:
+        """Keep a decode step's arrays for the next step's diffs, if every row decoded and sampled."""
+        self._steady = None
+        num_seqs = len(batch.seqs)
+        if (batch.num_tokens != num_seqs or len(samplers) != num_seqs or len(inputs.sample_seqs) != num_seqs
+                or inputs.host_tables is None):
+            return
+        self._steady = _SteadyBatch(list(batch.seqs), inputs.host_positions, inputs.host_tables,
+                                    all(is_plain_greedy(seq.params) for seq in samplers))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepResult:
@@ -290,16 +361,16 @@ class ModelRunner:
         """Queue one step on the device and return without waiting for its tokens
         (prompt logprobs, when asked for, are gathered synchronously)."""
         self.copy_blocks(batch.block_copies)
+        inputs = self._steady_inputs(batch, block_tables, previous)
+        if inputs is not None:
+            return self._launch_steady(inputs)
         batch, block_tables = _decodes_first(batch, block_tables)
         inputs = self.prepare_inputs(batch, block_tables, previous)
-        graphs = self.decode_graphs
-        if graphs is not None and graphs.can_run(len(batch.seqs), inputs.metadata):
-            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
+        hidden = self._forward(inputs)
         launched = LaunchedStep(StepResult())
         self._prompt_logprobs(batch, inputs, hidden, launched.result)
         if not inputs.sample_seqs:
+            self._steady = None
             return launched
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         # Siblings about to fork draw their first token from the parent's logits row.
@@ -309,7 +380,22 @@ class ModelRunner:
             rows = [row for row, seq in enumerate(inputs.sample_seqs) for _ in range(1 + len(_forking_now(seq)))]
             fork_rows = self._upload(torch.tensor(rows))
             logits = logits.index_select(0, fork_rows)
-        rows = [
+        output = self.sampler.sample(logits, self._sampling_rows(samplers), self._pending_output_tokens(inputs, samplers, fork_rows))
+        self._keep_steady(batch, inputs, samplers)
+        launched.samplers = samplers
+        launched.device_token_ids = output.sampled_token_ids
+        output.start_copy()
+        launched.output = output
+        return launched
+
+    def _forward(self, inputs: ModelInputs) -> torch.Tensor:
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(len(inputs.metadata.seq_lens_cpu), inputs.metadata):
+            return graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)
+        return self.model(inputs.input_ids, inputs.positions, inputs.metadata)
+
+    def _sampling_rows(self, samplers: list[Sequence]) -> list[SamplingRow]:
+        return [
             SamplingRow(
                 params=seq.params,
                 token_ids=seq.token_ids,
@@ -320,9 +406,20 @@ class ModelRunner:
             )
             for seq in samplers
         ]
-        output = self.sampler.sample(logits, rows, self._pending_output_tokens(inputs, samplers, fork_rows))
-        launched.samplers = samplers
-        launched.device_token_ids = output.sampled_token_ids
+
+    def _launch_steady(self, inputs: ModelInputs) -> LaunchedStep:
+        """``launch`` for a steady decode step: one sampling row per sequence, in batch order."""
+        hidden = self._forward(inputs)
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        samplers = inputs.sample_seqs
+        if self._steady.plain_greedy:
+            output = self.sampler.sample_plain_greedy(logits)
+        else:
+            output = self.sampler.sample(logits, self._sampling_rows(samplers),
+                                         self._pending_output_tokens(inputs, samplers, None))
+        positions = self._steady.positions
+        full_block_rows = np.flatnonzero((positions + 1) % self.block_size == 0).tolist()
+        launched = LaunchedStep(StepResult(), samplers, None, output.sampled_token_ids, True, full_block_rows)
         output.start_copy()
         launched.output = output
         return launched
