@@ -26,7 +26,7 @@
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve|quant|structured [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve|quant|structured|hostcost [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -167,8 +167,19 @@ structured)
     OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_structured_output.py \
         tests/test_logits_controls.py tests/test_watermark.py
     ;;
+hostcost)
+    # Host ms against device ms per step at 64, 256 and 512 running sequences, then the throughput
+    # they add up to (about 3.5 minutes).
+    for n in 64 256 512; do
+        python -m octavo.benchmarks.step_profile --model dummy:qwen3-0.6b --num-prompts $n --max-num-seqs $n \
+            | tee "$out/step-profile-$n.txt"
+        echo "hostcost: $n sequences done at ${SECONDS}s"
+    done
+    bench --model dummy:qwen3-0.6b --workload fixed --num-prompts 512 --max-num-seqs 512 \
+        --output "$out/qwen3-fixed-512.json"
+    ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families, serve, quant or structured" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families, serve, quant, structured or hostcost" >&2
     exit 2
     ;;
 esac

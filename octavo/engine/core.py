@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from itertools import count
+from itertools import count, repeat
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -25,12 +25,12 @@ from octavo.config import EngineConfig, resolve_device, resolve_dtype
 from octavo.engine.messages import CoreInfo, CoreOutput, CoreRequest, CoreStats, SampleDelta
 from octavo.engine.request import Sequence, SequenceStatus
 from octavo.engine.scheduler import ScheduledBatch, Scheduler
-from octavo.kv_cache.manager import KVCacheManager, KVCacheStats
+from octavo.kv_cache.manager import BatchBlockTables, KVCacheManager, KVCacheStats
 from octavo.model_loader import loader
 from octavo.sampling_params import SamplingParams
 from octavo.structured_output import StructuredOutputManager
 from octavo.worker.kv_cache_memory import bytes_per_block, check_cuda_share, cpu_kv_cache_bytes, cuda_kv_cache_bytes
-from octavo.worker.model_runner import LaunchedStep, ModelRunner, SampledToken
+from octavo.worker.model_runner import LaunchedStep, ModelRunner
 from octavo.worker.sampler import make_generator
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,10 @@ class _CoreRequestState:
     seqs: list[Sequence]
     # What the front end needs beside the token ids.
     send_logprobs: bool  # each sampled token's logprob (logprobs, or best_of ranking)
+    # The token-level stops, resolved once: the ids that end a sample (stop ids, and EOS unless
+    # ignored), and the length at which it ends (max_tokens or the context, whichever is first).
+    stop_ids: frozenset[int]
+    length_limit: int
     sent_first_scheduled: bool = False
 
     @property
@@ -149,6 +153,7 @@ class EngineCore:
         self._seq_ids = count()
         self.peak_kv_waste_slots = 0
         self.peak_running_at_waste = 0
+        self._waste_key: Optional[tuple[int, int]] = None
         self.num_prefill_tokens_computed = 0
         self._sharing_stats: Optional[tuple[int, int]] = None
         self._sharing_stats_time = 0.0
@@ -202,7 +207,9 @@ class EngineCore:
                                  generator, request.cache_salt, request.arrival_time, request.count_prefix_stats))
             seqs[-1].grammar = self.structured_output.grammar_for(params.structured_outputs)  # one per sample
         send_logprobs = params.logprobs is not None or params.num_samples > params.n
-        self.requests[request.core_id] = _CoreRequestState(request.core_id, params, seqs, send_logprobs)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        self.requests[request.core_id] = _CoreRequestState(
+            request.core_id, params, seqs, send_logprobs, stop_ids, min(len(token_ids) + max_tokens, self.max_model_len))
         # Only the first sample computes the prompt; the others fork from it (sharing blocks).
         seqs[0].pending_forks = seqs[1:]
         self.scheduler.add(seqs[0])
@@ -271,15 +278,16 @@ class EngineCore:
 
     def _launch(self, batch: ScheduledBatch, previous: Optional[LaunchedStep]) -> LaunchedStep:
         """Queue the batch on the device and advance the host's counters as if it had run."""
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            if seq.num_output_tokens == 0 and seq.num_pending_tokens == 0:
-                self.num_prefill_tokens_computed += num_new
-        block_tables = [self.kv_cache.block_table(seq.seq_id) for seq in batch.seqs]
-        launched = self.runner.launch(batch, block_tables, previous)
+        launched = self.runner.launch(batch, BatchBlockTables(self.kv_cache, batch.seqs), previous)
+        if not launched.steady:  # a steady step only decodes
+            for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+                if seq.num_output_tokens == 0 and seq.num_pending_tokens == 0:
+                    self.num_prefill_tokens_computed += num_new
         self.scheduler.on_step_launched(batch)
         # Index filled blocks now, not when the tokens arrive, so the very next step's new
         # requests can hit them (their K/V is written before any later step reads it).
-        self.scheduler.cache_full_blocks(batch.seqs)
+        seqs = batch.seqs
+        self.scheduler.cache_full_blocks([seqs[row] for row in launched.full_block_rows] if launched.steady else seqs)
         for seq in launched.samplers:
             seq.num_pending_tokens += 1
         self._track_waste()
@@ -289,29 +297,57 @@ class EngineCore:
         """Take a launched step's tokens: append them, apply token-level stops, build outputs."""
         result = launched.wait()
         outputs: dict[int, CoreOutput] = {}
-        for seq in batch.seqs:
-            state = self.requests.get(seq.request_id)
-            if state is not None and seq.seq_id in result.prompt_logprobs:
-                entries = result.prompt_logprobs[seq.seq_id]
-                seq.prompt_logprobs.extend(entries)
-                output = outputs.get(state.core_id) or self._new_output(state)
-                output.prompt_logprobs = (output.prompt_logprobs or []) + entries
-                outputs[state.core_id] = output
-            if seq.seq_id not in result.sampled:
-                continue
-            family = [seq] + (self.scheduler.fork(seq) if seq.pending_forks and state is not None else [])
-            for member in family:
-                member.num_pending_tokens -= 1
-                if state is None or member.is_finished:
-                    continue  # aborted, or stopped on the token before (one step was in flight)
-                output = outputs.get(state.core_id) or self._new_output(state)
-                outputs[state.core_id] = output
-                self._append_token(state, member, result.sampled[member.seq_id], output)
-        for core_id, output in outputs.items():
-            state = self.requests[core_id]
-            if state.finished:
-                output.finished = True
-                del self.requests[core_id]
+        requests = self.requests
+        if result.prompt_logprobs:
+            for seq in batch.seqs:
+                state = requests.get(seq.request_id)
+                if state is not None and seq.seq_id in result.prompt_logprobs:
+                    entries = result.prompt_logprobs[seq.seq_id]
+                    seq.prompt_logprobs.extend(entries)
+                    output = outputs.get(state.core_id) or self._new_output(state)
+                    output.prompt_logprobs = (output.prompt_logprobs or []) + entries
+                    outputs[state.core_id] = output
+        finishing: list[int] = []
+        top_logprobs = result.top_logprobs or repeat(None)
+        # One row per sampling sequence; siblings forking from a parent follow it in the rows.
+        for seq, token, logprob, top in zip(launched.samplers, result.token_ids, result.logprobs, top_logprobs):
+            seq.num_pending_tokens -= 1
+            state = requests.get(seq.request_id)
+            if state is None or seq.is_finished:
+                continue  # aborted, or stopped on the token before (one step was in flight)
+            if seq.pending_forks:
+                self.scheduler.fork(seq)  # before the parent's token: the siblings draw their own
+            output = outputs.get(state.core_id)
+            if output is None:
+                output = outputs[state.core_id] = self._new_output(state)
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += logprob
+            if seq.grammar is not None and not seq.grammar.accept(token):
+                logger.error("request %s: the grammar rejected token %d; the rest is unconstrained",
+                             seq.request_id, token)
+                seq.grammar = None
+            delta = SampleDelta(seq.sample_index, [token])
+            output.samples.append(delta)
+            if state.send_logprobs:
+                delta.new_logprobs = [logprob]
+                if state.params.logprobs is not None:  # the sampler's table always includes the sampled token
+                    delta.top_logprobs = [top or {}]
+            status = None
+            if token in state.stop_ids and seq.num_output_tokens >= state.params.min_tokens:
+                status = SequenceStatus.FINISHED_STOPPED
+                if token in state.params.stop_token_ids:
+                    delta.stop_reason = token
+            elif len(seq.token_ids) >= state.length_limit:
+                status = SequenceStatus.FINISHED_LENGTH
+            if status is not None:
+                delta.finish_reason = status.value
+                self.scheduler.finish(seq, status)
+                finishing.append(state.core_id)
+        for core_id in finishing:
+            state = requests.get(core_id)
+            if state is not None and state.finished:
+                outputs[core_id].finished = True
+                del requests[core_id]
         return list(outputs.values())
 
     def _new_output(self, state: _CoreRequestState) -> CoreOutput:
@@ -321,42 +357,14 @@ class EngineCore:
             output.first_scheduled_time = state.seqs[0].first_scheduled_time
         return output
 
-    def _append_token(self, state: _CoreRequestState, seq: Sequence, sampled: SampledToken,
-                      output: CoreOutput) -> None:
-        params = seq.params
-        token = sampled.token_id
-        seq.append_token(token, sampled.logprob)
-        if seq.grammar is not None and not seq.grammar.accept(token):
-            logger.error("request %s: the grammar rejected token %d; the rest is unconstrained", seq.request_id, token)
-            seq.grammar = None
-        delta = next((d for d in output.samples if d.index == seq.sample_index), None)
-        if delta is None:
-            delta = SampleDelta(seq.sample_index, [])
-            if state.send_logprobs:
-                delta.new_logprobs = []
-            if params.logprobs is not None:
-                delta.top_logprobs = []
-            output.samples.append(delta)
-        delta.new_token_ids.append(token)
-        if delta.new_logprobs is not None:
-            delta.new_logprobs.append(sampled.logprob)
-        if delta.top_logprobs is not None:  # the sampler's table always includes the sampled token
-            delta.top_logprobs.append(sampled.top_logprobs or {})
-
-        status = None
-        if seq.num_output_tokens >= params.min_tokens:
-            if token in params.stop_token_ids:
-                status, delta.stop_reason = SequenceStatus.FINISHED_STOPPED, token
-            elif token in self.eos_token_ids and not params.ignore_eos:
-                status = SequenceStatus.FINISHED_STOPPED
-        if status is None and (seq.num_output_tokens >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len):
-            status = SequenceStatus.FINISHED_LENGTH
-        if status is not None:
-            delta.finish_reason = status.value
-            self.scheduler.finish(seq, status)
-
     # ---- stats -------------------------------------------------------------------------
     def _track_waste(self) -> None:
+        # With no block taken or freed and as many sequences running, the waste can only have
+        # shrunk (each step fills slots): no new peak to look for.
+        key = (self.kv_cache.num_free_blocks, self.scheduler.num_running)
+        if key == self._waste_key:
+            return
+        self._waste_key = key
         waste = self.scheduler.kv_waste_slots()
         if waste > self.peak_kv_waste_slots:
             self.peak_kv_waste_slots = waste

@@ -29,6 +29,8 @@ class SampleState:
     finish_reason: Optional[str] = None
     stop_reason: Optional[int | str] = None
     num_sent_tokens: int = 0  # tokens already in a delivered streaming delta
+    # No text and no logprobs to build: a token that finishes nothing is only appended.
+    ids_only: bool = False
 
 
 @dataclass
@@ -74,7 +76,8 @@ class OutputProcessor:
         detokenize = params.detokenize and self.tokenizer is not None
         samples = [
             SampleState(IncrementalDetokenizer(self.tokenizer if detokenize else None, prompt_token_ids, params),
-                        logprobs=[] if params.logprobs is not None else None)
+                        logprobs=[] if params.logprobs is not None else None,
+                        ids_only=not detokenize and params.logprobs is None)
             for _ in range(params.num_samples)
         ]
         state = RequestState(request_id, core_id, prompt, prompt_token_ids, params, samples, stream,
@@ -102,14 +105,23 @@ class OutputProcessor:
             state.num_cached_tokens = core_output.num_cached_tokens
             if core_output.prompt_logprobs is not None and state.prompt_logprobs is not None:
                 state.prompt_logprobs.extend(self._logprob_dicts(core_output.prompt_logprobs))
-            stopped = [delta.index for delta in core_output.samples if self._apply(state, delta)]
+            stopped, may_finish = [], core_output.finished
+            for delta in core_output.samples:
+                sample = state.samples[delta.index]
+                if (sample.ids_only and delta.finish_reason is None and delta.new_logprobs is None
+                        and sample.finish_reason is None):
+                    sample.token_ids += delta.new_token_ids  # what _apply would do, without its per-token work
+                    continue
+                may_finish = True
+                if self._apply(state, delta):
+                    stopped.append(delta.index)
             if stopped and not core_output.finished:
                 step.stopped_samples.append((state.core_id, stopped))
             if core_output.samples:
                 if state.first_token_time is None:
                     state.first_token_time = now
                 step.advanced.append(state)
-            finished = state.finished
+            finished = may_finish and state.finished
             if finished:
                 del self.requests[core_output.core_id]
             if finished or state.stream:

@@ -94,10 +94,12 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            if seq.finishes_when_pending_arrive:
+            # Sequence.finishes_when_pending_arrive and num_uncomputed_tokens, inlined (hot).
+            pending, num_known = seq.num_pending_tokens, len(seq.token_ids)
+            if pending and num_known - seq.num_prompt_tokens + pending >= seq.max_tokens:
                 index += 1  # its last token is still on the device; it finishes on arrival
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(num_known + pending - seq.num_computed_tokens, budget)
             copies = self._allocate_or_preempt(seq, num_new, batch)
             if copies is None:
                 break  # ``seq`` itself was preempted: it was the newest

@@ -8,6 +8,7 @@ sequence with the same prefix reuses them instead of recomputing.
 
 from __future__ import annotations
 
+from collections import abc
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -42,6 +43,20 @@ class KVCacheStats:
 class PrefixHit:
     blocks: list[KVBlock]
     num_tokens: int
+
+
+class BatchBlockTables(abc.Sequence):
+    """The block tables of a batch's sequences (anything with a ``seq_id``), each read when it
+    is indexed: a steady decode step reads only the few that just grew."""
+
+    def __init__(self, manager: "KVCacheManager", seqs: Sequence) -> None:
+        self._manager, self._seqs = manager, seqs
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __getitem__(self, row: int) -> list[int]:
+        return self._manager.block_table(self._seqs[row].seq_id)
 
 
 def _writable(block: KVBlock) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence as SequenceOf
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from octavo.worker.sampler import (
     SamplingRow,
     compute_prompt_logprobs,
     has_penalty,
+    is_plain_greedy,
 )
 
 logger = logging.getLogger(__name__)
@@ -36,15 +37,11 @@ _PROMPT_LOGPROBS_ROWS = 256  # prompt positions turned into logits at a time
 
 
 @dataclass
-class SampledToken:
-    token_id: int
-    logprob: float
-    top_logprobs: Optional[dict[int, tuple[float, int]]]
-
-
-@dataclass
 class StepResult:
-    sampled: dict[int, SampledToken] = field(default_factory=dict)  # seq_id -> token
+    # One entry per sampling sequence, in the order of ``LaunchedStep.samplers``.
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: Optional[list[Optional[dict[int, tuple[float, int]]]]] = None  # with params.logprobs
     # seq_id -> prompt logprob entries for the prompt positions computed this step
     prompt_logprobs: dict[int, list[dict[int, tuple[float, int]]]] = field(default_factory=dict)
 
@@ -56,6 +53,8 @@ class ModelInputs:
     metadata: AttentionMetadata
     sample_seqs: list[Sequence]
     sample_indices: torch.Tensor  # rows of the hidden states to turn into logits
+    host_positions: Optional[np.ndarray] = None  # the host's copies, kept for the next step's diffs
+    host_tables: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -63,7 +62,7 @@ class LaunchedStep:
     """A step whose work is queued on the device; ``wait`` collects its tokens.
 
     The sampled ids also stay on the device (``device_token_ids``, one row per sampling
-    sequence, ``row_of_seq`` says which), so the next step can start from them before the
+    sequence, in the order of ``samplers``), so the next step can start from them before the
     host has seen them.
     """
 
@@ -71,9 +70,20 @@ class LaunchedStep:
     samplers: list[Sequence] = field(default_factory=list)
     output: Optional[DeviceSamplerOutput] = None
     device_token_ids: Optional[torch.Tensor] = None
-    row_of_seq: dict[int, int] = field(default_factory=dict)
+    # A steady decode step (see ``_SteadyBatch``): every row decodes one token, and
+    # ``full_block_rows`` are the rows whose last block this step fills.
+    steady: bool = False
+    full_block_rows: list[int] = field(default_factory=list)
+    _row_of_seq: Optional[dict[int, int]] = None
     # Set while the step's sampling waits for the previous step's tokens (see ``ModelRunner.launch``).
     deferred_sampling: Optional[Callable[[], None]] = None
+
+    def row_of_seq(self) -> dict[int, int]:
+        """seq_id -> row of ``device_token_ids`` (built on first use: a steady decode step
+        takes the rows as they are and never needs it)."""
+        if self._row_of_seq is None:
+            self._row_of_seq = {seq.seq_id: index for index, seq in enumerate(self.samplers)}
+        return self._row_of_seq
 
     def finish_sampling(self) -> None:
         """Queue the sampling that ``launch`` deferred; a no-op when it sampled at once."""
@@ -85,12 +95,27 @@ class LaunchedStep:
         self.finish_sampling()
         if self.output is not None:
             host = self.output.to_host()
-            for index, seq in enumerate(self.samplers):
-                self.result.sampled[seq.seq_id] = SampledToken(
-                    host.sampled_token_ids[index], host.sampled_logprobs[index], host.top_logprobs[index]
-                )
+            self.result.token_ids = host.sampled_token_ids
+            self.result.logprobs = host.sampled_logprobs
+            self.result.top_logprobs = host.top_logprobs
             self.output = None
         return self.result
+
+
+@dataclass
+class _SteadyBatch:
+    """What a decode step leaves for the next one when every row decoded one token and sampled.
+
+    If the next batch holds the same sequences in the same order, each again with one token
+    and no block copies, its inputs follow from these arrays by diffs: positions advance by
+    one, and only rows that enter a new block change their table. That is the common step of
+    a long decode, and it then costs O(rows that changed) in Python.
+    """
+
+    seqs: list[Sequence]
+    positions: np.ndarray  # [rows] int64, the position each row computed
+    tables: np.ndarray  # [rows, blocks] int32, zero-padded
+    plain_greedy: bool  # every row passes is_plain_greedy
 
 
 def _decodes_first(batch: ScheduledBatch, block_tables: list[list[int]]) -> tuple[ScheduledBatch, list[list[int]]]:
@@ -134,6 +159,7 @@ class ModelRunner:
         self.attention_layers = model.attention_layers()
         self.kv_caches: list[torch.Tensor] = []
         self.decode_graphs: Optional[DecodeGraphs] = None
+        self._steady: Optional[_SteadyBatch] = None
         first = self.attention_layers[0]
         self.num_kv_heads, self.head_dim = first.num_kv_heads, first.head_dim
         for layer in self.attention_layers:
@@ -279,7 +305,7 @@ class ModelRunner:
         if pending_at:
             if previous is None or previous.device_token_ids is None:
                 raise RuntimeError("a sequence has a pending token but no step is in flight")
-            row_of_seq = previous.row_of_seq
+            row_of_seq = previous.row_of_seq()
             pending_from = [row_of_seq[batch.seqs[int(seq_index[flat])].seq_id] for flat in pending_at]
             at = self._upload(torch.tensor(pending_at, dtype=torch.long))
             source = self._upload(torch.tensor(pending_from, dtype=torch.long))
@@ -293,7 +319,56 @@ class ModelRunner:
             metadata=self._metadata(query_start, seq_lens, tables, slots),
             sample_seqs=[batch.seqs[row] for row in sample_rows],
             sample_indices=self._upload(torch.from_numpy(sample_indices)),
+            host_positions=positions,
+            host_tables=tables,
         )
+
+    def _steady_inputs(self, batch: ScheduledBatch, block_tables: SequenceOf[list[int]],
+                       previous: Optional[LaunchedStep]) -> Optional[ModelInputs]:
+        """The inputs of a steady decode step (see ``_SteadyBatch``), or None if this is not one."""
+        steady = self._steady
+        seqs = batch.seqs
+        if (steady is None or batch.block_copies or batch.num_tokens != len(seqs) or seqs != steady.seqs
+                or (previous is not None and previous.samplers != seqs)):
+            return None
+        num_seqs = len(seqs)
+        positions = steady.positions + 1
+        block_index = positions // self.block_size
+        tables = steady.tables
+        grown = np.flatnonzero(positions % self.block_size == 0)  # rows whose token opens a new block
+        if len(grown):
+            width = int(block_index[grown].max()) + 1
+            # A new array, not an update in place: the last step's upload may still read this one.
+            tables = np.pad(tables, ((0, 0), (0, max(0, width - tables.shape[1]))))
+            for row in grown.tolist():
+                tables[row, block_index[row]] = block_tables[row][block_index[row]]
+        rows = np.arange(num_seqs)
+        slots = tables[rows, block_index].astype(np.int64) * self.block_size + positions % self.block_size
+        if previous is not None:
+            input_ids = previous.device_token_ids  # every row's input is its token still in flight
+        else:
+            input_ids = self._upload(torch.tensor([seq.token_ids[-1] for seq in seqs], dtype=torch.long))
+        query_start = np.arange(num_seqs + 1, dtype=np.int64)
+        self._steady = _SteadyBatch(seqs, positions, tables, steady.plain_greedy)
+        return ModelInputs(
+            input_ids=input_ids,
+            positions=self._upload(torch.from_numpy(positions)),
+            metadata=self._metadata(query_start, positions + 1, tables, slots),
+            sample_seqs=seqs,
+            sample_indices=self._upload(torch.from_numpy(rows)),
+        )
+
+    def _keep_steady(self, batch: ScheduledBatch, inputs: ModelInputs, samplers: list[Sequence]) -> None:
+        """Keep a decode step's arrays for the next step's diffs, if every row decoded and sampled."""
+        self._steady = None
+        num_seqs = len(batch.seqs)
+        if (batch.num_tokens != num_seqs or len(samplers) != num_seqs or len(inputs.sample_seqs) != num_seqs
+                or inputs.host_tables is None):
+            return
+        if any(seq.params.uses_logits_controls or seq.grammar is not None for seq in samplers):
+            return  # grammars, biases, watermarks and processors take the full path (and may defer sampling)
+        self._steady = _SteadyBatch(list(batch.seqs), inputs.host_positions, inputs.host_tables,
+                                    all(is_plain_greedy(seq.params) for seq in samplers))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepResult:
@@ -306,16 +381,16 @@ class ModelRunner:
         """Queue one step on the device and return without waiting for its tokens
         (prompt logprobs, when asked for, are gathered synchronously)."""
         self.copy_blocks(batch.block_copies)
+        inputs = self._steady_inputs(batch, block_tables, previous)
+        if inputs is not None:
+            return self._launch_steady(inputs)
         batch, block_tables = _decodes_first(batch, block_tables)
         inputs = self.prepare_inputs(batch, block_tables, previous)
-        graphs = self.decode_graphs
-        if graphs is not None and graphs.can_run(len(batch.seqs), inputs.metadata):
-            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
+        hidden = self._forward(inputs)
         launched = LaunchedStep(StepResult())
         self._prompt_logprobs(batch, inputs, hidden, launched.result)
         if not inputs.sample_seqs:
+            self._steady = None
             return launched
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
         # Siblings about to fork draw their first token from the parent's logits row.
@@ -334,7 +409,14 @@ class ModelRunner:
             launched.deferred_sampling = lambda: self._sample(launched, inputs, logits, fork_rows, 1)
         else:
             self._sample(launched, inputs, logits, fork_rows, 0)
+        self._keep_steady(batch, inputs, samplers)
         return launched
+
+    def _forward(self, inputs: ModelInputs) -> torch.Tensor:
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(len(inputs.metadata.seq_lens_cpu), inputs.metadata):
+            return graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)
+        return self.model(inputs.input_ids, inputs.positions, inputs.metadata)
 
     @torch.inference_mode()
     def _sample(self, launched: LaunchedStep, inputs: ModelInputs, logits: torch.Tensor,
@@ -368,9 +450,25 @@ class ModelRunner:
             pending_output_tokens = torch.where(pending, newest, -1)
         output = self.sampler.sample(logits, rows, pending_output_tokens, bitmask, newest if watermark else None)
         launched.device_token_ids = output.sampled_token_ids
-        launched.row_of_seq = {seq.seq_id: index for index, seq in enumerate(samplers)}
         output.start_copy()
         launched.output = output
+
+    def _launch_steady(self, inputs: ModelInputs) -> LaunchedStep:
+        """``launch`` for a steady decode step: one sampling row per sequence, in batch order."""
+        hidden = self._forward(inputs)
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        samplers = inputs.sample_seqs
+        positions = self._steady.positions
+        full_block_rows = np.flatnonzero((positions + 1) % self.block_size == 0).tolist()
+        launched = LaunchedStep(StepResult(), samplers, steady=True, full_block_rows=full_block_rows)
+        if not self._steady.plain_greedy:
+            self._sample(launched, inputs, logits, None, 0)
+            return launched
+        output = self.sampler.sample_plain_greedy(logits)
+        launched.device_token_ids = output.sampled_token_ids
+        output.start_copy()
+        launched.output = output
+        return launched
 
     def _newest_tokens(self, inputs: ModelInputs, fork_rows: Optional[torch.Tensor]) -> torch.Tensor:
         """Each sampling row's newest token, on the device: its input this step. With a step in

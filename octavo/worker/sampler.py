@@ -373,6 +373,13 @@ def has_penalty(params: SamplingParams) -> bool:
     )
 
 
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """Whether a row's token is just the argmax of its logits, with no logprob to report: no
+    penalty, no min_tokens, no logprobs and no best_of ranking (see ``Sampler.sample_plain_greedy``)."""
+    return (params.greedy and not has_penalty(params) and params.min_tokens == 0 and params.logprobs is None
+            and params.num_samples == params.n and not params.uses_logits_controls)
+
+
 def _exponential_noise(
     probs: torch.Tensor, rows: Sequence[SamplingRow], greedy: list[bool]
 ) -> torch.Tensor:
@@ -464,6 +471,13 @@ class Sampler:
             apply_watermark(work, params, previous_tokens)
         sampled = work.argmax(dim=-1) if all(greedy) else self._sample(work, rows, greedy)
         return self._output(logits, sampled, params)
+
+    @staticmethod
+    def sample_plain_greedy(logits: torch.Tensor) -> DeviceSamplerOutput:
+        """``sample`` for rows that all pass ``is_plain_greedy``, without looking at each row."""
+        sampled = logits.argmax(dim=-1)
+        return DeviceSamplerOutput(sampled, torch.zeros(logits.shape[0], device=sampled.device),
+                                   [None] * logits.shape[0])
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
