@@ -129,6 +129,26 @@ def _parse_peers(value: str) -> list[str]:
 
 
 @contextmanager
+def _timed_calls(owner, name: str) -> Iterator[list[float]]:
+    """Seconds spent in each call of ``owner.name`` while the block runs."""
+    original = getattr(owner, name)
+    seconds: list[float] = []
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - started)
+
+    setattr(owner, name, timed)
+    try:
+        yield seconds
+    finally:
+        setattr(owner, name, original)
+
+
+@contextmanager
 def _model_path(model: str, quantization: str = "auto") -> Iterator[tuple[str, str]]:
     """(folder, load_format): a ``dummy:`` name becomes a temporary folder holding its config.json
     (with the ``quantization_config`` of a checkpoint format, when one is asked for)."""
