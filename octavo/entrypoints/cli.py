@@ -132,6 +132,12 @@ def add_engine_arguments(parser: Union[argparse.ArgumentParser, argparse._Argume
     parser.add_argument("--allow-pickle-weights", action="store_true",
                         help="load pickled *.bin/*.pt weights (they can run code: only for trusted sources)")
     parser.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
+    parser.add_argument("--data-parallel-size", type=positive_int, default=1,
+                        help="engine replicas behind one front end, each on its own GPU (or sharing the GPUs "
+                             "and their memory share when there are fewer; default: 1)")
+    parser.add_argument("--distributed-executor-backend", choices=("mp", "ray"), default=None,
+                        help="where the engine cores run: mp (local processes, the default) or ray (actors "
+                             "placed on the Ray cluster this machine joined)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -143,6 +149,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager, load_format=args.load_format,
         allow_pickle_weights=args.allow_pickle_weights, seed=args.seed,
         async_scheduling=False if args.no_async_scheduling else None,
+        data_parallel_size=args.data_parallel_size, distributed_executor_backend=args.distributed_executor_backend,
     )
 
 
