@@ -24,7 +24,7 @@ import msgspec
 import torch
 import zmq
 
-from octavo.config import EngineConfig, resolve_device
+from octavo.config import EngineConfig
 from octavo.engine.core_client import (
     _LIVENESS_POLL_MS,
     AsyncProcessCoreClient,
@@ -65,7 +65,8 @@ def plan_local_replicas(config: EngineConfig, gpus: Optional[list[str]] = None) 
     """One process per replica: replica i on GPU i, or round-robin over fewer GPUs with each GPU's
     ``gpu_memory_utilization`` split among the replicas on it; on CPU the cores are split."""
     num = config.data_parallel_size
-    if resolve_device(config.device).type != "cuda":
+    on_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    if not on_cuda:
         if "OMP_NUM_THREADS" in os.environ:
             return [ReplicaPlan(config) for _ in range(num)]
         threads = str(max(1, (os.cpu_count() or 1) // num))
