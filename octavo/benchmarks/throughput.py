@@ -75,6 +75,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--max-num-batched-tokens", type=int, default=None, help="octavo: most tokens per step")
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="octavo (default: 0.9)")
     bench.add_argument("--enforce-eager", action="store_true", help="octavo: disable CUDA graphs")
+    bench.add_argument("--data-parallel-size", type=int, default=1,
+                       help="octavo: engine replicas (sharing a GPU split --gpu-memory-utilization; default: 1)")
     bench.add_argument("--no-async-scheduling", action="store_true",
                        help="octavo: wait for each step's tokens before planning the next")
 
@@ -190,6 +192,7 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
                   max_model_len=max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                   enforce_eager=args.enforce_eager, skip_tokenizer_init=True,  # token ids in and out, like the peers
                   async_scheduling=False if args.no_async_scheduling else None,
+                  data_parallel_size=args.data_parallel_size,
                   **{key: value for key, value in options.items() if value is not None})
     startup_s = time.perf_counter() - started
 
@@ -216,7 +219,8 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
                            f"(request {i}: {got}, asked for {wanted}).")
     prompt_tokens, _ = _sums(requests)
     details = {"model_load_s": sum(load_seconds), "engine_startup_s": startup_s, "warmup_s": warmup_s,
-               "generated_tokens": sum(counts), "async_scheduling": llm.llm_engine.async_scheduling}
+               "generated_tokens": sum(counts), "async_scheduling": llm.llm_engine.async_scheduling,
+               "data_parallel_size": args.data_parallel_size}
     return EngineResult("octavo", len(requests), prompt_tokens, sum(counts), elapsed,
                         "first request submitted to last finished", details=details)
 
