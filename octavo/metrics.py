@@ -49,6 +49,10 @@ class _Summed:
         if self.total is not None:
             self.total.inc(amount)
 
+    def bound(self, replica: int):
+        """What one replica updates: its own series when there is no total to keep."""
+        return self.children[replica] if self.total is None else _Bound(self, replica)
+
 
 class _Bound:
     """A ``_Summed`` seen from one replica: ``inc`` and ``set`` as on a plain metric."""
@@ -133,8 +137,8 @@ class ReplicaMetrics:
     def __init__(self, metrics: EngineMetrics, replica: int) -> None:
         model, label = metrics._model_name, str(replica)
         self._metrics, self._label, self._replica = metrics, label, replica
-        self.prompt_tokens = _Bound(metrics.prompt_tokens, replica)
-        self.generation_tokens = _Bound(metrics.generation_tokens, replica)
+        self.prompt_tokens = metrics.prompt_tokens.bound(replica)
+        self.generation_tokens = metrics.generation_tokens.bound(replica)
         self.time_to_first_token = metrics.time_to_first_token.labels(model, label)
         self.time_per_output_token = metrics.time_per_output_token.labels(model, label)
         self._e2e = metrics.e2e_request_latency.labels(model, label)

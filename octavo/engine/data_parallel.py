@@ -402,6 +402,7 @@ class AsyncDataParallelCoreClient:
         self._on_outputs: Callable[[StepOutputs, int], None] = lambda message, replica: None
         self._on_dead: Callable[[BaseException], None] = lambda error: None
         self._on_replica_dead: Callable[[int, BaseException], None] = lambda replica, error: None
+        self._stopping = False  # the cores exit because they were told to: no deaths to report
 
     @property
     def num_replicas(self) -> int:
@@ -418,7 +419,7 @@ class AsyncDataParallelCoreClient:
             self._on_outputs(message, replica)
 
     def _replica_dead(self, replica: int, error: BaseException) -> None:
-        if not self.router.alive[replica]:
+        if self._stopping or not self.router.alive[replica]:
             return
         self.router.mark_dead(replica)
         logger.error("engine replica %d is dead (%s); %d of %d replicas still serve", replica, error,
@@ -451,6 +452,7 @@ class AsyncDataParallelCoreClient:
         self.router.release(core_id)
 
     async def shutdown(self) -> None:
+        self._stopping = True
         await asyncio.gather(*(replica.shutdown() for replica in self.replicas))
         self._close_placement()
 
