@@ -215,6 +215,10 @@ class ProcessCoreClient:
     def output_socket(self) -> zmq.Socket:
         return self._process.from_core
 
+    def request_shutdown(self) -> None:
+        """Ask the core to stop without waiting (``shutdown`` waits): several stop at once."""
+        self._process.request_shutdown()
+
     def add(self, requests: list[CoreRequest]) -> None:
         self._check_alive()
         self._process.send(AddRequests(requests))
@@ -261,6 +265,8 @@ class ProcessCoreClient:
     def shutdown(self) -> None:
         self._process.shutdown()
 
+    stop_before_start = shutdown
+
 
 class AsyncProcessCoreClient:
     """The core in its own process, for an asyncio front end.
@@ -304,6 +310,10 @@ class AsyncProcessCoreClient:
     @property
     def process(self) -> subprocess.Popen:
         return self._process.process
+
+    def stop_before_start(self) -> None:
+        """Stop a core whose outputs were never taken (``start`` not called): blocking."""
+        self._process.shutdown()
 
     def start(self, on_outputs, on_dead) -> None:
         """Deliver every ``StepOutputs`` to ``on_outputs`` and the first failure to ``on_dead``."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -254,7 +253,7 @@ def _start_all(make: Callable[[ReplicaPlan], object], plans: list[ReplicaPlan]) 
             replica.wait_ready()
     except BaseException:
         for replica in replicas:
-            replica._process.shutdown()
+            replica.stop_before_start()
         raise
     return replicas
 
@@ -323,7 +322,7 @@ class DataParallelCoreClient:
 
     def shutdown(self) -> None:
         for replica in self.replicas:
-            replica._process.request_shutdown()
+            replica.request_shutdown()
         for replica in self.replicas:
             replica.shutdown()
         self._close_placement()
