@@ -112,6 +112,10 @@ class EngineConfig:
     # Weight format: auto (config.json's quantization_config), none, or a format name; fp8 also
     # quantizes a 16-bit checkpoint at load.
     quantization: Optional[str] = "auto"
+    # Engine cores (replicas) behind the one front end, each on its own device(s).
+    data_parallel_size: int = 1
+    # Where the cores run: None or "mp" (local processes), "ray" (Ray actors, on any machine of a cluster).
+    distributed_executor_backend: Optional[str] = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -121,5 +125,14 @@ class EngineConfig:
                 f"load_format must be one of auto, safetensors, gguf, dummy, pt; got {self.load_format!r}."
             )
         check_quantization_option(self.quantization)
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}.")
+        if self.engine_core_process is False and (self.data_parallel_size > 1
+                                                  or self.distributed_executor_backend == "ray"):
+            raise ValueError("data_parallel_size > 1 and the ray backend run engine cores in their own "
+                             "processes; leave engine_core_process unset.")
+        if self.distributed_executor_backend not in (None, "mp", "ray"):
+            raise ValueError("distributed_executor_backend must be 'mp' or 'ray', got "
+                             f"{self.distributed_executor_backend!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")

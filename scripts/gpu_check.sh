@@ -23,10 +23,12 @@
 #                                      profile, then the structured-output, logits-controls and watermark tests
 #                                      on CUDA (in process and across it); needs xgrammar (and jsonschema for
 #                                      the tests); about 4 min
+#   scripts/gpu_check.sh dp [OUT]      qwen3-0.6b fixed 512 offline with one engine (0.9 of the GPU), then with two
+#                                      replicas on the one GPU (0.45 each); both and the ratio (about 3 min)
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve|quant|structured|hostcost [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve|quant|structured|hostcost|dp [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -103,6 +105,28 @@ write_for_model_folder(write_dummy_model('qwen3-0.6b', Path(sys.argv[1])))" "$mo
 }
 
 case "$what" in
+dp)
+    # Two replicas split the GPU's 0.9 share (0.45 each); the target is aggregate tok/s >= one engine.
+    for replicas in 1 2; do
+        timeout 150 bench --model dummy:qwen3-0.6b --workload fixed --num-prompts 512 --max-num-seqs 512 \
+            --skip-limit --gpu-memory-utilization 0.9 --data-parallel-size "$replicas" \
+            --output "$out/dp$replicas-qwen3-fixed-512.json"
+    done
+    python - "$out" <<'PY'
+import json, sys
+out = sys.argv[1]
+rows = {}
+for replicas in (1, 2):
+    report = json.load(open(f"{out}/dp{replicas}-qwen3-fixed-512.json"))
+    result = next(r for r in report["engines"] if r["engine"] == "octavo")
+    rows[replicas] = result
+for replicas, result in rows.items():
+    print(f"replicas {replicas}: {result['output_tok_s']:9.0f} output tok/s  {result['elapsed_s']:6.1f}s")
+ratio = rows[2]["output_tok_s"] / rows[1]["output_tok_s"]
+print(f"2 replicas / 1 engine: {ratio:.2f} (target >= 1.0)")
+json.dump({"one_engine": rows[1], "two_replicas": rows[2], "ratio": ratio}, open(f"{out}/dp-summary.json", "w"), indent=1)
+PY
+    ;;
 kernels)
     python -m pytest -q -p no:cacheprovider tests/test_triton_ops.py tests/test_fused_ops.py
     ;;
@@ -179,7 +203,7 @@ hostcost)
         --output "$out/qwen3-fixed-512.json"
     ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families, serve, quant, structured or hostcost" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families, serve, quant, structured, hostcost or dp" >&2
     exit 2
     ;;
 esac

@@ -80,10 +80,10 @@ def faults_env(**faults: Any) -> dict[str, str]:
 
 
 def start_server(folder: Path, max_waiting_requests: int = 1024, faults: Optional[dict[str, Any]] = None,
-                 **settings: Any) -> Server:
+                 engine_options: Optional[dict[str, Any]] = None, **settings: Any) -> Server:
     # Pipelined steps, as on a GPU: outputs trail by one step and aborts meet steps in flight.
     config = EngineConfig(model=str(folder), dtype="float32", device="cpu", async_scheduling=True,
-                          cache=CacheConfig(kv_cache_memory=KV_CACHE_BYTES))
+                          cache=CacheConfig(kv_cache_memory=KV_CACHE_BYTES), **(engine_options or {}))
     saved = dict(os.environ)
     os.environ.update(faults_env(**faults) if faults else {})
     try:  # the engine core's process starts here and takes this environment

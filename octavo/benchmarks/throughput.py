@@ -80,6 +80,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                        help="octavo weight format (default: auto = the checkpoint's); fp8 quantizes 16-bit weights "
                             f"at load; with a dummy model, {' | '.join(DUMMY_QUANTIZATIONS)} give random weights "
                             "in that layout. The octavo limit counts its own (quantized) weight bytes")
+    bench.add_argument("--data-parallel-size", type=int, default=1,
+                       help="octavo: engine replicas (sharing a GPU split --gpu-memory-utilization; default: 1)")
     bench.add_argument("--no-async-scheduling", action="store_true",
                        help="octavo: wait for each step's tokens before planning the next")
 
@@ -195,6 +197,7 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
               max_model_len=max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, skip_tokenizer_init=True,  # token ids in and out, like the peers
               async_scheduling=False if args.no_async_scheduling else None, quantization=args.quantization,
+              data_parallel_size=args.data_parallel_size,
               **{key: value for key, value in options.items() if value is not None})
     startup_s = time.perf_counter() - started
 
@@ -229,7 +232,8 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
     details = {"model_load_s": info.load_seconds, "engine_startup_s": startup_s, "warmup_s": warmup_s,
                "weight_bytes": info.weight_bytes,
                "quantization": args.quantization,
-               "generated_tokens": sum(counts), "async_scheduling": llm.llm_engine.async_scheduling}
+               "generated_tokens": sum(counts), "async_scheduling": llm.llm_engine.async_scheduling,
+               "data_parallel_size": args.data_parallel_size}
     return EngineResult("octavo", len(requests), prompt_tokens, sum(counts), elapsed,
                         "first request submitted to last finished", details=details)
 

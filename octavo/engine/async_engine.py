@@ -6,6 +6,9 @@ each request's ``RequestStream`` gets them. HTTP, JSON, detokenization and stop 
 here; the scheduler and the model run in the core's process, so they never wait for the GIL.
 If the core fails or exits, every stream gets ``EngineDeadError`` at once, ``is_dead`` turns
 true and the ``on_dead`` callbacks run (the server exits non-zero, for a supervisor to restart).
+With ``data_parallel_size`` > 1 the requests are spread over several cores (``data_parallel``);
+a replica that dies fails only its own requests (``dead_replicas``), and the engine is dead once
+every replica is.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import AsyncIterator, Callable, Optional, Union
 
 from octavo.config import EngineConfig
 from octavo.engine.core_client import AsyncProcessCoreClient, EngineDeadError, EngineUnavailableError
+from octavo.engine.data_parallel import AsyncDataParallelCoreClient, sum_stats, uses_replicas
 from octavo.engine.gc_tuning import tune_after_startup
 from octavo.engine.input_processor import InputProcessor, PromptInput
 from octavo.engine.messages import CoreRequest, CoreStats, StepOutputs
@@ -95,6 +99,7 @@ class _Progress:
 
     num_generated: int = 0
     last_token_time: Optional[float] = None
+    replica: int = 0
 
 
 class AsyncLLMEngine:
@@ -112,8 +117,18 @@ class AsyncLLMEngine:
         self.inputs = InputProcessor(config)
         self.max_waiting_requests = max_waiting_requests
         self.metrics = metrics or EngineMetrics(self.inputs.model_path.name)
-        self.client = AsyncProcessCoreClient(config, self.inputs.eos_token_ids, log_level)
+        if uses_replicas(config):
+            self.client = AsyncDataParallelCoreClient(config, self.inputs.eos_token_ids, log_level)
+        else:
+            self.client = AsyncProcessCoreClient(config, self.inputs.eos_token_ids, log_level)
         self.info = self.client.info
+        self._routed = isinstance(self.client, AsyncDataParallelCoreClient)
+        self.num_replicas = config.data_parallel_size
+        self.metrics.set_num_replicas(self.num_replicas)
+        self._replica_metrics = [self.metrics.replica(index) for index in range(self.num_replicas)]
+        self._live = [0] * self.num_replicas  # unfinished requests per replica
+        self._replica_stats: list[Optional[CoreStats]] = [None] * self.num_replicas
+        self.dead_replicas: dict[int, BaseException] = {}
         self.outputs = OutputProcessor(self.inputs.tokenizer)
         self.on_dead: list[Callable[[BaseException], None]] = []
         self._core_ids = count()
@@ -127,7 +142,6 @@ class AsyncLLMEngine:
         self._ids: dict[str, int] = {}  # request id -> core id
         self._progress: dict[int, _Progress] = {}
         self._num_waiting = 0
-        self._latest_stats: Optional[CoreStats] = None
 
     # ---- read-only views ---------------------------------------------------------------
     @property
@@ -152,8 +166,9 @@ class AsyncLLMEngine:
 
     @property
     def latest_stats(self) -> Optional[CoreStats]:
-        """The core's gauges as last reported (it reports as steps start and when it goes idle)."""
-        return self._latest_stats
+        """The core's gauges as last reported (it reports as steps start and when it goes idle);
+        with replicas, their sum (KV usage averaged)."""
+        return self._replica_stats[0] if self.num_replicas == 1 else sum_stats(self._replica_stats)
 
     @property
     def dead_reason(self) -> Optional[BaseException]:
@@ -184,7 +199,10 @@ class AsyncLLMEngine:
             raise RuntimeError("the engine is already started.")
         self._loop = asyncio.get_running_loop()
         self._started = True
-        self.client.start(self._on_outputs, self._on_dead)
+        if self._routed:
+            self.client.start(self._on_outputs, self._on_dead, self._on_replica_dead)
+        else:
+            self.client.start(self._on_outputs, self._on_dead)
         tune_after_startup()
 
     def begin_drain(self, timeout: Optional[float] = None) -> None:
@@ -242,11 +260,13 @@ class AsyncLLMEngine:
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
         self._ids[request_id] = core_id
-        self._progress[core_id] = _Progress()
         self._num_waiting += 1
-        self.client.add([CoreRequest(core_id, token_ids, CoreRequest.sampling_fields(params), state.arrival_time,
-                                     cache_salt)])
-        self._publish_gauges()
+        routes = self.client.add([CoreRequest(core_id, token_ids, CoreRequest.sampling_fields(params),
+                                              state.arrival_time, cache_salt)])
+        replica = routes[0] if routes else 0
+        self._progress[core_id] = _Progress(replica=replica)
+        self._live[replica] += 1
+        self._publish_gauges(replica)
         return stream
 
     async def generate(self, request_id: str, prompt: PromptInput,
@@ -272,18 +292,19 @@ class AsyncLLMEngine:
             return
         core_id = self._ids.pop(request_id)
         state = self.outputs.remove(core_id)
-        self._progress.pop(core_id, None)
+        replica = self._end_progress(core_id)
         self._mark_started(stream)
         if error is not None:
             stream.fail(error)
         if state is not None:
+            metrics = self._replica_metrics[replica]
             if state.first_token_time is None:
                 # Prompts are counted at their first token; one aborted before that counts here.
-                self.metrics.prompt_tokens.inc(len(state.prompt_token_ids))
-            self.metrics.record_finished("abort")
+                metrics.prompt_tokens.inc(len(state.prompt_token_ids))
+            metrics.record_finished("abort")
         if not self.is_dead:
             self.client.abort([core_id])
-        self._publish_gauges()
+        self._publish_gauges(replica)
 
     def check_can_accept(self, num_pending: int = 0) -> None:
         """Raise the ``EngineUnavailableError`` a new request would get now. ``num_pending`` counts
@@ -307,11 +328,14 @@ class AsyncLLMEngine:
             self._num_waiting -= 1
 
     # ---- the core's outputs, on the event loop ---------------------------------------------
-    def _on_outputs(self, message: StepOutputs) -> None:
-        if message.stats is not None:
-            self._latest_stats = message.stats
-            self.metrics.set_prefix_cache_totals(message.stats.prefix_cache_queries, message.stats.prefix_cache_hits)
-            self.metrics.set_kv_sharing(message.stats.num_shared_blocks, message.stats.blocks_saved_by_sharing)
+    def _on_outputs(self, message: StepOutputs, replica: int = 0) -> None:
+        stats = message.stats
+        if stats is not None:
+            self._replica_stats[replica] = stats
+            metrics = self._replica_metrics[replica]
+            metrics.set_core_totals(stats.prefix_cache_queries, stats.prefix_cache_hits,
+                                    stats.num_prefill_tokens_computed)
+            metrics.set_kv_sharing(stats.num_shared_blocks, stats.blocks_saved_by_sharing)
         if message.outputs:
             step = self.outputs.process(message.outputs)
             if step.stopped_samples:
@@ -333,16 +357,26 @@ class AsyncLLMEngine:
                 if stream is not None:
                     self._finish(state, None, now)
                     stream.fail(ValueError(error))
-        self._publish_gauges()
+        self._publish_gauges(replica)
 
     def _finish(self, state: RequestState, finish_reason: Optional[str], now: float) -> None:
         self._mark_started(self._streams.pop(state.request_id))
         del self._ids[state.request_id]
-        self._progress.pop(state.core_id, None)
+        replica = self._end_progress(state.core_id)
+        if self._routed:
+            self.client.release(state.core_id)
         if finish_reason is not None:
             queue_time = (None if state.first_scheduled_time is None
                           else state.first_scheduled_time - state.arrival_time)
-            self.metrics.record_finished(finish_reason, now - state.arrival_time, queue_time)
+            self._replica_metrics[replica].record_finished(finish_reason, now - state.arrival_time, queue_time)
+
+    def _end_progress(self, core_id: int) -> int:
+        """Forget a request's bookkeeping; the replica it ran on."""
+        progress = self._progress.pop(core_id, None)
+        if progress is None:
+            return 0
+        self._live[progress.replica] -= 1
+        return progress.replica
 
     def _record_progress(self, state: RequestState, now: float) -> None:
         progress = self._progress.get(state.core_id)
@@ -350,24 +384,45 @@ class AsyncLLMEngine:
             return
         generated = state.num_generated_tokens
         if generated > progress.num_generated:
-            self.metrics.generation_tokens.inc(generated - progress.num_generated)
+            metrics = self._replica_metrics[progress.replica]
+            metrics.generation_tokens.inc(generated - progress.num_generated)
             # As vLLM: one inter-token interval per step that advanced the request, however many
             # of its samples did, so the histogram shows every stall rather than a per-request mean.
             if progress.last_token_time is not None:
-                self.metrics.time_per_output_token.observe(now - progress.last_token_time)
+                metrics.time_per_output_token.observe(now - progress.last_token_time)
             else:
-                self.metrics.prompt_tokens.inc(len(state.prompt_token_ids))
-                self.metrics.time_to_first_token.observe(now - state.arrival_time)
+                metrics.prompt_tokens.inc(len(state.prompt_token_ids))
+                metrics.time_to_first_token.observe(now - state.arrival_time)
             progress.last_token_time = now
         progress.num_generated = generated
 
-    def _publish_gauges(self) -> None:
+    def _publish_gauges(self, replica: int = 0) -> None:
         """Running as the core last saw it (refreshed as its steps start); waiting is every live
         request the core is not running, including those still on their way to it."""
-        stats = self._latest_stats
-        running = min(stats.num_running_requests, len(self._streams)) if stats is not None else 0
-        self.metrics.set_scheduler_state(running, len(self._streams) - running,
-                                         stats.kv_cache_usage if stats is not None else 0.0)
+        stats, live = self._replica_stats[replica], self._live[replica]
+        running = min(stats.num_running_requests, live) if stats is not None else 0
+        self._replica_metrics[replica].set_scheduler_state(running, live - running,
+                                                           stats.kv_cache_usage if stats is not None else 0.0)
+
+    def _on_replica_dead(self, replica: int, error: BaseException) -> None:
+        """One replica of several died: its requests fail (503 engine_dead); the others go on."""
+        self.dead_replicas[replica] = error
+        if self._stopped:
+            return
+        failure = EngineDeadError(f"engine replica {replica} is dead: {error}")
+        failure.__cause__ = error
+        for core_id in [core_id for core_id, progress in self._progress.items() if progress.replica == replica]:
+            state = self.outputs.remove(core_id)
+            self._end_progress(core_id)
+            if state is None:
+                continue
+            self._ids.pop(state.request_id, None)
+            stream = self._streams.pop(state.request_id, None)
+            if stream is not None:
+                self._mark_started(stream)
+                stream.fail(failure)
+        self._replica_stats[replica] = None
+        self._publish_gauges(replica)
 
     def _on_dead(self, error: BaseException) -> None:
         if self._error is not None or self._stopped:
@@ -382,5 +437,6 @@ class AsyncLLMEngine:
         self._streams.clear()
         self._ids.clear()
         self._progress.clear()
+        self._live = [0] * self.num_replicas
         for callback in self.on_dead:
             callback(error)

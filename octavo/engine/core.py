@@ -395,7 +395,7 @@ class EngineCore:
             kv_cache_usage=pool.num_used_blocks / pool.num_blocks,
             prefix_cache_queries=kv_cache.prefix_cache_queries, prefix_cache_hits=kv_cache.prefix_cache_hits,
             num_shared_blocks=self._sharing_stats[0], blocks_saved_by_sharing=self._sharing_stats[1],
-            num_preemptions=scheduler.num_preemptions,
+            num_preemptions=scheduler.num_preemptions, num_prefill_tokens_computed=self.num_prefill_tokens_computed,
         )
 
     def scheduler_counts(self) -> tuple[int, int]:

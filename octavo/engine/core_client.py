@@ -96,22 +96,40 @@ def _raise_failure(message: CoreFailed) -> None:
 
 
 class _CoreProcess:
-    """Starts ``python -m octavo.engine.core_process`` and owns the two sockets to it."""
+    """Starts the engine core and owns the two sockets to it.
+
+    Locally the core is ``python -m octavo.engine.core_process`` over ipc:// sockets (``env`` adds
+    to its environment: a replica's ``CUDA_VISIBLE_DEVICES``); with ``ray_bundle`` it is a Ray actor
+    in that placement-group bundle, connected over tcp:// sockets bound here. Either way
+    ``process`` answers ``poll``, ``wait`` and ``kill`` like a ``Popen``.
+    """
 
     def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int], context: zmq.Context,
-                 log_level: str = "info") -> None:
-        self._folder = tempfile.mkdtemp(prefix="octavo-core-")
-        to_core, from_core = (f"ipc://{os.path.join(self._folder, name)}" for name in ("in", "out"))
+                 log_level: str = "info", env: Optional[dict[str, str]] = None,
+                 ray_bundle: Optional[tuple] = None) -> None:
+        startup = encode_startup(config, frozenset(eos_token_ids))
         self.context = context
         self.to_core = context.socket(zmq.PUSH)
-        self.to_core.bind(to_core)
         self.from_core = context.socket(zmq.PULL)
-        self.from_core.bind(from_core)
-        command = [sys.executable, "-m", "octavo.engine.core_process", "--input", to_core, "--output", from_core,
-                   "--parent-pid", str(os.getpid()), "--log-level", log_level]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE)
-        self.process.stdin.write(encode_startup(config, frozenset(eos_token_ids)))
-        self.process.stdin.close()
+        if ray_bundle is not None:
+            from octavo.engine.ray_cores import node_address, start_core_actor
+
+            self._folder = None
+            host = node_address()
+            to_core = f"tcp://{host}:{self.to_core.bind_to_random_port(f'tcp://{host}')}"
+            from_core = f"tcp://{host}:{self.from_core.bind_to_random_port(f'tcp://{host}')}"
+            self.process = start_core_actor(ray_bundle, startup, to_core, from_core, log_level)
+        else:
+            self._folder = tempfile.mkdtemp(prefix="octavo-core-")
+            to_core, from_core = (f"ipc://{os.path.join(self._folder, name)}" for name in ("in", "out"))
+            self.to_core.bind(to_core)
+            self.from_core.bind(from_core)
+            command = [sys.executable, "-m", "octavo.engine.core_process", "--input", to_core, "--output",
+                       from_core, "--parent-pid", str(os.getpid()), "--log-level", log_level]
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE,
+                                            env={**os.environ, **env} if env else None)
+            self.process.stdin.write(startup)
+            self.process.stdin.close()
         # Whatever happens to the front end object, the child never outlives it.
         self._finalizer = weakref.finalize(self, _stop_process, self.process, self._folder)
 
@@ -163,7 +181,7 @@ class _CoreProcess:
         self.close_sockets()
 
 
-def _stop_process(process: subprocess.Popen, folder: str) -> None:
+def _stop_process(process: subprocess.Popen, folder: Optional[str]) -> None:
     """End the core process (it frees its GPU memory with it) and remove its socket folder."""
     if process.poll() is None:
         process.terminate()
@@ -172,25 +190,42 @@ def _stop_process(process: subprocess.Popen, folder: str) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    shutil.rmtree(folder, ignore_errors=True)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class ProcessCoreClient:
     """The core in its own process; ``get_outputs`` blocks until the next step's outputs arrive."""
 
-    def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int], log_level: str = "info") -> None:
-        self._process = _CoreProcess(config, eos_token_ids, zmq.Context(), log_level)
+    def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int], log_level: str = "info",
+                 env: Optional[dict[str, str]] = None, ray_bundle: Optional[tuple] = None,
+                 wait: bool = True) -> None:
+        self._process = _CoreProcess(config, eos_token_ids, zmq.Context(), log_level, env, ray_bundle)
+        self.latest_stats: Optional[CoreStats] = None
+        self._dead: Optional[EngineDeadError] = None
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> CoreInfo:
+        """Wait for the model to load (``wait=False`` starts several cores at once, then waits)."""
         try:
             self.info = self._process.wait_ready()
         except BaseException:
             self._process.shutdown()
             raise
-        self.latest_stats: Optional[CoreStats] = None
-        self._dead: Optional[EngineDeadError] = None
+        return self.info
 
     @property
     def process(self) -> subprocess.Popen:
         return self._process.process
+
+    @property
+    def output_socket(self) -> zmq.Socket:
+        return self._process.from_core
+
+    def request_shutdown(self) -> None:
+        """Ask the core to stop without waiting (``shutdown`` waits): several stop at once."""
+        self._process.request_shutdown()
 
     def add(self, requests: list[CoreRequest]) -> None:
         self._check_alive()
@@ -238,6 +273,8 @@ class ProcessCoreClient:
     def shutdown(self) -> None:
         self._process.shutdown()
 
+    stop_before_start = shutdown
+
 
 class AsyncProcessCoreClient:
     """The core in its own process, for an asyncio front end.
@@ -246,18 +283,30 @@ class AsyncProcessCoreClient:
     ``on_outputs`` and a failure or exit of the core to ``on_dead`` from the running loop.
     """
 
-    def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int], log_level: str = "info") -> None:
-        self._process = _CoreProcess(config, eos_token_ids, zmq.asyncio.Context(), log_level)
+    def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int], log_level: str = "info",
+                 env: Optional[dict[str, str]] = None, ray_bundle: Optional[tuple] = None,
+                 wait: bool = True) -> None:
+        self._process = _CoreProcess(config, eos_token_ids, zmq.asyncio.Context(), log_level, env, ray_bundle)
+        self._tasks: list[asyncio.Future] = []
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> CoreInfo:
+        """Wait for the model to load (``wait=False`` starts several cores at once, then waits)."""
         try:
             self.info = self._process.wait_ready()
         except BaseException:
             self._process.shutdown()
             raise
-        self._tasks: list[asyncio.Future] = []
+        return self.info
 
     @property
     def process(self) -> subprocess.Popen:
         return self._process.process
+
+    def stop_before_start(self) -> None:
+        """Stop a core whose outputs were never taken (``start`` not called): blocking."""
+        self._process.shutdown()
 
     def start(self, on_outputs, on_dead) -> None:
         """Deliver every ``StepOutputs`` to ``on_outputs`` and the first failure to ``on_dead``."""

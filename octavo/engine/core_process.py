@@ -120,6 +120,37 @@ def _fail(outbox: zmq.Socket, exc: BaseException, during_startup: bool) -> None:
     outbox.send(encode(CoreFailed(type(exc).__name__, str(exc) or repr(exc), during_startup)))
 
 
+def serve_core(startup: bytes, input_address: str, output_address: str, parent_pid: int) -> int:
+    """Load the core from ``startup`` (``encode_startup``), say ``Ready`` and run the loop until told
+    to stop; the exit code. A process or a Ray actor runs this."""
+    config, eos_token_ids = decode_startup(startup)
+    context = zmq.Context()
+    inbox = context.socket(zmq.PULL)
+    inbox.connect(input_address)
+    outbox = context.socket(zmq.PUSH)
+    outbox.connect(output_address)
+    try:
+        try:
+            core = EngineCore(config, eos_token_ids)
+        except BaseException as exc:
+            logger.error("the engine core failed to start: %s", exc)
+            _fail(outbox, exc, during_startup=True)
+            return 1
+        tune_after_startup()
+        outbox.send(encode(Ready(core.info())))
+        try:
+            CoreLoop(core, inbox, outbox, parent_pid).run()
+        except BaseException as exc:  # any failure kills the engine, never silently
+            logger.error("engine step failed; the engine core stops:\n%s", traceback.format_exc())
+            _fail(outbox, exc, during_startup=False)
+            return 1
+        return 0
+    finally:
+        inbox.close(linger=0)
+        outbox.close(linger=2000)  # let the last message (a failure, say) reach the front end
+        context.term()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="octavo engine core (started by the front end)")
     parser.add_argument("--input", required=True, help="zmq address of the command socket")
@@ -132,33 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Ctrl-C reaches the whole process group; the front end decides what it means (stop one
     # reply in `octavo chat`, drain a server) and tells the core.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    config, eos_token_ids = decode_startup(sys.stdin.buffer.read())
-
-    context = zmq.Context()
-    inbox = context.socket(zmq.PULL)
-    inbox.connect(args.input)
-    outbox = context.socket(zmq.PUSH)
-    outbox.connect(args.output)
-    try:
-        try:
-            core = EngineCore(config, eos_token_ids)
-        except BaseException as exc:
-            logger.error("the engine core failed to start: %s", exc)
-            _fail(outbox, exc, during_startup=True)
-            return 1
-        tune_after_startup()
-        outbox.send(encode(Ready(core.info())))
-        try:
-            CoreLoop(core, inbox, outbox, args.parent_pid).run()
-        except BaseException as exc:  # any failure kills the engine, never silently
-            logger.error("engine step failed; the engine core stops:\n%s", traceback.format_exc())
-            _fail(outbox, exc, during_startup=False)
-            return 1
-        return 0
-    finally:
-        inbox.close(linger=0)
-        outbox.close(linger=2000)  # let the last message (a failure, say) reach the front end
-        context.term()
+    return serve_core(sys.stdin.buffer.read(), args.input, args.output, args.parent_pid)
 
 
 if __name__ == "__main__":

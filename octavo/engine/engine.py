@@ -16,6 +16,7 @@ import torch
 
 from octavo.config import EngineConfig, resolve_device
 from octavo.engine.core_client import InprocCoreClient, ProcessCoreClient
+from octavo.engine.data_parallel import DataParallelCoreClient, uses_replicas
 from octavo.engine.gc_tuning import tune_after_startup
 from octavo.engine.input_processor import InputProcessor, PromptInput
 from octavo.engine.messages import CoreRequest, CoreStats
@@ -29,7 +30,9 @@ __all__ = ["LLMEngine", "PromptInput", "RequestState", "uses_core_process"]
 
 
 def uses_core_process(config: EngineConfig) -> bool:
-    """The core gets its own process on CUDA unless the config says otherwise."""
+    """The core gets its own process on CUDA unless the config says otherwise (replicas always do)."""
+    if uses_replicas(config):
+        return True
     if config.engine_core_process is not None:
         return config.engine_core_process
     return resolve_device(config.device).type == "cuda"
@@ -44,9 +47,12 @@ class LLMEngine:
         self.max_model_len = self.inputs.max_model_len
         self.vocab_size = self.inputs.vocab_size
         self.model_path = self.inputs.model_path
-        if uses_core_process(config):
-            self.core_client: Union[InprocCoreClient, ProcessCoreClient] = ProcessCoreClient(
-                config, self.eos_token_ids, logging.getLevelName(logging.getLogger("octavo").getEffectiveLevel()))
+        log_level = logging.getLevelName(logging.getLogger("octavo").getEffectiveLevel())
+        if uses_replicas(config):
+            self.core_client: Union[InprocCoreClient, ProcessCoreClient, DataParallelCoreClient] = \
+                DataParallelCoreClient(config, self.eos_token_ids, log_level)
+        elif uses_core_process(config):
+            self.core_client = ProcessCoreClient(config, self.eos_token_ids, log_level)
         else:
             self.core_client = InprocCoreClient(config, self.eos_token_ids)
         info = self.core_client.info
@@ -57,6 +63,7 @@ class LLMEngine:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.device.type == "cuda")
         self.outputs = OutputProcessor(self.tokenizer)
+        self._routed = isinstance(self.core_client, DataParallelCoreClient)
         self._ids: dict[str, int] = {}  # request id -> core id of the live request
         self._core_ids = count()
         tune_after_startup()
@@ -140,9 +147,11 @@ class LLMEngine:
         if step.stopped_samples:
             core_ids, indices = zip(*step.stopped_samples)
             self.core_client.abort(list(core_ids), list(indices))
-        for _, output in step.outputs:
+        for state, output in step.outputs:
             if output.finished:
                 del self._ids[output.request_id]
+                if self._routed:
+                    self.core_client.release(state.core_id)
         if step.refused:
             for state, _ in step.refused:
                 self._ids.pop(state.request_id, None)

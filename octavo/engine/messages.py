@@ -74,6 +74,8 @@ class CoreStats(msgspec.Struct, array_like=True):
     num_shared_blocks: int
     blocks_saved_by_sharing: int
     num_preemptions: int
+    # Prompt tokens the model computed (the prefix cache's hits are not): shows where prefixes were paid for.
+    num_prefill_tokens_computed: int = 0
 
 
 class CoreInfo(msgspec.Struct):

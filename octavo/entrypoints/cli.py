@@ -135,6 +135,12 @@ def add_engine_arguments(parser: Union[argparse.ArgumentParser, argparse._Argume
     parser.add_argument("--quantization", default="auto",
                         help="weight format: auto (from config.json), none, awq, compressed-tensors, fp8, gptq; "
                              "fp8 also quantizes a 16-bit checkpoint at load (default: auto)")
+    parser.add_argument("--data-parallel-size", type=positive_int, default=1,
+                        help="engine replicas behind one front end, each on its own GPU (or sharing the GPUs "
+                             "and their memory share when there are fewer; default: 1)")
+    parser.add_argument("--distributed-executor-backend", choices=("mp", "ray"), default=None,
+                        help="where the engine cores run: mp (local processes, the default) or ray (actors "
+                             "placed on the Ray cluster this machine joined)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -146,6 +152,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager, load_format=args.load_format,
         allow_pickle_weights=args.allow_pickle_weights, seed=args.seed,
         async_scheduling=False if args.no_async_scheduling else None, quantization=args.quantization,
+        data_parallel_size=args.data_parallel_size, distributed_executor_backend=args.distributed_executor_backend,
     )
 
 

@@ -888,6 +888,9 @@ def _open_routes(engine: AsyncLLMEngine) -> APIRouter:
         if not engine.accepting:
             return APIError(503, "the server is shutting down and takes no new requests.", "server_error",
                             code="server_shutting_down").response()
+        if engine.dead_replicas:  # still serving on the live replicas: 200, and says which died
+            return JSONResponse({"status": "degraded", "replicas": engine.num_replicas,
+                                 "dead_replicas": sorted(engine.dead_replicas)})
         return Response(status_code=200)
 
     @router.get("/metrics")
@@ -997,6 +1000,8 @@ def _engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         async_scheduling=False if args.no_async_scheduling else None,
         quantization=args.quantization,
+        data_parallel_size=args.data_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
@@ -1130,9 +1135,10 @@ def run_server(args: argparse.Namespace) -> None:
         info = async_engine.info
         host = f"[{args.host}]" if ":" in args.host else args.host
         logger.info(
-            "serving %s as %r on http://%s:%d | dtype %s | device %s | KV cache %d tokens | max_model_len %d%s",
+            "serving %s as %r on http://%s:%d | dtype %s | device %s | KV cache %d tokens | max_model_len %d%s%s",
             model, served_model_name, host, args.port, info.dtype, info.device, info.num_blocks * info.block_size,
             info.max_model_len, " | API key required" if settings.api_key else "",
+            f" | {config.data_parallel_size} replicas" if config.data_parallel_size > 1 else "",
         )
         # The drain ends requests before uvicorn stops; its deadline is only a backstop for
         # responses still being written then.

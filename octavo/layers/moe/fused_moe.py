@@ -34,7 +34,6 @@ from octavo.layers.attention.triton_ops import (
     _jit_unspecialized,
     _next_pow2,
     tl,
-    triton,
 )
 
 
