@@ -112,6 +112,8 @@ class EngineConfig:
     # Weight format: auto (config.json's quantization_config), none, or a format name; fp8 also
     # quantizes a 16-bit checkpoint at load.
     quantization: Optional[str] = "auto"
+    # Split the model across this many ranks (GPUs, or gloo processes on CPU), Megatron-style.
+    tensor_parallel_size: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -121,5 +123,7 @@ class EngineConfig:
                 f"load_format must be one of auto, safetensors, gguf, dummy, pt; got {self.load_format!r}."
             )
         check_quantization_option(self.quantization)
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")

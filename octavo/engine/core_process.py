@@ -139,6 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     inbox.connect(args.input)
     outbox = context.socket(zmq.PUSH)
     outbox.connect(args.output)
+    core = None
     try:
         try:
             core = EngineCore(config, eos_token_ids)
@@ -156,6 +157,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 1
         return 0
     finally:
+        if core is not None:
+            core.shutdown()
         inbox.close(linger=0)
         outbox.close(linger=2000)  # let the last message (a failure, say) reach the front end
         context.term()

@@ -295,6 +295,19 @@ class ModelRunner:
             sample_indices=self._upload(torch.from_numpy(sample_indices)),
         )
 
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                num_seqs: int) -> torch.Tensor:
+        """The model's hidden states for a flat batch, through a decode graph where one fits
+        (tensor-parallel ranks mirror this call: every rank picks the same path)."""
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(num_seqs, metadata):
+            return graphs.run(input_ids, positions, metadata)
+        return self.model(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Logits of the given rows of the hidden states."""
+        return self.model.compute_logits(hidden[rows])
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepResult:
         """Run one step to completion."""
@@ -308,16 +321,12 @@ class ModelRunner:
         self.copy_blocks(batch.block_copies)
         batch, block_tables = _decodes_first(batch, block_tables)
         inputs = self.prepare_inputs(batch, block_tables, previous)
-        graphs = self.decode_graphs
-        if graphs is not None and graphs.can_run(len(batch.seqs), inputs.metadata):
-            hidden = graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.metadata)
+        hidden = self.forward(inputs.input_ids, inputs.positions, inputs.metadata, len(batch.seqs))
         launched = LaunchedStep(StepResult())
         self._prompt_logprobs(batch, inputs, hidden, launched.result)
         if not inputs.sample_seqs:
             return launched
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        logits = self.compute_logits(hidden, inputs.sample_indices)
         # Siblings about to fork draw their first token from the parent's logits row.
         samplers = [member for seq in inputs.sample_seqs for member in [seq, *_forking_now(seq)]]
         fork_rows = None  # row of inputs.sample_seqs that each sampler draws from
@@ -394,7 +403,7 @@ class ModelRunner:
             # Full-vocabulary logits for a whole chunk would not fit the profiled memory: go in slices.
             for begin in range(first, last, _PROMPT_LOGPROBS_ROWS):
                 end = min(begin + _PROMPT_LOGPROBS_ROWS, last)
-                logits = self.model.compute_logits(hidden[offset + begin : offset + end])
+                logits = self.compute_logits(hidden, slice(offset + begin, offset + end))
                 targets = torch.tensor(seq.token_ids[begin + 1 : end + 1], device=self.device)
                 entries += compute_prompt_logprobs(logits, targets, seq.params.prompt_logprobs)
             result.prompt_logprobs[seq.seq_id] = entries
