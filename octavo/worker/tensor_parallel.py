@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import weakref
 from typing import Optional
 
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # Bounds every collective: a rank that stops answering fails the others after this long.
 COLLECTIVE_TIMEOUT_S = 600.0
+# How long a failed collective waits for a worker's exit to show, to name it.
+_DEATH_GRACE_S = 2.0
 # How often rank 0 looks at the workers' processes while it waits for them to load.
 _LIVENESS_POLL_MS = 200
 # NVLink multicast (NVLS) stays off in every rank: the lent machines do not support it.
@@ -77,7 +80,7 @@ def check_tensor_parallel(config: EngineConfig, hf_config, dtype: torch.dtype, d
     model_class = resolve_model_class(hf_config)
     experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
     if not model_class.supports_tensor_parallel or experts:
-        kind = "mixture-of-experts models" if experts else model_class.__name__
+        kind = "mixture-of-experts models" if experts else f"{model_class.__name__} models"
         raise ValueError(f"{kind} do not support tensor parallelism yet; use tensor_parallel_size=1.")
     if loader.quantization_for_model(model_class, hf_config, config.quantization, dtype) is not None:
         raise ValueError("quantized weights do not support tensor parallelism yet; use tensor_parallel_size=1 "
@@ -158,7 +161,19 @@ class TensorParallelWorkers:
         for commands in self.commands:
             commands.send(message, copy=False)
         if payload is not None:
-            self.group.broadcast(payload)
+            try:
+                self.group.broadcast(payload)
+            except RuntimeError:
+                self._name_dead_worker()
+                raise
+
+    def _name_dead_worker(self) -> None:
+        """After a failed collective: raise naming the worker that died, if one did (it may
+        take a moment for its exit to show)."""
+        deadline = time.monotonic() + _DEATH_GRACE_S
+        while time.monotonic() < deadline:
+            self.check_alive()
+            time.sleep(0.05)
 
     def shutdown(self) -> None:
         if not self._finalizer.alive:
