@@ -75,6 +75,7 @@ def test_two_ranks_match_one_with_default_settings(tiny_model_factory):
     single_and_split(folder, 2, block_size=16, max_model_len=None, kv_cache_memory=64 << 20)
 
 
+@pytest.mark.slow  # four worker processes start on two cores
 def test_four_ranks_replicate_key_value_heads(tiny_model_factory):
     """llama has 4 query and 2 key/value heads: each of 4 ranks keeps one query head and a copy of a KV head."""
     folder, _ = tiny_model_factory("llama")

@@ -135,6 +135,8 @@ def add_engine_arguments(parser: Union[argparse.ArgumentParser, argparse._Argume
     parser.add_argument("--quantization", default="auto",
                         help="weight format: auto (from config.json), none, awq, compressed-tensors, fp8, gptq; "
                              "fp8 also quantizes a 16-bit checkpoint at load (default: auto)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
+                        help="split the model across this many GPUs (gloo processes on CPU) (default: 1)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -146,6 +148,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager, load_format=args.load_format,
         allow_pickle_weights=args.allow_pickle_weights, seed=args.seed,
         async_scheduling=False if args.no_async_scheduling else None, quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 
