@@ -70,6 +70,13 @@ def test_two_ranks_match_one_under_paging_stress(arch, tiny_model_factory):
     assert single_and_split(folder, 2, **STRESS) > 0, "the KV budget was meant to force preemption"
 
 
+def test_two_ranks_match_one_with_asynchronous_scheduling(tiny_model_factory):
+    """Steps whose input tokens are still on the device (the previous step in flight) reach the
+    workers filled in: rank 0 broadcasts its device-side inputs."""
+    folder, _ = tiny_model_factory("qwen3")
+    single_and_split(folder, 2, async_scheduling=True, **STRESS)
+
+
 def test_two_ranks_match_one_with_default_settings(tiny_model_factory):
     folder, _ = tiny_model_factory("llama")
     single_and_split(folder, 2, block_size=16, max_model_len=None, kv_cache_memory=64 << 20)
