@@ -116,6 +116,8 @@ class EngineConfig:
     data_parallel_size: int = 1
     # Where the cores run: None or "mp" (local processes), "ray" (Ray actors, on any machine of a cluster).
     distributed_executor_backend: Optional[str] = None
+    # Split the model across this many ranks (GPUs, or gloo processes on CPU), Megatron-style.
+    tensor_parallel_size: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -134,5 +136,7 @@ class EngineConfig:
         if self.distributed_executor_backend not in (None, "mp", "ray"):
             raise ValueError("distributed_executor_backend must be 'mp' or 'ray', got "
                              f"{self.distributed_executor_backend!r}.")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")

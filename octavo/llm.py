@@ -59,11 +59,6 @@ class LLM:
     ) -> None:
         # Accepted so vLLM code runs unchanged. Only built-in architectures run, so remote code never does.
         del trust_remote_code
-        if tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={tensor_parallel_size} is not supported yet: octavo runs a model on one "
-                "device. Use tensor_parallel_size=1."
-            )
         if model is None:
             from octavo.model_loader.default_model import default_model_path
 
@@ -85,6 +80,7 @@ class LLM:
             quantization=quantization,
             data_parallel_size=data_parallel_size,
             distributed_executor_backend=distributed_executor_backend,
+            tensor_parallel_size=tensor_parallel_size,
             cache=CacheConfig(
                 block_size=block_size,
                 gpu_memory_utilization=gpu_memory_utilization,

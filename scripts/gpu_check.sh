@@ -25,10 +25,15 @@
 #                                      the tests); about 4 min
 #   scripts/gpu_check.sh dp [OUT]      qwen3-0.6b fixed 512 offline with one engine (0.9 of the GPU), then with two
 #                                      replicas on the one GPU (0.45 each); both and the ratio (about 3 min)
+#   scripts/gpu_check.sh tp [OUT]      tensor parallelism: qwen3-0.6b fixed 512 at TP=1 (TP=1 is today's path:
+#                                      no worker process, the layers' splits are no-ops); with >= 2 GPUs, TP=2
+#                                      greedy equality with TP=1 on llama3-8b- and qwen3-0.6b-shaped dummy models
+#                                      (64 requests, float32; again eager where one fails), and llama3-8b
+#                                      fixed 256 at TP=1 and TP=2; JSON into OUT (about 6 min with 2 GPUs)
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve|quant|structured|hostcost|dp [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve|quant|structured|hostcost|dp|tp [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -202,8 +207,32 @@ hostcost)
     bench --model dummy:qwen3-0.6b --workload fixed --num-prompts 512 --max-num-seqs 512 \
         --output "$out/qwen3-fixed-512.json"
     ;;
+tp)
+    # No NVLink multicast in any process (the workers inherit it too).
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    status=0
+    bench --model dummy:qwen3-0.6b --workload fixed --num-prompts 512 --max-num-seqs 512 \
+        --output "$out/tp1-qwen3-fixed-512.json" || status=1
+    gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+    if [ "$gpus" -ge 2 ]; then
+        for model in qwen3-0.6b llama3-8b; do
+            # Eager as well where the graph run fails: it tells a graph-capture problem from a sharding one.
+            timeout 240 python scripts/tp_equality.py --model "$model" --tensor-parallel-size 2 \
+                --output "$out/tp2-equality-$model.json" || { status=1; timeout 240 python scripts/tp_equality.py \
+                --model "$model" --tensor-parallel-size 2 --enforce-eager \
+                --output "$out/tp2-equality-$model-eager.json" || true; }
+        done
+        for size in 1 2; do
+            bench --model dummy:llama3-8b --workload fixed --num-prompts 256 --max-num-seqs 256 \
+                --tensor-parallel-size "$size" --output "$out/tp$size-llama3-8b-fixed-256.json" || status=1
+        done
+    else
+        echo "tp: one GPU visible; the TP=2 checks need two (nvidia-h200-x2)"
+    fi
+    exit $status
+    ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families, serve, quant, structured, hostcost or dp" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families, serve, quant, structured, hostcost, dp or tp" >&2
     exit 2
     ;;
 esac

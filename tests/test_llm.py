@@ -204,8 +204,8 @@ def test_stop_strings_below_min_tokens_leave_the_text_whole(llm):
 
 
 def test_vllm_only_arguments_are_accepted_or_refused_clearly(tmp_path):
-    with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported yet"):
-        LLM(str(tmp_path), device="cpu", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
+        LLM(str(tmp_path), device="cpu", tensor_parallel_size=0)
 
 
 def test_loading_options_give_the_same_model(tiny_model_factory, tmp_path, capsys):

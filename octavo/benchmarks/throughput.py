@@ -76,6 +76,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--max-num-batched-tokens", type=int, default=None, help="octavo: most tokens per step")
     bench.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="octavo (default: 0.9)")
     bench.add_argument("--enforce-eager", action="store_true", help="octavo: disable CUDA graphs")
+    bench.add_argument("--tensor-parallel-size", type=int, default=1, help="octavo: GPUs to split the model across")
     bench.add_argument("--quantization", default="auto",
                        help="octavo weight format (default: auto = the checkpoint's); fp8 quantizes 16-bit weights "
                             f"at load; with a dummy model, {' | '.join(DUMMY_QUANTIZATIONS)} give random weights "
@@ -197,7 +198,7 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
               max_model_len=max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, skip_tokenizer_init=True,  # token ids in and out, like the peers
               async_scheduling=False if args.no_async_scheduling else None, quantization=args.quantization,
-              data_parallel_size=args.data_parallel_size,
+              data_parallel_size=args.data_parallel_size, tensor_parallel_size=args.tensor_parallel_size,
               **{key: value for key, value in options.items() if value is not None})
     startup_s = time.perf_counter() - started
 

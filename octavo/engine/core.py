@@ -32,6 +32,7 @@ from octavo.structured_output import StructuredOutputManager
 from octavo.worker.kv_cache_memory import bytes_per_block, check_cuda_share, cpu_kv_cache_bytes, cuda_kv_cache_bytes
 from octavo.worker.model_runner import LaunchedStep, ModelRunner
 from octavo.worker.sampler import make_generator
+from octavo.worker.tensor_parallel import TensorParallelRunner, start_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ class EngineCore:
         self._cuda_reserved_at_start = (check_cuda_share(self.device, config.cache.gpu_memory_utilization)
                                         if self.device.type == "cuda" else 0)
 
+        # Ranks 1.. start loading their shards now, beside rank 0 (this process).
+        self.tensor_parallel = start_tensor_parallel(config, self.eos_token_ids, self.hf_config, self.dtype,
+                                                     self.device)
         started = time.perf_counter()
         self.model = loader.build_model(
             path, self.hf_config, self.dtype, self.device, self.max_model_len,
@@ -133,8 +137,13 @@ class EngineCore:
                 f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({self.max_model_len}) "
                 "with chunked prefill off: long prompts could never run. Raise it or enable chunked prefill."
             )
-        self.runner = ModelRunner(self.model, self.device, self.dtype, self.block_size, self.eos_token_ids,
-                                  config.attention_backend)
+        runner_args = (self.model, self.device, self.dtype, self.block_size, self.eos_token_ids,
+                       config.attention_backend)
+        if self.tensor_parallel is None:
+            self.runner = ModelRunner(*runner_args)
+        else:
+            self.tensor_parallel.wait_ready()
+            self.runner = TensorParallelRunner(self.tensor_parallel, *runner_args)
         num_blocks = self._num_kv_blocks(max_batched, sched.max_num_seqs)
         self.runner.allocate_kv_cache(num_blocks)
         if not config.enforce_eager:
@@ -157,6 +166,11 @@ class EngineCore:
         self.num_prefill_tokens_computed = 0
         self._sharing_stats: Optional[tuple[int, int]] = None
         self._sharing_stats_time = 0.0
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (the rest goes with the object)."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.shutdown()
 
     def info(self) -> CoreInfo:
         return CoreInfo(num_blocks=self.kv_cache.pool.num_blocks, block_size=self.block_size,

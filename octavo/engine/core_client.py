@@ -85,7 +85,7 @@ class InprocCoreClient:
         return self.core.stats()
 
     def shutdown(self) -> None:
-        pass
+        self.core.shutdown()
 
 
 def _raise_failure(message: CoreFailed) -> None:

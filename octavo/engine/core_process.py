@@ -129,6 +129,7 @@ def serve_core(startup: bytes, input_address: str, output_address: str, parent_p
     inbox.connect(input_address)
     outbox = context.socket(zmq.PUSH)
     outbox.connect(output_address)
+    core = None
     try:
         try:
             core = EngineCore(config, eos_token_ids)
@@ -146,6 +147,8 @@ def serve_core(startup: bytes, input_address: str, output_address: str, parent_p
             return 1
         return 0
     finally:
+        if core is not None:
+            core.shutdown()  # tensor-parallel workers go with it
         inbox.close(linger=0)
         outbox.close(linger=2000)  # let the last message (a failure, say) reach the front end
         context.term()

@@ -141,6 +141,8 @@ def add_engine_arguments(parser: Union[argparse.ArgumentParser, argparse._Argume
     parser.add_argument("--distributed-executor-backend", choices=("mp", "ray"), default=None,
                         help="where the engine cores run: mp (local processes, the default) or ray (actors "
                              "placed on the Ray cluster this machine joined)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
+                        help="split the model across this many GPUs (gloo processes on CPU) (default: 1)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -153,6 +155,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         allow_pickle_weights=args.allow_pickle_weights, seed=args.seed,
         async_scheduling=False if args.no_async_scheduling else None, quantization=args.quantization,
         data_parallel_size=args.data_parallel_size, distributed_executor_backend=args.distributed_executor_backend,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 
 from octavo.layers.linear import Linear
+from octavo.layers.sharded_init import fill_normal
+from octavo.layers.vocab_embedding import VocabParallelEmbedding
 from octavo.layers.quantization import QuantizationConfig, resolve_quantization
 from octavo.models.base import CausalLM
 from octavo.models.registry import resolve_model_class, stand_in_config
@@ -170,22 +172,27 @@ def packed_modules(stacked_params: dict[str, tuple[str, str]]) -> dict[str, tupl
 @torch.no_grad()
 def _init_dummy_weights(model: CausalLM, seed: int) -> None:
     """Small random values: realistic magnitudes keep activations finite in half precision.
-    Linear layers fill their own parameters (quantized ones in their packed format)."""
+    Linear layers and embeddings fill their own parameters (quantized ones in their packed
+    format); full-precision ones draw by name, the same weights at any tensor-parallel size."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    linear_params = set()
-    for module in model.modules():
+    self_filled = set()
+    for name, module in model.named_modules():
         if isinstance(module, Linear):
-            module.init_dummy(generator)
-            linear_params.update(id(param) for param in module.parameters())
+            module.init_dummy(generator, name, seed)
+        elif isinstance(module, VocabParallelEmbedding):
+            module.init_dummy(name, seed)
+        else:
+            continue
+        self_filled.update(id(param) for param in module.parameters())
     for name, param in model.named_parameters():
-        if id(param) in linear_params:
+        if id(param) in self_filled:
             continue
         if name.endswith("norm.weight") or ".ln_" in name or name.endswith("ln_f.weight"):
             param.fill_(1.0)
         elif name.endswith(".bias"):
             param.zero_()
         else:
-            param.normal_(0.0, 0.02, generator=generator)
+            fill_normal(param, name, seed)
 
 
 def load_tokenizer(path: Path, tokenizer_path: Optional[str]):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -10,6 +10,7 @@ from torch import nn
 from octavo.layers.attention import Attention, AttentionMetadata
 from octavo.layers.linear import Linear
 from octavo.layers.moe import FusedMoE
+from octavo.layers.vocab_embedding import VocabParallelEmbedding
 
 
 class CausalLM(nn.Module):
@@ -21,6 +22,8 @@ class CausalLM(nn.Module):
     """
 
     stacked_params: dict[str, tuple[str, str]] = {}
+    # The class builds its layers split across tensor-parallel ranks (octavo.worker.parallel_state).
+    supports_tensor_parallel: bool = False
     ignored_weights: tuple[str, ...] = ("rotary_emb.inv_freq",)
     tie_word_embeddings: bool = False
 
@@ -28,9 +31,10 @@ class CausalLM(nn.Module):
                 metadata: AttentionMetadata) -> torch.Tensor:
         raise NotImplementedError
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
         """Logits in the model's dtype; consumers upcast only what they need (a greedy argmax
-        on bfloat16 picks the same token as on its exact float32 copy)."""
+        on bfloat16 picks the same token as on its exact float32 copy). Under tensor
+        parallelism only rank 0 gets them (``None`` elsewhere)."""
         raise NotImplementedError
 
     def attention_layers(self) -> list[Attention]:
@@ -78,6 +82,13 @@ class CausalLM(nn.Module):
                     module.load_shard(shard, param, tensor)
                 except ValueError as error:
                     raise ValueError(f"checkpoint tensor {checkpoint_name!r}: {error}") from error
+                continue
+            if isinstance(module, VocabParallelEmbedding) and param == "weight":
+                try:
+                    module.load_weight(tensor)
+                except ValueError as error:
+                    raise ValueError(f"checkpoint tensor {checkpoint_name!r} {error}") from None
+                loaded.add(name)
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {checkpoint_name!r} does not match any model parameter.")

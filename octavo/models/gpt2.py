@@ -11,17 +11,24 @@ from octavo.layers.activation import get_activation
 from octavo.layers.attention import Attention, AttentionMetadata
 from octavo.layers.linear import Linear
 from octavo.layers.quantization.base import QuantizationConfig
+from octavo.layers.vocab_embedding import VocabParallelEmbedding, gather_vocab_logits
 from octavo.models.base import CausalLM
+from octavo.worker.parallel_state import tp_group
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, config, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         hidden = config.n_embd
-        self.num_heads = config.n_head
-        self.head_dim = hidden // self.num_heads
-        self.c_attn = Linear(hidden, 3 * hidden, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_attn")
-        self.c_proj = Linear(hidden, hidden, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj")
+        self.head_dim = hidden // config.n_head
+        group = tp_group()
+        (_, self.num_heads), _ = group.attention_heads(config.n_head, config.n_head)
+        # The checkpoint fuses q/k/v into one tensor; across ranks each keeps its heads of all three.
+        out_features = 3 * hidden if group.world_size == 1 else {"q": hidden, "k": hidden, "v": hidden}
+        self.c_attn = Linear(hidden, out_features, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_attn",
+                             parallel="column")
+        self.c_proj = Linear(hidden, hidden, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj",
+                             parallel="row")
         scale = self.head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
         self.attn = Attention(self.num_heads, self.num_heads, self.head_dim, scale=scale)
 
@@ -34,8 +41,10 @@ class GPT2MLP(nn.Module):
     def __init__(self, config, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
         inner = config.n_inner or 4 * config.n_embd
-        self.c_fc = Linear(config.n_embd, inner, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_fc")
-        self.c_proj = Linear(inner, config.n_embd, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj")
+        self.c_fc = Linear(config.n_embd, inner, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_fc",
+                           parallel="column")
+        self.c_proj = Linear(inner, config.n_embd, bias=True, quant_config=quant_config, prefix=f"{prefix}.c_proj",
+                             parallel="row")
         self.act = get_activation(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +67,7 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.h = nn.ModuleList(GPT2Block(config, quant_config, f"{prefix}.h.{index}") for index in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
@@ -71,6 +80,7 @@ class GPT2Model(nn.Module):
 
 
 class GPT2LMHeadModel(CausalLM):
+    supports_tensor_parallel = True
     ignored_weights = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers in old checkpoints
     # HF stores these as Conv1D ([in, out]); nn.Linear wants [out, in].
     _conv1d_weights = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
@@ -86,7 +96,7 @@ class GPT2LMHeadModel(CausalLM):
         self.config = config
         self.transformer = GPT2Model(config, quant_config, "transformer")
         self.tie_word_embeddings = True
-        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, prefix="lm_head")
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, prefix="lm_head", parallel="vocab")
         self.lm_head.weight = self.transformer.wte.weight
 
     def rename_checkpoint_weight(self, name: str) -> Optional[str]:
@@ -100,5 +110,5 @@ class GPT2LMHeadModel(CausalLM):
     def forward(self, input_ids, positions, metadata):
         return self.transformer(input_ids, positions, metadata)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states)
+    def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+        return gather_vocab_logits(self.lm_head(hidden_states), self.config.vocab_size)

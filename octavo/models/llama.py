@@ -24,7 +24,9 @@ from octavo.layers.moe import SparseMoeBlock
 from octavo.layers.quantization.base import QuantizationConfig
 from octavo.layers.norm import RMSNorm
 from octavo.layers.rotary import RotaryEmbedding
+from octavo.layers.vocab_embedding import VocabParallelEmbedding, gather_vocab_logits
 from octavo.models.base import CausalLM
+from octavo.worker.parallel_state import tp_group
 
 
 def _head_dim(config) -> int:
@@ -56,21 +58,26 @@ class LlamaAttention(nn.Module):
     def __init__(self, config, layer_index: int, rotary_emb: RotaryEmbedding,
                  quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = _head_dim(config)
+        # This tensor-parallel rank's heads (all of them on one rank).
+        (_, self.num_heads), (kv_start, self.num_kv_heads) = tp_group().attention_heads(total_heads, total_kv_heads)
         model_type = getattr(config, "model_type", "llama")
         qkv_bias = (getattr(config, "attention_bias", False) or model_type == "qwen2"
                     or getattr(config, "qkv_bias", False))  # Qwen2-MoE names it qkv_bias
         o_bias = getattr(config, "attention_bias", False) and model_type != "qwen2"
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        kv_rows = (kv_start * self.head_dim, self.kv_size)
         self.qkv_proj = MergedLinear(
-            config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size}, bias=qkv_bias,
-            quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
+            config.hidden_size,
+            {"q": total_heads * self.head_dim, "k": total_kv_heads * self.head_dim, "v": total_kv_heads * self.head_dim},
+            bias=qkv_bias, quant_config=quant_config, prefix=f"{prefix}.qkv_proj",
+            parallel="column", shard_rows={"k": kv_rows, "v": kv_rows},
         )
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=o_bias, quant_config=quant_config,
-                             prefix=f"{prefix}.o_proj")
+        self.o_proj = Linear(total_heads * self.head_dim, config.hidden_size, bias=o_bias, quant_config=quant_config,
+                             prefix=f"{prefix}.o_proj", parallel="row")
         self.use_qk_norm = model_type in ("qwen3", "qwen3_moe")
         if self.use_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
@@ -117,9 +124,10 @@ class LlamaMLP(nn.Module):
         bias = getattr(config, "mlp_bias", False)
         size = intermediate_size or config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, {"gate": size, "up": size}, bias=bias,
-                                         quant_config=quant_config, prefix=f"{prefix}.gate_up_proj")
+                                         quant_config=quant_config, prefix=f"{prefix}.gate_up_proj",
+                                         parallel="column")
         self.down_proj = Linear(size, config.hidden_size, bias=bias, quant_config=quant_config,
-                                prefix=f"{prefix}.down_proj")
+                                prefix=f"{prefix}.down_proj", parallel="row")
         # Gemma-2 reads its GeGLU activation from hidden_activation, every other family from hidden_act.
         gemma2 = getattr(config, "model_type", "") == "gemma2"
         self.act = gated_activation(config.hidden_activation if gemma2 else getattr(config, "hidden_act", "silu"))
@@ -182,7 +190,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, max_position: int, quant_config: Optional[QuantizationConfig], prefix: str) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # Gemma scales embeddings by sqrt(hidden), rounded to the model dtype as transformers does.
         self.embed_scale = float(torch.tensor(config.hidden_size**0.5)) if _is_gemma(config) else None
         self.rotary_emb = RotaryEmbedding(config, _head_dim(config), max_position)
@@ -205,6 +213,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
+    supports_tensor_parallel = True  # the dense models; the MoE ones refuse it when built
     stacked_params = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
@@ -221,11 +230,15 @@ class LlamaForCausalLM(CausalLM):
                 "their experts are stacked full-precision tensors. Load an unquantized checkpoint "
                 "(quantization auto or none)."
             )
+        if _num_experts(config) and tp_group().world_size > 1:
+            raise ValueError("mixture-of-experts models do not support tensor parallelism yet; "
+                             "use tensor_parallel_size=1.")
         self.config = config
         self.model = LlamaModel(config, max_position, quant_config, "model")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False,
-                              quant_config=None if self.tie_word_embeddings else quant_config, prefix="lm_head")
+                              quant_config=None if self.tie_word_embeddings else quant_config, prefix="lm_head",
+                              parallel="vocab")
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)  # Gemma-2
@@ -236,8 +249,8 @@ class LlamaForCausalLM(CausalLM):
     def rename_checkpoint_weight(self, name: str) -> str:
         return name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's name for its MoE block
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden_states)
-        if self.final_logit_softcapping:
+    def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+        logits = gather_vocab_logits(self.lm_head(hidden_states), self.config.vocab_size)
+        if logits is not None and self.final_logit_softcapping:
             logits = torch.tanh(logits / self.final_logit_softcapping) * self.final_logit_softcapping
         return logits

@@ -323,6 +323,19 @@ class ModelRunner:
             host_tables=tables,
         )
 
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata,
+                num_seqs: int) -> torch.Tensor:
+        """The model's hidden states for a flat batch, through a decode graph where one fits
+        (tensor-parallel ranks mirror this call: every rank picks the same path)."""
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(num_seqs, metadata):
+            return graphs.run(input_ids, positions, metadata)
+        return self.model(input_ids, positions, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+        """Logits of the given rows of the hidden states."""
+        return self.model.compute_logits(hidden[rows])
+
     def _steady_inputs(self, batch: ScheduledBatch, block_tables: SequenceOf[list[int]],
                        previous: Optional[LaunchedStep]) -> Optional[ModelInputs]:
         """The inputs of a steady decode step (see ``_SteadyBatch``), or None if this is not one."""
@@ -392,7 +405,7 @@ class ModelRunner:
         if not inputs.sample_seqs:
             self._steady = None
             return launched
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        logits = self.compute_logits(hidden, inputs.sample_indices)
         # Siblings about to fork draw their first token from the parent's logits row.
         samplers = [member for seq in inputs.sample_seqs for member in [seq, *_forking_now(seq)]]
         fork_rows = None  # row of inputs.sample_seqs that each sampler draws from
@@ -413,10 +426,7 @@ class ModelRunner:
         return launched
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
-        graphs = self.decode_graphs
-        if graphs is not None and graphs.can_run(len(inputs.metadata.seq_lens_cpu), inputs.metadata):
-            return graphs.run(inputs.input_ids, inputs.positions, inputs.metadata)
-        return self.model(inputs.input_ids, inputs.positions, inputs.metadata)
+        return self.forward(inputs.input_ids, inputs.positions, inputs.metadata, len(inputs.metadata.seq_lens_cpu))
 
     @torch.inference_mode()
     def _sample(self, launched: LaunchedStep, inputs: ModelInputs, logits: torch.Tensor,
@@ -456,7 +466,7 @@ class ModelRunner:
     def _launch_steady(self, inputs: ModelInputs) -> LaunchedStep:
         """``launch`` for a steady decode step: one sampling row per sequence, in batch order."""
         hidden = self._forward(inputs)
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        logits = self.compute_logits(hidden, inputs.sample_indices)
         samplers = inputs.sample_seqs
         positions = self._steady.positions
         full_block_rows = np.flatnonzero((positions + 1) % self.block_size == 0).tolist()
@@ -492,7 +502,7 @@ class ModelRunner:
             # Full-vocabulary logits for a whole chunk would not fit the profiled memory: go in slices.
             for begin in range(first, last, _PROMPT_LOGPROBS_ROWS):
                 end = min(begin + _PROMPT_LOGPROBS_ROWS, last)
-                logits = self.model.compute_logits(hidden[offset + begin : offset + end])
+                logits = self.compute_logits(hidden, slice(offset + begin, offset + end))
                 targets = torch.tensor(seq.token_ids[begin + 1 : end + 1], device=self.device)
                 entries += compute_prompt_logprobs(logits, targets, seq.params.prompt_logprobs)
             result.prompt_logprobs[seq.seq_id] = entries
