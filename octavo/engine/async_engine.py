@@ -257,12 +257,16 @@ class AsyncLLMEngine:
         self.inputs.validate_prompt(token_ids, params)
         core_id = next(self._core_ids)
         state = self.outputs.new_request(request_id, core_id, text, token_ids, params, stream=True)
+        try:
+            routes = self.client.add([CoreRequest(core_id, token_ids, CoreRequest.sampling_fields(params),
+                                                  state.arrival_time, cache_salt)])
+        except BaseException:
+            self.outputs.remove(core_id)  # nothing of it is kept
+            raise
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
         self._ids[request_id] = core_id
         self._num_waiting += 1
-        routes = self.client.add([CoreRequest(core_id, token_ids, CoreRequest.sampling_fields(params),
-                                              state.arrival_time, cache_salt)])
         replica = routes[0] if routes else 0
         self._progress[core_id] = _Progress(replica=replica)
         self._live[replica] += 1

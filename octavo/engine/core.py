@@ -239,8 +239,10 @@ class EngineCore:
             if state is None:
                 continue
             seqs = state.seqs if indices is None else [state.seqs[i] for i in indices if 0 <= i < len(state.seqs)]
+            # Siblings still waiting to fork from an aborted sample would never start: they go too.
+            seqs += [child for seq in seqs for child in seq.pending_forks if child not in seqs]
             for seq in seqs:
-                seq.pending_forks = [child for child in seq.pending_forks if child not in seqs]
+                seq.pending_forks = []
             self.scheduler.abort(seqs)
             if state.finished:
                 del self.requests[core_id]
@@ -389,15 +391,17 @@ class EngineCore:
         stats.num_allocated_slots, stats.num_filled_slots = self.scheduler.kv_slot_usage()
         return stats
 
-    def stats(self) -> CoreStats:
+    def stats(self, refresh_sharing: bool = True) -> CoreStats:
         """Requests, not sequences (as vLLM counts them): n samples of one request count once, and a
         request with any sample running counts as running. The sharing counts walk every block, so
-        they are refreshed at most every ``_SHARING_STATS_INTERVAL_S``; the rest is current."""
+        they are refreshed at most every ``_SHARING_STATS_INTERVAL_S``, and only when
+        ``refresh_sharing`` (not between scheduling a step and launching it); the rest is current."""
         scheduler, kv_cache = self.scheduler, self.kv_cache
         now = time.monotonic()
         if not scheduler.has_unfinished():
             self._sharing_stats = (0, 0)  # no sequence holds a block
-        elif self._sharing_stats is None or now - self._sharing_stats_time >= _SHARING_STATS_INTERVAL_S:
+        elif self._sharing_stats is None or (refresh_sharing and
+                                             now - self._sharing_stats_time >= _SHARING_STATS_INTERVAL_S):
             full = kv_cache.stats()
             self._sharing_stats = (full.num_shared_blocks, full.blocks_saved_by_sharing)
             self._sharing_stats_time = now

@@ -153,7 +153,17 @@ class _CoreProcess:
                 raise self.exit_error()
 
     def send(self, message) -> None:
-        self.to_core.send(encode(message), copy=False)
+        """Send without blocking on a core that is gone: a PUSH socket with no peer would block
+        for ever. A live core that is only behind gets the message once it reads again."""
+        data = encode(message)
+        while True:
+            if self.process.poll() is not None:
+                raise self.exit_error()
+            try:
+                self.to_core.send(data, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                self.to_core.poll(_LIVENESS_POLL_MS, zmq.POLLOUT)
 
     def request_shutdown(self) -> None:
         """Ask the core to stop (from the thread that owns the sockets)."""
@@ -229,11 +239,18 @@ class ProcessCoreClient:
 
     def add(self, requests: list[CoreRequest]) -> None:
         self._check_alive()
-        self._process.send(AddRequests(requests))
+        try:
+            self._process.send(AddRequests(requests))
+        except EngineDeadError as exc:
+            self._dead = exc
+            raise
 
     def abort(self, core_ids: list[int], sample_indices: Optional[list[Optional[list[int]]]] = None) -> None:
         if self._dead is None and core_ids:
-            self._process.send(AbortRequests(core_ids, sample_indices))
+            try:
+                self._process.send(AbortRequests(core_ids, sample_indices))
+            except EngineDeadError as exc:
+                self._dead = exc  # nothing left to abort; the next call reports it
 
     def get_outputs(self) -> StepOutputs:
         """The next outputs message (several are merged if they queued up meanwhile)."""

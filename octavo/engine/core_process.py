@@ -89,17 +89,18 @@ class CoreLoop:
                 if outputs or stats is not None:
                     self._send(StepOutputs(outputs, stats))
 
-    def _stats_if_changed(self) -> Optional[CoreStats]:
+    def _stats_if_changed(self, refresh_sharing: bool = True) -> Optional[CoreStats]:
         """The gauges, when the running or waiting counts moved or the last ones are old."""
         now = time.monotonic()
         counts = self.core.scheduler_counts()
         if counts == self._last_counts and now - self._last_stats < STATS_INTERVAL_S:
             return None
         self._last_stats, self._last_counts = now, counts
-        return self.core.stats()
+        return self.core.stats(refresh_sharing)
 
     def _send_stats_if_changed(self) -> None:
-        stats = self._stats_if_changed()
+        # Between scheduling and launching: nothing here may walk the block pool.
+        stats = self._stats_if_changed(refresh_sharing=False)
         if stats is not None:
             self._send(StepOutputs([], stats))
 

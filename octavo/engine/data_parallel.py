@@ -304,7 +304,9 @@ class DataParallelCoreClient:
                 break
             for index, replica in enumerate(self.replicas):
                 if replica.process.poll() is not None:
-                    raise EngineDeadError(f"engine replica {index} exited with code {replica.process.returncode}.")
+                    replica._dead = EngineDeadError(
+                        f"engine replica {index} exited with code {replica.process.returncode}.")
+                    raise replica._dead
         merged = StepOutputs([], None)
         for index, replica in enumerate(self.replicas):
             if replica.output_socket in ready:

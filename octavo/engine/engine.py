@@ -66,6 +66,7 @@ class LLMEngine:
         self._routed = isinstance(self.core_client, DataParallelCoreClient)
         self._ids: dict[str, int] = {}  # request id -> core id of the live request
         self._core_ids = count()
+        self._refusals: list[ValueError] = []  # the core refused these requests; step() raises them
         tune_after_startup()
 
     @property
@@ -141,6 +142,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Take the core's next outputs; returns an output for every request reported this step
         (streaming ones each time they advance, the others once finished)."""
+        if self._refusals:
+            raise self._refusals.pop(0)
         if not self._ids:
             return []
         step = self.outputs.process(self.core_client.get_outputs().outputs)
@@ -152,12 +155,12 @@ class LLMEngine:
                 del self._ids[output.request_id]
                 if self._routed:
                     self.core_client.release(state.core_id)
-        if step.refused:
-            for state, _ in step.refused:
-                self._ids.pop(state.request_id, None)
-            state, error = step.refused[0]
-            raise ValueError(f"the engine refused request {state.request_id!r}: {error}")
-        return [output for _, output in step.outputs]
+        for state, error in step.refused:
+            self._ids.pop(state.request_id, None)
+            self._refusals.append(ValueError(f"the engine refused request {state.request_id!r}: {error}"))
+        if self._refusals and not step.outputs:
+            raise self._refusals.pop(0)
+        return [output for _, output in step.outputs]  # a refusal that came with outputs: the next call
 
     # ---- stats and life cycle ------------------------------------------------------------
     def stats(self) -> Optional[CoreStats]:
