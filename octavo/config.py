@@ -99,7 +99,7 @@ class EngineConfig:
     allow_pickle_weights: bool = False
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
-    attention_backend: str = "auto"  # auto | torch | triton
+    attention_backend: str = "auto"  # auto | torch | cpu | triton
     # Plan step k+1 while the device runs step k (None: on for CUDA, off for CPU, where the
     # host is the device and nothing would overlap).
     async_scheduling: Optional[bool] = None
