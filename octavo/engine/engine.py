@@ -74,9 +74,7 @@ class LLMEngine:
 
         cache, sched = config.cache, config.scheduler
         self.block_size = cache.block_size
-        max_batched = sched.max_num_batched_tokens or (
-            max(8192, self.max_model_len) if not sched.enable_chunked_prefill else 8192
-        )
+        max_batched = sched.step_token_budget(self.device, self.max_model_len)
         if not sched.enable_chunked_prefill and max_batched < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({self.max_model_len}) "
@@ -89,7 +87,8 @@ class LLMEngine:
         if not config.enforce_eager:
             self.runner.capture_cuda_graphs(sched.max_num_seqs, self.max_model_len)
         self.kv_cache = KVCacheManager(num_blocks, self.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache, sched.max_num_seqs, max_batched, sched.enable_chunked_prefill)
+        self.scheduler = Scheduler(self.kv_cache, sched.max_num_seqs, max_batched, sched.enable_chunked_prefill,
+                                   sched.prefill_chunk_cap(self.device, max_batched))
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens; max_model_len %d",
             num_blocks, self.block_size, num_blocks * self.block_size, self.max_model_len,
