@@ -126,6 +126,9 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
     attention_backend: str = "auto"  # auto | torch | cpu | triton
+    # GGUF 4-bit matrices on CPU: kept in their blocks ("packed") or decoded to the model dtype
+    # ("float32", the reference); auto packs them for float32 CPU runs.
+    gguf_weights: str = "auto"
     # Plan step k+1 while the device runs step k (None: on for CUDA, off for CPU, where the
     # host is the device and nothing would overlap).
     async_scheduling: Optional[bool] = None
@@ -137,5 +140,7 @@ class EngineConfig:
             raise ValueError(
                 f"load_format must be one of auto, safetensors, gguf, dummy, pt; got {self.load_format!r}."
             )
+        if self.gguf_weights not in ("auto", "packed", "float32"):
+            raise ValueError(f"gguf_weights must be 'auto', 'packed' or 'float32', got {self.gguf_weights!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")

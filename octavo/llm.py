@@ -45,6 +45,7 @@ class LLM:
         skip_tokenizer_init: bool = False,
         enforce_eager: bool = False,
         attention_backend: str = "auto",
+        gguf_weights: str = "auto",
         async_scheduling: Optional[bool] = None,
         tensor_parallel_size: int = 1,
         trust_remote_code: bool = False,
@@ -72,6 +73,7 @@ class LLM:
             skip_tokenizer_init=skip_tokenizer_init,
             enforce_eager=enforce_eager,
             attention_backend=attention_backend,
+            gguf_weights=gguf_weights,
             async_scheduling=async_scheduling,
             cache=CacheConfig(
                 block_size=block_size,

@@ -158,7 +158,7 @@ def test_engine_on_the_cpu_backend_matches_the_reference_and_hf(arch, tiny_model
     results = {}
     for backend in ("torch", "cpu"):
         llm = LLM(str(folder), device="cpu", dtype="float32", attention_backend=backend, max_model_len=64,
-                  block_size=4, max_num_batched_tokens=12, num_gpu_blocks_override=30, max_num_seqs=6)
+                  block_size=4, max_num_batched_tokens=12, num_gpu_blocks_override=20, max_num_seqs=6)
         assert llm.llm_engine.runner.backend.name == backend
         llm.llm_engine.kv_cache.pool.shuffle_free_queue(random.Random(1))
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -65,7 +65,7 @@ class LLMEngine:
         started = time.perf_counter()
         self.model = loader.build_model(
             path, self.hf_config, self.dtype, self.device, self.max_model_len,
-            config.load_format, config.allow_pickle_weights, config.seed,
+            config.load_format, config.allow_pickle_weights, config.seed, config.gguf_weights,
         )
         self.tokenizer = None if config.skip_tokenizer_init else loader.load_tokenizer(path, config.tokenizer)
         self.eos_token_ids = loader.eos_token_ids(path, self.hf_config, self.tokenizer)

@@ -109,6 +109,7 @@ def build_model(
     load_format: str = "auto",
     allow_pickle_weights: bool = False,
     seed: int = 0,
+    gguf_weights: str = "float32",
 ) -> CausalLM:
     check_load_format(path, load_format)  # callers other than the engine may not have checked
     model_class = resolve_model_class(hf_config)
@@ -125,12 +126,28 @@ def build_model(
         from octavo.model_loader.gguf_loader import iter_gguf_weights
 
         model.load_weights(iter_gguf_weights(path, dtype))
+        if _packs_gguf(gguf_weights, device, dtype):
+            from octavo.layers.quantization.gguf_cpu import pack_gguf_linears
+
+            pack_gguf_linears(model, path)
     else:
         from octavo.model_loader.weights import iter_checkpoint
 
         # pickles can run code when loaded: only the explicit opt-in allows them, never load_format
         model.load_weights(iter_checkpoint(path, allow_pickle_weights))
     return model.eval()
+
+
+def _packs_gguf(gguf_weights: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether GGUF 4-bit matrices stay in their blocks: asked for, or ``auto`` on a float32 CPU run."""
+    from octavo.layers.quantization.gguf_cpu import packed_kernels_available
+
+    if gguf_weights == "packed":
+        if device.type != "cpu" or not packed_kernels_available():
+            raise ValueError("gguf_weights='packed' runs on the CPU with torch's int4 CPU kernels (torch >= 2.6); "
+                             "use gguf_weights='float32' here.")
+        return True
+    return gguf_weights == "auto" and device.type == "cpu" and dtype == torch.float32 and packed_kernels_available()
 
 
 @torch.no_grad()

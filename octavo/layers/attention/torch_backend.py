@@ -120,8 +120,7 @@ class TorchAttentionBackend:
                 visible &= (seq_lens - 1) - key_pos < sliding_window
             metadata.per_step[key] = (blocks, visible[:, None, None, :])
         blocks, mask = metadata.per_step[key]
-        keys = kv_cache[0, blocks].flatten(1, 2)  # [B, L, Hkv, D]
-        values = kv_cache[1, blocks].flatten(1, 2)
+        keys, values = kv_cache[:, blocks].flatten(2, 3)  # one gather for both: [B, L, Hkv, D] each
         num_kv_heads = keys.shape[2]
         group = query.shape[1] // num_kv_heads
         # The group's query heads share one key mask, so they can stand in for the query length:
