@@ -56,7 +56,8 @@ def _time_to_first_token(engine, request_id: str, prompt: list[int], max_tokens:
     return first
 
 
-def run_long_prompt_benchmark(model: Optional[str] = None, prompt_len: int = 8000, seed: int = 0) -> dict:
+def run_long_prompt_benchmark(model: Optional[str] = None, prompt_len: int = 8000, seed: int = 0,
+                              gguf_weights: str = "auto") -> dict:
     from octavo.benchmarks.cpu_batch import hf_model_from
     from octavo.llm import LLM
     from octavo.model_loader.default_model import default_model_path
@@ -72,7 +73,7 @@ def run_long_prompt_benchmark(model: Optional[str] = None, prompt_len: int = 800
     kv_per_token = bytes_per_block(config.num_hidden_layers, 1, config.num_key_value_heads, head_dim, torch.float32)
     max_model_len = prompt_len + SHORT_PROMPT_LEN + SHORT_NEW_TOKENS
     llm = LLM(path, device="cpu", dtype="float32", skip_tokenizer_init=True, max_model_len=max_model_len,
-              kv_cache_memory=kv_per_token * (max_model_len + 64))
+              kv_cache_memory=kv_per_token * (max_model_len + 64), gguf_weights=gguf_weights)
     engine = llm.llm_engine
     rng = random.Random(seed)
     vocab = min(engine.vocab_size, 32000)
@@ -85,12 +86,12 @@ def run_long_prompt_benchmark(model: Optional[str] = None, prompt_len: int = 800
     together = _time_to_first_token(engine, "long-b", prompt_b, 1, then=("short", short))
     octavo_peak = _peak_rss_bytes() - baseline_rss
 
-    model_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    model_bytes = sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()])
     kv_bytes = sum(cache.numel() * cache.element_size() for cache in engine.runner.kv_caches)
     full_context_kv = kv_per_token * engine.max_model_len
     settings = {"max_num_batched_tokens": engine.scheduler.max_num_batched_tokens,
                 "long_prefill_token_threshold": engine.scheduler.long_prefill_token_threshold,
-                "attention_backend": engine.runner.backend.name}
+                "attention_backend": engine.runner.backend.name, "gguf_weights": gguf_weights}
     del llm, engine
 
     hf = hf_model_from(path)
@@ -116,11 +117,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder or GGUF (default: the embedded model)")
     parser.add_argument("--prompt-len", type=int, default=8000)
+    parser.add_argument("--gguf-weights", default="auto", choices=("auto", "packed", "float32"),
+                        help="octavo's GGUF weights: auto (packed on CPU), packed, or float32 (the reference)")
     parser.add_argument("--output", default=None, help="write the figures as JSON")
     args = parser.parse_args(argv)
-    report = run_long_prompt_benchmark(args.model, args.prompt_len)
+    report = run_long_prompt_benchmark(args.model, args.prompt_len, gguf_weights=args.gguf_weights)
     gib = 1 << 30
-    print(f"{args.prompt_len}-token prompt, float32, {report['threads']} threads, torch {report['torch']}")
+    print(f"{args.prompt_len}-token prompt, float32 activations, GGUF weights {args.gguf_weights}, "
+          f"{report['threads']} threads, torch {report['torch']}")
     print(f"prefill: octavo {report['octavo_prefill_s']:.1f} s, transformers {report['hf_prefill_s']:.1f} s "
           f"(octavo / transformers {report['octavo_prefill_s'] / report['hf_prefill_s']:.2f})")
     print(f"a {SHORT_PROMPT_LEN}-token request arriving during the prefill: first token after "

@@ -91,10 +91,15 @@ class GGUFCpuLinearMethod:
         parts = [layer.q4_shards[shard] for shard in layer.shard_offsets]
         del layer.q4_shards
         q, scale, zero = (torch.cat([part[i] for part in parts]) for i in range(3))
-        layer.int4_weight = _int4pack(q.to(torch.int32).contiguous(), 1)
-        layer.int4_scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
-        layer.nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-        layer.scales, layer.zeros = scale.contiguous(), zero.contiguous()
+        state = {
+            "int4_weight": _int4pack(q.to(torch.int32).contiguous(), 1),
+            "int4_scales_zeros": torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16),
+            "nibbles": (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(),
+            "scales": scale.contiguous(),
+            "zeros": zero.contiguous(),
+        }
+        for name, tensor in state.items():
+            layer.register_buffer(name, tensor, persistent=False)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """The float32 weight [out, in] the layer holds (float32 scales, as the reference has them)."""
