@@ -7,7 +7,7 @@ backend and llama.cpp, and the accuracy cost of keeping the GGUF weights quantiz
 Every engine runs the same requests: per batch size, ``batch`` random prompts of
 ``--prompt-len`` tokens, each generating ``--new-tokens`` tokens greedily (EOS ignored), all
 submitted at once after an untimed warm-up; tokens/s counts generated tokens over the whole
-call. octavo runs twice per batch: ``float32`` (the GGUF decoded to float32, the reference) and
+call, the fastest of ``--repeats`` runs (engines in this process take turns). octavo runs twice per batch: ``float32`` (the GGUF decoded to float32, the reference) and
 ``packed`` (the 4-bit blocks kept, see ``octavo.layers.quantization.gguf_cpu``). transformers
 gets a model built from the same config with the same float32 tensors; vLLM a Hugging Face
 folder written from them (float32); llama.cpp the GGUF itself, one request after another (its
@@ -118,8 +118,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--peer-python", action="append", default=[], metavar="[ENGINE=]PATH",
                         help="interpreter of the virtual environment holding a peer, e.g. vllm=/venvs/vllm/bin/python "
                              "(repeat per engine; a bare PATH serves both; default: this interpreter)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed runs per engine and batch size; the fastest counts (default 2: a shared "
+                             "machine's bursts of load hit single runs)")
     parser.add_argument("--output", default=None, help="write the figures as JSON")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}.")
     peers = _parse_compare(args.compare)
     from octavo.benchmarks.cpu_peers import parse_peer_pythons
 
@@ -149,7 +154,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             failures[engine] = problem
             continue
         engine_rounds = [(prompts, [args.new_tokens] * len(prompts)) for prompts in rounds
-                         if engine == "vllm" or len(prompts) == 1]
+                         if engine == "vllm" or len(prompts) == 1 for _ in range(args.repeats)]
         if not engine_rounds:
             failures[engine] = "runs one sequence at a time: measured at batch 1 only, and 1 is not among the batch sizes."
             continue
@@ -162,8 +167,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                 failures[engine] = str(error)
                 continue
         for (prompts, _), result in zip(engine_rounds, results):
-            rows[len(prompts)][engine] = {"tok_s": result.output_tok_s, "version": result.version,
-                                          "tokens": result.token_ids, **result.details}
+            best = rows[len(prompts)].get(engine)
+            if best is None or result.output_tok_s > best["tok_s"]:
+                rows[len(prompts)][engine] = {"tok_s": result.output_tok_s, "version": result.version,
+                                              "tokens": result.token_ids, **result.details}
 
     llms = {mode: LLM(path, device="cpu", dtype="float32", max_model_len=max(args.prompt_len + args.new_tokens, 256),
                       max_num_seqs=max(args.batch_sizes), enable_prefix_caching=False, gguf_weights=mode)
@@ -177,12 +184,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     for batch, prompts in zip(args.batch_sizes, rounds):
         generated = batch * args.new_tokens
         row = rows[batch]
-        for mode, llm in llms.items():
-            elapsed, tokens = time_octavo(llm, prompts, args.new_tokens)
-            row[f"octavo-{mode}"] = {"tok_s": generated / elapsed, "tokens": tokens}
+        runners = {f"octavo-{mode}": (time_octavo, llm) for mode, llm in llms.items()}
         if hf is not None:
-            elapsed, tokens = time_hf(hf, prompts, args.new_tokens)
-            row["hf"] = {"tok_s": generated / elapsed, "tokens": tokens}
+            runners["hf"] = (time_hf, hf)
+        for _ in range(args.repeats):  # engines take turns, so a burst of load does not hit one alone
+            for name, (run, engine_model) in runners.items():
+                elapsed, tokens = run(engine_model, prompts, args.new_tokens)
+                if name not in row or generated / elapsed > row[name]["tok_s"]:
+                    row[name] = {"tok_s": generated / elapsed, "tokens": tokens}
         reference = row["octavo-float32"]["tokens"]
         cells = []
         for name, entry in row.items():

@@ -135,10 +135,6 @@ def build_model(
 
         # pickles can run code when loaded: only the explicit opt-in allows them, never load_format
         model.load_weights(iter_checkpoint(path, allow_pickle_weights))
-    if device.type == "cpu" and dtype == torch.float32:
-        from octavo.layers.cpu_linear import transpose_linears
-
-        transpose_linears(model)
     return model.eval()
 
 
