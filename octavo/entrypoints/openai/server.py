@@ -815,6 +815,7 @@ def _engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         allow_pickle_weights=args.allow_pickle_weights,
         enforce_eager=args.enforce_eager,
         async_scheduling=False if args.no_async_scheduling else None,
+        gguf_weights=args.gguf_weights,
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,

@@ -9,7 +9,7 @@ file's 4-bit values are used as they are and only the scale and zero are rounded
 That kernel reads 0.6 bytes per weight instead of float32's 4, which is what a decode step at
 small batch sizes is bound by. For a step of many tokens (a prompt chunk) a float32 GEMM is
 faster than the kernel, so such steps decode the 4-bit values to float32 on the fly, one layer
-at a time (``PACKED_MAX_TOKENS``).
+at a time (above ``PACKED_MAX_TOKENS`` rows).
 
 The output projection (GGUF's Q8_0 or Q6_K ``output`` / tied ``token_embd``) runs in bfloat16
 beside them; the embedding lookup keeps its float32 rows.
@@ -31,10 +31,11 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 32  # weights per GGUF Q4_0 / Q4_1 block
-# Steps of up to this many tokens use the packed kernel; longer ones a float32 GEMM over the
-# weight decoded for the call (measured on a 2-core AVX-512 machine: the kernel wins up to
-# about 16 rows).
-PACKED_MAX_TOKENS = 16
+# Steps of up to this many tokens (decode batches) use the packed kernel; longer ones (prompt
+# chunks) a float32 GEMM over the weight decoded for the call: decoding costs the same at any
+# row count and pays off only where the GEMM is long (measured on a 2-core AVX-512 machine:
+# decoding per call at 32-row decode steps ran at 0.64x transformers' float32 speed).
+PACKED_MAX_TOKENS = 128
 GGUF_WEIGHT_MODES = ("auto", "packed", "float32")
 
 _int4pack_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
