@@ -139,7 +139,7 @@ def test_prefill_memory_is_linear_in_the_chunk(backend, tmp_path):
     prompt = {"prompt_token_ids": [rng.randrange(3, 256) for _ in range(num_tokens)]}
     with _LargestTensor() as spy:
         llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
-    assert llm.llm_engine.num_prefill_tokens_computed == num_tokens  # one chunk
+    assert llm.llm_engine.core.num_prefill_tokens_computed == num_tokens  # one chunk
     assert spy.largest < num_tokens * num_tokens
 
 
@@ -159,13 +159,13 @@ def test_engine_on_the_cpu_backend_matches_the_reference_and_hf(arch, tiny_model
     for backend in ("torch", "cpu"):
         llm = LLM(str(folder), device="cpu", dtype="float32", attention_backend=backend, max_model_len=64,
                   block_size=4, max_num_batched_tokens=12, num_gpu_blocks_override=20, max_num_seqs=6)
-        assert llm.llm_engine.runner.backend.name == backend
-        llm.llm_engine.kv_cache.pool.shuffle_free_queue(random.Random(1))
+        assert llm.llm_engine.core.runner.backend.name == backend
+        llm.llm_engine.core.kv_cache.pool.shuffle_free_queue(random.Random(1))
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         results[backend] = [(o.outputs[0].token_ids, [next(iter(step.values())).logprob for step in o.outputs[0].logprobs])
                             for o in outputs]
-        assert llm.llm_engine.scheduler.num_preemptions > 0
+        assert llm.llm_engine.core.scheduler.num_preemptions > 0
     assert [tokens for tokens, _ in results["cpu"]] == [tokens for tokens, _ in results["torch"]]
     for (_, fast), (_, reference) in zip(results["cpu"], results["torch"]):
         torch.testing.assert_close(fast, reference, atol=1e-4, rtol=0)
-    assert [tokens for tokens, _ in results["cpu"]] == [hf_greedy(model, p, 8) for p in prompts]
+    assert [tokens for tokens, _ in results["cpu"]] == [hf_greedy(model, p, 8)[0] for p in prompts]

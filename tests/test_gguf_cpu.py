@@ -73,7 +73,7 @@ def test_engine_packed_against_float32_reference(tiny_q4):
     llms = {mode: LLM(str(tiny_q4), device="cpu", dtype="float32", max_model_len=64, block_size=4,
                       gguf_weights=mode) for mode in ("float32", "packed")}
     for mode, llm in llms.items():
-        assert any(isinstance(m, GGUFPackedLinear) for m in llm.llm_engine.model.modules()) == (mode == "packed")
+        assert any(isinstance(m, GGUFPackedLinear) for m in llm.llm_engine.core.model.modules()) == (mode == "packed")
     continued = [p + o.outputs[0].token_ids for p, o in zip(prompts, llms["float32"].generate(
         [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
         use_tqdm=False))]

@@ -44,8 +44,8 @@ def test_cpu_defaults_chunk_long_prompts_and_serve_short_ones_meanwhile(tmp_path
     transformers.LlamaForCausalLM(_llama_config(max_position_embeddings=4096)).save_pretrained(tmp_path)
     llm = LLM(str(tmp_path), device="cpu", dtype="float32", max_model_len=4096, kv_cache_memory=64 << 20)
     engine = llm.llm_engine
-    assert engine.scheduler.max_num_batched_tokens == CPU_MAX_NUM_BATCHED_TOKENS
-    assert engine.scheduler.long_prefill_token_threshold == CPU_MAX_NUM_BATCHED_TOKENS // 2
+    assert engine.core.scheduler.max_num_batched_tokens == CPU_MAX_NUM_BATCHED_TOKENS
+    assert engine.core.scheduler.long_prefill_token_threshold == CPU_MAX_NUM_BATCHED_TOKENS // 2
     rng = random.Random(0)
     engine.add_request("long", {"prompt_token_ids": [rng.randrange(3, 256) for _ in range(3000)]},
                        SamplingParams(max_tokens=1))

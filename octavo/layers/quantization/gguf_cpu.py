@@ -148,6 +148,16 @@ class GGUFPackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, GGUF 4-bit"
 
 
+def _is_float_linear(module: nn.Module) -> bool:
+    """A linear layer holding a plain float weight (torch's, or octavo's without quantization)."""
+    from octavo.layers.linear import Linear
+    from octavo.layers.quantization.base import UnquantizedLinearMethod
+
+    if isinstance(module, Linear):
+        return isinstance(module.quant_method, UnquantizedLinearMethod) and not module.reduce_output
+    return isinstance(module, nn.Linear)
+
+
 def _checkpoint_names(model: nn.Module, module_name: str, module: nn.Module) -> dict[str, str]:
     """shard -> the HF checkpoint module it comes from (``q`` -> ``...self_attn.q_proj``)."""
     parent, _, leaf = module_name.rpartition(".")
@@ -166,7 +176,7 @@ def pack_gguf_linears(model: nn.Module, path: str | Path) -> int:
     method = GGUFCpuLinearMethod()
     packed = 0
     for module_name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or module_name.endswith("lm_head"):
+        if not _is_float_linear(module) or module_name.endswith("lm_head"):
             continue
         names = _checkpoint_names(model, module_name, module)
         if not all(name in blocks for name in names.values()) or module.out_features % 16:
@@ -181,7 +191,8 @@ def pack_gguf_linears(model: nn.Module, path: str | Path) -> int:
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         packed += 1
-    if packed and isinstance(getattr(model, "lm_head", None), nn.Linear) and model.lm_head.bias is None:
+    lm_head = getattr(model, "lm_head", None)
+    if packed and lm_head is not None and _is_float_linear(lm_head) and lm_head.bias is None:
         model.lm_head = BFloat16OutputHead(model.lm_head.weight)  # a tied embedding keeps its float rows
     logger.info("kept %d linear layers in GGUF 4-bit blocks", packed)
     return packed
