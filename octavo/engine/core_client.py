@@ -204,15 +204,11 @@ def _stop_process(process: subprocess.Popen, folder: Optional[str]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-class ProcessCoreClient:
-    """The core in its own process; ``get_outputs`` blocks until the next step's outputs arrive."""
+class _ProcessClientBase:
+    """What the sync and asyncio clients share: the core's process and the ready handshake."""
 
-    def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int], log_level: str = "info",
-                 env: Optional[dict[str, str]] = None, ray_bundle: Optional[tuple] = None,
-                 wait: bool = True) -> None:
-        self._process = _CoreProcess(config, eos_token_ids, zmq.Context(), log_level, env, ray_bundle)
-        self.latest_stats: Optional[CoreStats] = None
-        self._dead: Optional[EngineDeadError] = None
+    def __init__(self, core_process: _CoreProcess, wait: bool) -> None:
+        self._process = core_process
         if wait:
             self.wait_ready()
 
@@ -228,6 +224,17 @@ class ProcessCoreClient:
     @property
     def process(self) -> subprocess.Popen:
         return self._process.process
+
+
+class ProcessCoreClient(_ProcessClientBase):
+    """The core in its own process; ``get_outputs`` blocks until the next step's outputs arrive."""
+
+    def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int], log_level: str = "info",
+                 env: Optional[dict[str, str]] = None, ray_bundle: Optional[tuple] = None,
+                 wait: bool = True) -> None:
+        self.latest_stats: Optional[CoreStats] = None
+        self._dead: Optional[EngineDeadError] = None
+        super().__init__(_CoreProcess(config, eos_token_ids, zmq.Context(), log_level, env, ray_bundle), wait)
 
     @property
     def output_socket(self) -> zmq.Socket:
@@ -293,7 +300,7 @@ class ProcessCoreClient:
     stop_before_start = shutdown
 
 
-class AsyncProcessCoreClient:
+class AsyncProcessCoreClient(_ProcessClientBase):
     """The core in its own process, for an asyncio front end.
 
     Built (and the model loaded) before the event loop runs; ``start`` then hands outputs to
@@ -303,23 +310,9 @@ class AsyncProcessCoreClient:
     def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int], log_level: str = "info",
                  env: Optional[dict[str, str]] = None, ray_bundle: Optional[tuple] = None,
                  wait: bool = True) -> None:
-        self._process = _CoreProcess(config, eos_token_ids, zmq.asyncio.Context(), log_level, env, ray_bundle)
         self._tasks: list[asyncio.Future] = []
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self) -> CoreInfo:
-        """Wait for the model to load (``wait=False`` starts several cores at once, then waits)."""
-        try:
-            self.info = self._process.wait_ready()
-        except BaseException:
-            self._process.shutdown()
-            raise
-        return self.info
-
-    @property
-    def process(self) -> subprocess.Popen:
-        return self._process.process
+        super().__init__(_CoreProcess(config, eos_token_ids, zmq.asyncio.Context(), log_level, env, ray_bundle),
+                         wait)
 
     def stop_before_start(self) -> None:
         """Stop a core whose outputs were never taken (``start`` not called): blocking."""
