@@ -258,7 +258,33 @@ def _start_all(make: Callable[[ReplicaPlan], object], plans: list[ReplicaPlan]) 
     return replicas
 
 
-class DataParallelCoreClient:
+class _RoutingClient:
+    """What the sync and asyncio data-parallel clients share: requests go where the router says;
+    the ones it held back (behind a prefix's first request) go once released."""
+
+    router: PrefixRouter
+    replicas: list
+
+    def add(self, requests: list[CoreRequest]) -> list[int]:
+        batches: dict[int, list[CoreRequest]] = {}
+        chosen = []
+        for request in requests:
+            replica, send = self.router.route(request)
+            chosen.append(replica)
+            if send:
+                batches.setdefault(replica, []).append(request)
+        for replica, batch in batches.items():
+            self.replicas[replica].add(batch)
+        return chosen
+
+    def _send_released(self, replica: int, requests: list[CoreRequest]) -> None:
+        self.replicas[replica].add(requests)
+
+    def release(self, core_id: int) -> None:
+        self.router.release(core_id)
+
+
+class DataParallelCoreClient(_RoutingClient):
     """Replicas for the synchronous front end (``LLM``); a replica's failure ends the run."""
 
     def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int], log_level: str = "info") -> None:
@@ -277,24 +303,9 @@ class DataParallelCoreClient:
         for replica in self.replicas:
             self._poller.register(replica.output_socket, zmq.POLLIN)
 
-    def add(self, requests: list[CoreRequest]) -> list[int]:
-        batches: dict[int, list[CoreRequest]] = {}
-        chosen = []
-        for request in requests:
-            replica, send = self.router.route(request)
-            chosen.append(replica)
-            if send:
-                batches.setdefault(replica, []).append(request)
-        for replica, batch in batches.items():
-            self.replicas[replica].add(batch)
-        return chosen
-
     def abort(self, core_ids: list[int], sample_indices: Optional[list[Optional[list[int]]]] = None) -> None:
         for replica, ids, indices in _split_aborts(self.router, core_ids, sample_indices, self._send_released):
             self.replicas[replica].abort(ids, indices)
-
-    def _send_released(self, replica: int, requests: list[CoreRequest]) -> None:
-        self.replicas[replica].add(requests)
 
     def get_outputs(self) -> StepOutputs:
         """Every replica's queued outputs, merged; blocks until at least one replica has some."""
@@ -318,9 +329,6 @@ class DataParallelCoreClient:
     def stats(self) -> Optional[CoreStats]:
         """The replicas' latest gauges added up (usage averaged)."""
         return sum_stats([replica.stats() for replica in self.replicas])
-
-    def release(self, core_id: int) -> None:
-        self.router.release(core_id)
 
     def shutdown(self) -> None:
         for replica in self.replicas:
@@ -379,7 +387,7 @@ def _split_aborts(router: PrefixRouter, core_ids: list[int], sample_indices: Opt
         yield replica, ids, None if sample_indices is None else indices_list
 
 
-class AsyncDataParallelCoreClient:
+class AsyncDataParallelCoreClient(_RoutingClient):
     """Replicas for the asyncio front end (the server).
 
     ``start`` hands each replica's outputs to ``on_outputs(message, replica)``; a replica that
@@ -429,28 +437,10 @@ class AsyncDataParallelCoreClient:
         if self.router.num_alive == 0:
             self._on_dead(error)
 
-    def _send_released(self, replica: int, requests: list[CoreRequest]) -> None:
-        self.replicas[replica].add(requests)
-
-    def add(self, requests: list[CoreRequest]) -> list[int]:
-        batches: dict[int, list[CoreRequest]] = {}
-        chosen = []
-        for request in requests:
-            replica, send = self.router.route(request)
-            chosen.append(replica)
-            if send:
-                batches.setdefault(replica, []).append(request)
-        for replica, batch in batches.items():
-            self.replicas[replica].add(batch)
-        return chosen
-
     def abort(self, core_ids: list[int], sample_indices: Optional[list[Optional[list[int]]]] = None) -> None:
         for replica, ids, indices in _split_aborts(self.router, core_ids, sample_indices, self._send_released):
             if self.router.alive[replica]:
                 self.replicas[replica].abort(ids, indices)
-
-    def release(self, core_id: int) -> None:
-        self.router.release(core_id)
 
     async def shutdown(self) -> None:
         self._stopping = True
