@@ -5,6 +5,11 @@
 #                                      the Triton backend against the reference (each mode a few minutes)
 #   scripts/gpu_check.sh qwen3 [OUT]   qwen3-0.6b fixed (with both HF peers, about 5 min) and var; JSON into OUT
 #   scripts/gpu_check.sh llama3 [OUT]  llama3-8b fixed 256 with HF static (about 3 min); JSON into OUT
+#   scripts/gpu_check.sh limit [OUT]   the fraction-of-limit runs with the tokenizer loaded (outputs detokenized):
+#                                      qwen3-0.6b fixed 512 and llama3-8b fixed 256 with HF static on their first 64
+#                                      requests, qwen3-0.6b var 256, then step profiles (host against
+#                                      device ms) at 64, 256 and 512 sequences (PROFILE_SIZES); each stage under
+#                                      its own timeout (about 10 min); JSON and profiles into OUT
 #   scripts/gpu_check.sh moe [OUT]     fused-MoE kernels against the reference (1..8192 tokens, CUDA graphs), MoE
 #                                      parity with transformers, then mixtral-8x7b (bf16, 93 GB) fixed 256 with
 #                                      HF static on its first 128 requests (MOE_PEER_PROMPTS=256 for all; about 8 min)
@@ -33,7 +38,7 @@
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|moe|families|serve|quant|structured|hostcost|dp|tp [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|limit|moe|families|serve|quant|structured|hostcost|dp|tp [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -145,6 +150,32 @@ qwen3)
     bench --model dummy:qwen3-0.6b --workload var --num-prompts 256 --max-num-seqs 256 \
         --output "$out/qwen3-var-256.json"
     ;;
+limit)
+    failed=()
+    stage() {
+        local name=$1 seconds=$2
+        shift 2
+        echo "=== $name (timeout ${seconds}s, at ${SECONDS}s)"
+        timeout "$seconds" "$@" || { echo "=== $name FAILED (exit $?)"; failed+=("$name"); }
+    }
+    stage "qwen3-0.6b fixed 512" 200 bench --model dummy:qwen3-0.6b --workload fixed --num-prompts 512 \
+        --max-num-seqs 512 --with-tokenizer --compare hf-static --peer-num-prompts 64 \
+        --output "$out/qwen3-fixed-512.json"
+    stage "qwen3-0.6b var 256" 100 bench --model dummy:qwen3-0.6b --workload var --num-prompts 256 \
+        --max-num-seqs 256 --with-tokenizer --output "$out/qwen3-var-256.json"
+    stage "llama3-8b fixed 256" 180 bench --model dummy:llama3-8b --workload fixed --num-prompts 256 \
+        --max-num-seqs 256 --with-tokenizer --compare hf-static --peer-num-prompts 64 \
+        --output "$out/llama3-8b-fixed-256.json"
+    for n in ${PROFILE_SIZES:-64 256 512}; do
+        stage "step profile, $n sequences" 75 sh -c "python -m octavo.benchmarks.step_profile --model \
+            dummy:qwen3-0.6b --num-prompts $n --max-num-seqs $n > '$out/step-profile-$n.txt' 2>&1"
+        tail -n 12 "$out/step-profile-$n.txt"
+    done
+    if [ ${#failed[@]} -gt 0 ]; then
+        printf 'FAILED: %s\n' "${failed[@]}"
+        exit 1
+    fi
+    ;;
 llama3)
     bench --model dummy:llama3-8b --workload fixed --num-prompts 256 --max-num-seqs 256 \
         --compare hf-static --output "$out/llama3-8b-fixed-256.json"
@@ -232,7 +263,7 @@ tp)
     exit $status
     ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3, llama3, moe, families, serve, quant, structured, hostcost, dp or tp" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3, limit, moe, families, serve, quant, structured, hostcost, dp or tp" >&2
     exit 2
     ;;
 esac

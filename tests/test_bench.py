@@ -168,3 +168,27 @@ def test_host_overhead_runs_the_engine_with_a_stub_model(capsys):
     host_overhead.main(["--num-seqs", "8", "--prompt-len", "16", "--steps", "5", "--vocab-size", "256"])
     row = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert row[0] == "8" and all(float(value) > 0 for value in row[1:])
+
+
+def test_with_tokenizer_detokenizes_the_outputs(tiny_model_factory, tmp_path, capsys, monkeypatch):
+    from octavo.entrypoints.cli import main
+    from octavo.engine import output_processor
+
+    folder, _ = tiny_model_factory("llama", with_tokenizer=True)
+    texts: list[str] = []
+    make_output = output_processor.OutputProcessor.make_output
+
+    def recording(self, state):
+        output = make_output(self, state)
+        texts.extend(completion.text for completion in output.outputs if output.finished)
+        return output
+
+    monkeypatch.setattr(output_processor.OutputProcessor, "make_output", recording)
+    output = tmp_path / "results.json"
+    status = main(["bench", "throughput", "--model", str(folder), "--num-prompts", "3", "--prompt-len-range", "5",
+                   "9", "--output-len-range", "4", "4", "--device", "cpu", "--skip-limit", "--with-tokenizer",
+                   "--output", str(output)])
+    assert status == 0, capsys.readouterr().err
+    report = json.loads(output.read_text())
+    assert report["meta"]["octavo_options"]["with_tokenizer"] is True and report["failed"] == {}
+    assert len(texts) >= 3 and all(texts), texts  # the timed requests came back as text

@@ -93,6 +93,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                        help="octavo: engine replicas (sharing a GPU split --gpu-memory-utilization; default: 1)")
     bench.add_argument("--no-async-scheduling", action="store_true",
                        help="octavo: wait for each step's tokens before planning the next")
+    bench.add_argument("--with-tokenizer", action="store_true",
+                       help="octavo: load the tokenizer and detokenize every output, as a deployment does (a dummy "
+                            "model gets the benchmark tokenizer, one word per id); by default token ids go in and "
+                            "out, like the peers")
 
 
 @dataclass
@@ -204,7 +208,7 @@ def run_octavo(args: argparse.Namespace, path: str, load_format: str, requests: 
     started = time.perf_counter()
     llm = LLM(model=path, dtype=args.dtype, device=args.device, seed=args.seed, load_format=load_format,
               max_model_len=max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager, skip_tokenizer_init=True,  # token ids in and out, like the peers
+              enforce_eager=args.enforce_eager, skip_tokenizer_init=not args.with_tokenizer,
               async_scheduling=False if args.no_async_scheduling else None, quantization=args.quantization,
               data_parallel_size=args.data_parallel_size, tensor_parallel_size=args.tensor_parallel_size,
               **{key: value for key, value in options.items() if value is not None})
@@ -402,6 +406,10 @@ def run_throughput(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
 
     with _model_path(args.model, args.quantization) as (path, load_format):
+        if args.with_tokenizer and load_format == "dummy":
+            from octavo.benchmarks.dummy_tokenizer import write_for_model_folder
+
+            write_for_model_folder(Path(path))
         hf_config = loader.load_hf_config(loader.check_model_path(path))
         dtype = resolve_dtype(args.dtype, loader.checkpoint_dtype(hf_config), device)
         requests = build_requests(spec, hf_config.vocab_size, args.seed)
@@ -418,7 +426,8 @@ def run_throughput(args: argparse.Namespace) -> int:
                      "python": platform.python_version(), "octavo_options": {
                          "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                          "gpu_memory_utilization": args.gpu_memory_utilization, "enforce_eager": args.enforce_eager,
-                         "no_async_scheduling": args.no_async_scheduling, "max_model_len": max_model_len}},
+                         "no_async_scheduling": args.no_async_scheduling, "max_model_len": max_model_len,
+                         "with_tokenizer": args.with_tokenizer}},
             "workload": {"name": spec.name, "num_prompts": spec.num_prompts, "prompt_len": list(spec.prompt_len),
                          "output_len": list(spec.output_len), "seed": args.seed, "prompt_tokens": prompt_tokens,
                          "output_tokens": output_tokens},

@@ -340,8 +340,8 @@ class AsyncLLMEngine:
             metrics.set_core_totals(stats.prefix_cache_queries, stats.prefix_cache_hits,
                                     stats.num_prefill_tokens_computed)
             metrics.set_kv_sharing(stats.num_shared_blocks, stats.blocks_saved_by_sharing)
-        if message.outputs:
-            step = self.outputs.process(message.outputs)
+        if message.outputs or message.token_core_ids:
+            step = self.outputs.process(message)
             if step.stopped_samples:
                 core_ids, indices = zip(*step.stopped_samples)
                 self.client.abort(list(core_ids), list(indices))

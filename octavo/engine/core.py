@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from octavo.config import EngineConfig, resolve_device, resolve_dtype
-from octavo.engine.messages import CoreInfo, CoreOutput, CoreRequest, CoreStats, SampleDelta
+from octavo.engine.messages import CoreInfo, CoreOutput, CoreRequest, CoreStats, SampleDelta, StepOutputs
 from octavo.engine.request import Sequence, SequenceStatus
 from octavo.engine.scheduler import ScheduledBatch, Scheduler
 from octavo.kv_cache.manager import BatchBlockTables, KVCacheManager, KVCacheStats
@@ -85,6 +85,9 @@ class _CoreRequestState:
     stop_ids: frozenset[int]
     length_limit: int
     sent_first_scheduled: bool = False
+    # Once its first output went out: a lone sample that needs nothing but its token ids (no
+    # logprobs, no grammar), whose tokens that finish nothing take the short path in ``_process``.
+    ids_only: bool = False
 
     @property
     def finished(self) -> bool:
@@ -247,8 +250,8 @@ class EngineCore:
         return bool(self.requests)
 
     # ---- the step ----------------------------------------------------------------------
-    def step(self, on_scheduled: Optional[Callable[[], None]] = None) -> list[CoreOutput]:
-        """Run one iteration; returns an output for every request that advanced. ``on_scheduled``
+    def step(self, on_scheduled: Optional[Callable[[], None]] = None) -> StepOutputs:
+        """Run one iteration; returns an output for every request that advanced (``stats`` unset). ``on_scheduled``
         runs once the batch is chosen, before the device works on it (the gauges go out then).
 
         With asynchronous scheduling (CUDA by default) the step is pipelined: it plans and
@@ -265,12 +268,12 @@ class EngineCore:
                 return self._process(*self._take_in_flight())
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending (a request that can never fit).")
-            return []
+            return StepOutputs([])
         if not self.async_scheduling:
             return self._process(batch, self._launch(batch, None))
         previous = self._in_flight
         self._in_flight = (batch, self._launch(batch, previous[1] if previous else None))
-        outputs = self._process(*previous) if previous is not None else []
+        outputs = self._process(*previous) if previous is not None else StepOutputs([])
         # A step with a constrained row queued its forward pass but deferred sampling until the
         # tokens just processed had advanced the grammars (the mask was filled meanwhile).
         self._in_flight[1].finish_sampling()
@@ -304,7 +307,7 @@ class EngineCore:
         self._track_waste()
         return launched
 
-    def _process(self, batch: ScheduledBatch, launched: LaunchedStep) -> list[CoreOutput]:
+    def _process(self, batch: ScheduledBatch, launched: LaunchedStep) -> StepOutputs:
         """Take a launched step's tokens: append them, apply token-level stops, build outputs."""
         result = launched.wait()
         outputs: dict[int, CoreOutput] = {}
@@ -320,12 +323,22 @@ class EngineCore:
                     outputs[state.core_id] = output
         finishing: list[int] = []
         top_logprobs = result.top_logprobs or repeat(None)
+        token_core_ids: list[int] = []  # the ids-only tokens, as two columns
+        token_ids_out: list[int] = []
         # One row per sampling sequence; siblings forking from a parent follow it in the rows.
         for seq, token, logprob, top in zip(launched.samplers, result.token_ids, result.logprobs, top_logprobs):
             seq.num_pending_tokens -= 1
             state = requests.get(seq.request_id)
             if state is None or seq.is_finished:
                 continue  # aborted, or stopped on the token before (one step was in flight)
+            if state.ids_only:
+                token_ids = seq.token_ids
+                token_ids.append(token)
+                if token not in state.stop_ids and len(token_ids) < state.length_limit:
+                    token_core_ids.append(state.core_id)
+                    token_ids_out.append(token)
+                    continue
+                token_ids.pop()  # it ends the sample: the full path below says how
             if seq.pending_forks:
                 self.scheduler.fork(seq)  # before the parent's token: the siblings draw their own
             output = outputs.get(state.core_id)
@@ -359,13 +372,17 @@ class EngineCore:
             if state is not None and state.finished:
                 outputs[core_id].finished = True
                 del requests[core_id]
-        return list(outputs.values())
+        return StepOutputs(list(outputs.values()), None, token_core_ids, token_ids_out)
 
     def _new_output(self, state: _CoreRequestState) -> CoreOutput:
-        output = CoreOutput(state.core_id, [], num_cached_tokens=state.seqs[0].num_cached_prompt_tokens)
+        first = state.seqs[0]
+        output = CoreOutput(state.core_id, [], num_cached_tokens=first.num_cached_prompt_tokens)
         if not state.sent_first_scheduled:
             state.sent_first_scheduled = True
-            output.first_scheduled_time = state.seqs[0].first_scheduled_time
+            output.first_scheduled_time = first.first_scheduled_time
+            params = state.params
+            state.ids_only = (len(state.seqs) == 1 and not state.send_logprobs and first.grammar is None
+                              and params.prompt_logprobs is None)
         return output
 
     # ---- stats -------------------------------------------------------------------------

@@ -78,8 +78,9 @@ class InprocCoreClient:
 
     def get_outputs(self) -> StepOutputs:
         refused, self._refused = self._refused, []
-        outputs = self.core.step() if self.core.has_unfinished_requests() else []
-        return StepOutputs(refused + outputs, None)
+        step = self.core.step() if self.core.has_unfinished_requests() else StepOutputs([])
+        step.outputs = refused + step.outputs
+        return step
 
     def stats(self) -> CoreStats:
         return self.core.stats()
@@ -269,9 +270,7 @@ class ProcessCoreClient(_ProcessClientBase):
                 raise self._dead
         merged = self._handle(decode_from_core(sock.recv()))
         while sock.poll(0):
-            later = self._handle(decode_from_core(sock.recv()))
-            merged.outputs += later.outputs
-            merged.stats = later.stats or merged.stats
+            merged.merge(self._handle(decode_from_core(sock.recv())))
         return merged
 
     def _handle(self, message: FromCore) -> StepOutputs:

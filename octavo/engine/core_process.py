@@ -84,10 +84,10 @@ class CoreLoop:
                 if refused or stats is not None:
                     self._send(StepOutputs(refused, stats))
             if core.has_unfinished_requests():
-                outputs = core.step(on_scheduled=self._send_stats_if_changed)  # ... and as steps start
-                stats = self._stats_if_changed()
-                if outputs or stats is not None:
-                    self._send(StepOutputs(outputs, stats))
+                step = core.step(on_scheduled=self._send_stats_if_changed)  # ... and as steps start
+                step.stats = self._stats_if_changed()
+                if step:
+                    self._send(step)
 
     def _stats_if_changed(self, refresh_sharing: bool = True) -> Optional[CoreStats]:
         """The gauges, when the running or waiting counts moved or the last ones are old."""

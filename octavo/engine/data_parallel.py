@@ -323,7 +323,7 @@ class DataParallelCoreClient(_RoutingClient):
             if replica.output_socket in ready:
                 message = replica.get_outputs()
                 _take_outputs(self.router, index, message, self._send_released)
-                merged.outputs += message.outputs
+                merged.merge(message)
         return merged
 
     def stats(self) -> Optional[CoreStats]:

@@ -146,7 +146,7 @@ class LLMEngine:
             raise self._refusals.pop(0)
         if not self._ids:
             return []
-        step = self.outputs.process(self.core_client.get_outputs().outputs)
+        step = self.outputs.process(self.core_client.get_outputs())
         if step.stopped_samples:
             core_ids, indices = zip(*step.stopped_samples)
             self.core_client.abort(list(core_ids), list(indices))

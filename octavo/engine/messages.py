@@ -111,6 +111,20 @@ class Shutdown(msgspec.Struct, tag=True, array_like=True):
 class StepOutputs(msgspec.Struct, tag=True, array_like=True):
     outputs: list[CoreOutput]
     stats: Optional[CoreStats] = None
+    # The common case in two columns rather than a CoreOutput each: requests whose only news is
+    # one more token of their lone sample, with no logprobs, that finishes nothing.
+    token_core_ids: list[int] = []
+    token_ids: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.outputs or self.token_core_ids or self.stats is not None)
+
+    def merge(self, later: "StepOutputs") -> None:
+        """Append a later message's outputs; its gauges, if any, replace these."""
+        self.outputs += later.outputs
+        self.token_core_ids += later.token_core_ids
+        self.token_ids += later.token_ids
+        self.stats = later.stats or self.stats
 
 
 class Ready(msgspec.Struct, tag=True, array_like=True):

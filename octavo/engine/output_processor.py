@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from octavo.engine.detokenizer import IncrementalDetokenizer, decode_token
-from octavo.engine.messages import CoreOutput, SampleDelta, TopLogprobs
+from octavo.engine.messages import CoreOutput, SampleDelta, StepOutputs, TopLogprobs
 from octavo.outputs import CompletionDelta, CompletionOutput, Logprob, PromptLogprobs, RequestOutput, \
     SampleLogprobs, StreamingRequestOutput
 from octavo.sampling_params import SamplingParams
@@ -89,44 +89,61 @@ class OutputProcessor:
     def remove(self, core_id: int) -> Optional[RequestState]:
         return self.requests.pop(core_id, None)
 
-    def process(self, core_outputs: list[CoreOutput]) -> ProcessedStep:
+    def process(self, message: StepOutputs) -> ProcessedStep:
         step = ProcessedStep([], [], [], [])
         now = time.monotonic()
-        for core_output in core_outputs:
-            state = self.requests.get(core_output.core_id)
+        for core_output in message.outputs:
+            self._take(step, core_output, now)
+        requests = self.requests
+        for core_id, token in zip(message.token_core_ids, message.token_ids):
+            state = requests.get(core_id)
             if state is None:
                 continue  # aborted while the core was computing it
-            if core_output.error is not None:
-                del self.requests[core_output.core_id]
-                step.refused.append((state, core_output.error))
+            sample = state.samples[0]
+            if not sample.ids_only or sample.finish_reason is not None or state.stream:
+                # Text to build, a stop string to look for, or a stream to feed: the full path.
+                delta = SampleDelta(0, [token])
+                self._take(step, CoreOutput(core_id, [delta], num_cached_tokens=state.num_cached_tokens), now)
                 continue
-            if core_output.first_scheduled_time is not None:
-                state.first_scheduled_time = core_output.first_scheduled_time
-            state.num_cached_tokens = core_output.num_cached_tokens
-            if core_output.prompt_logprobs is not None and state.prompt_logprobs is not None:
-                state.prompt_logprobs.extend(self._logprob_dicts(core_output.prompt_logprobs))
-            stopped, may_finish = [], core_output.finished
-            for delta in core_output.samples:
-                sample = state.samples[delta.index]
-                if (sample.ids_only and delta.finish_reason is None and delta.new_logprobs is None
-                        and sample.finish_reason is None):
-                    sample.token_ids += delta.new_token_ids  # what _apply would do, without its per-token work
-                    continue
-                may_finish = True
-                if self._apply(state, delta):
-                    stopped.append(delta.index)
-            if stopped and not core_output.finished:
-                step.stopped_samples.append((state.core_id, stopped))
-            if core_output.samples:
-                if state.first_token_time is None:
-                    state.first_token_time = now
-                step.advanced.append(state)
-            finished = may_finish and state.finished
-            if finished:
-                del self.requests[core_output.core_id]
-            if finished or state.stream:
-                step.outputs.append((state, self.make_output(state)))
+            sample.token_ids.append(token)  # what _take would do for it, without its per-output work
+            step.advanced.append(state)
         return step
+
+    def _take(self, step: ProcessedStep, core_output: CoreOutput, now: float) -> None:
+        """One request's output from the core: its new tokens, and whether it finished."""
+        state = self.requests.get(core_output.core_id)
+        if state is None:
+            return  # aborted while the core was computing it
+        if core_output.error is not None:
+            del self.requests[core_output.core_id]
+            step.refused.append((state, core_output.error))
+            return
+        if core_output.first_scheduled_time is not None:
+            state.first_scheduled_time = core_output.first_scheduled_time
+        state.num_cached_tokens = core_output.num_cached_tokens
+        if core_output.prompt_logprobs is not None and state.prompt_logprobs is not None:
+            state.prompt_logprobs.extend(self._logprob_dicts(core_output.prompt_logprobs))
+        stopped, may_finish = [], core_output.finished
+        for delta in core_output.samples:
+            sample = state.samples[delta.index]
+            if (sample.ids_only and delta.finish_reason is None and delta.new_logprobs is None
+                    and sample.finish_reason is None):
+                sample.token_ids += delta.new_token_ids  # what _apply would do, without its per-token work
+                continue
+            may_finish = True
+            if self._apply(state, delta):
+                stopped.append(delta.index)
+        if stopped and not core_output.finished:
+            step.stopped_samples.append((state.core_id, stopped))
+        if core_output.samples:
+            if state.first_token_time is None:
+                state.first_token_time = now
+            step.advanced.append(state)
+        finished = may_finish and state.finished
+        if finished:
+            del self.requests[core_output.core_id]
+        if finished or state.stream:
+            step.outputs.append((state, self.make_output(state)))
 
     def _apply(self, state: RequestState, delta: SampleDelta) -> bool:
         """Add one sample's new tokens; True if a stop string ended it here (the core does not know)."""

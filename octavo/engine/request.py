@@ -66,6 +66,10 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0  # sampled on the device, values not yet on the host
         self.num_cached_prompt_tokens = 0  # from the prefix cache, first scheduling only
+        # Token positions below this can be written without asking the KV manager: its blocks are
+        # allocated and privately held. Set after each allocation, cleared when blocks are freed
+        # or shared (a fork), so a steady decode step skips the manager for most sequences.
+        self.writable_until = 0
         self.status = SequenceStatus.WAITING
         self.stop_reason: Optional[int | str] = None
         self.cumulative_logprob = 0.0  # tracked only when reported (logprobs) or ranked (best_of)
@@ -106,8 +110,14 @@ class Sequence:
         return self.num_pending_tokens > 0 and self.num_output_tokens + self.num_pending_tokens >= self.max_tokens
 
     @property
-    def is_finished(self) -> bool:
-        return self.status in _FINISHED  # hot: checked per sequence per step
+    def status(self) -> SequenceStatus:
+        return self._status
+
+    @status.setter
+    def status(self, status: SequenceStatus) -> None:
+        self._status = status
+        # A plain attribute, kept with the status: read per sequence per step.
+        self.is_finished = status in _FINISHED
 
     def fork_from(self, parent: "Sequence") -> None:
         """Take the parent's progress; the KV manager shares its blocks separately.

@@ -79,6 +79,7 @@ class Scheduler:
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Take a sequence out of the queues for good and release its blocks."""
         seq.status = status
+        seq.writable_until = 0
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -95,34 +96,45 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        running = self.running
+        seqs, counts = batch.seqs, batch.num_new_tokens
 
-        # A prompt's chunk leaves one token for every decode behind it in the running order.
-        decodes_behind = sum(seq.num_uncomputed_tokens == 1 for seq in self.running)
+        # A prompt's chunk leaves one token for every decode behind it in the running order;
+        # counted when the first chunk needs it (a pure decode step never does).
+        decodes_behind: Optional[int] = None
         index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
+        while index < len(running) and budget > 0:
+            seq = running[index]
+            index += 1
             # Sequence.finishes_when_pending_arrive and num_uncomputed_tokens, inlined (hot).
             pending, num_known = seq.num_pending_tokens, len(seq.token_ids)
             if pending and num_known - seq.num_prompt_tokens + pending >= seq.max_tokens:
-                index += 1  # its last token is still on the device; it finishes on arrival
-                continue
-            num_uncomputed = num_known + pending - seq.num_computed_tokens
+                continue  # its last token is still on the device; it finishes on arrival
+            num_computed = seq.num_computed_tokens
+            num_uncomputed = num_known + pending - num_computed
             if num_uncomputed == 1:
-                decodes_behind -= 1
+                if decodes_behind is not None:
+                    decodes_behind -= 1
+                if num_computed < seq.writable_until:
+                    # The common decode step: its slot is allocated and its own, no manager call.
+                    seqs.append(seq)
+                    counts.append(1)
+                    budget -= 1
+                    continue
                 num_new = 1
             else:
+                if decodes_behind is None:
+                    decodes_behind = sum(other.num_uncomputed_tokens == 1 for other in running[index:])
                 num_new = min(num_uncomputed, self._chunk_limit(budget - decodes_behind, len(self.waiting)))
                 if num_new <= 0:
-                    index += 1
                     continue
             copies = self._allocate_or_preempt(seq, num_new, batch)
             if copies is None:
                 break  # ``seq`` itself was preempted: it was the newest
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
+            seqs.append(seq)
+            counts.append(num_new)
             batch.block_copies.extend(copies)
             budget -= num_new
-            index += 1
 
         # Admitting new work right after preempting would only thrash.
         if batch.num_preempted == 0:
@@ -138,6 +150,7 @@ class Scheduler:
         while True:
             copies = self.kv_cache.allocate_slots(seq.seq_id, seq.num_computed_tokens, num_new)
             if copies is not None:
+                seq.writable_until = self.kv_cache.num_allocated_slots(seq.seq_id)
                 return copies
             victim = self.running.pop()
             self._preempt(victim)
@@ -148,6 +161,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         """Recompute policy: drop the K/V and put the sequence back at the head of the queue."""
         self.kv_cache.free(seq.seq_id)
+        seq.writable_until = 0
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -155,6 +169,8 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> int:
+        if not self.waiting:
+            return budget
         # Siblings waiting to fork from running sequences will need seats too.
         num_seats_taken = len(self.running) + sum(len(seq.pending_forks) for seq in self.running)
         while self.waiting and budget > 0:
@@ -173,6 +189,7 @@ class Scheduler:
             copies = self.kv_cache.allocate_slots(seq.seq_id, num_computed, num_new, hit)
             if copies is None:
                 break
+            seq.writable_until = self.kv_cache.num_allocated_slots(seq.seq_id)
             self.waiting.popleft()
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
@@ -192,7 +209,9 @@ class Scheduler:
     def fork(self, parent: Sequence) -> list[Sequence]:
         """Start a sequence's pending siblings: they share its blocks and run from the next step."""
         children, parent.pending_forks = parent.pending_forks, []
+        parent.writable_until = 0  # its partly filled block becomes shared: the next write copies it
         for order, child in enumerate(children):
+            child.writable_until = 0
             child.fork_from(parent)
             if parent.status is SequenceStatus.RUNNING:
                 self.kv_cache.fork(parent.seq_id, child.seq_id, child.num_computed_tokens)
