@@ -152,18 +152,19 @@ qwen3)
     ;;
 limit)
     failed=()
+    bench_cmd=(python -m octavo.entrypoints.cli bench throughput)  # timeout runs commands, not functions
     stage() {
         local name=$1 seconds=$2
         shift 2
         echo "=== $name (timeout ${seconds}s, at ${SECONDS}s)"
         timeout "$seconds" "$@" || { echo "=== $name FAILED (exit $?)"; failed+=("$name"); }
     }
-    stage "qwen3-0.6b fixed 512" 200 bench --model dummy:qwen3-0.6b --workload fixed --num-prompts 512 \
+    stage "qwen3-0.6b fixed 512" 200 "${bench_cmd[@]}" --model dummy:qwen3-0.6b --workload fixed --num-prompts 512 \
         --max-num-seqs 512 --with-tokenizer --compare hf-static --peer-num-prompts 64 \
         --output "$out/qwen3-fixed-512.json"
-    stage "qwen3-0.6b var 256" 100 bench --model dummy:qwen3-0.6b --workload var --num-prompts 256 \
+    stage "qwen3-0.6b var 256" 100 "${bench_cmd[@]}" --model dummy:qwen3-0.6b --workload var --num-prompts 256 \
         --max-num-seqs 256 --with-tokenizer --output "$out/qwen3-var-256.json"
-    stage "llama3-8b fixed 256" 180 bench --model dummy:llama3-8b --workload fixed --num-prompts 256 \
+    stage "llama3-8b fixed 256" 180 "${bench_cmd[@]}" --model dummy:llama3-8b --workload fixed --num-prompts 256 \
         --max-num-seqs 256 --with-tokenizer --compare hf-static --peer-num-prompts 64 \
         --output "$out/llama3-8b-fixed-256.json"
     for n in ${PROFILE_SIZES:-64 256 512}; do
