@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import gc
 import pstats
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -58,6 +59,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--host-profile", type=int, default=0, metavar="N",
                         help="only the pipelined pass, under cProfile; print the top N functions by own time")
+    parser.add_argument("--pipelined-only", action="store_true", help=argparse.SUPPRESS)  # the second pass
     args = parser.parse_args(argv)
 
     workload = WORKLOADS["fixed"].with_overrides(num_prompts=args.num_prompts)
@@ -66,6 +68,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         model = str(write_dummy_model(model.split(":", 1)[1], Path(tempfile.mkdtemp(prefix="octavo-profile-"))))
     requests = build_requests(workload, 151936, seed=0)
     max_len = max(r.prompt_len + r.output_len for r in requests)
+    if args.pipelined_only:
+        _pipelined_wait_share(model, args, requests, max_len)
+        return
     if args.host_profile:
         profiler = cProfile.Profile()
         _pipelined_wait_share(model, args, requests, max_len, profiler)
@@ -135,13 +140,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         other = table["total"] - sum(table[name] for name in PHASES if name != "total")
         row = "".join(f"{table[name] / steps * 1e3:>9.2f}ms" for name in PHASES)
         print(f"{label + f' ({steps})':<22}{row}{other / steps * 1e3:>9.2f}ms")
-    # The timed wrappers tie the engine into reference cycles: collect them, or the second engine
-    # finds the GPU still held by the first.
+    # The second engine runs in a fresh process: this one's GPU memory (its KV cache, graph pools)
+    # is not reliably released while the interpreter lives.
     del llm, engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    _pipelined_wait_share(model, args, requests, max_len)
+    command = [sys.executable, "-m", "octavo.benchmarks.step_profile", "--pipelined-only", "--model", args.model,
+               "--num-prompts", str(args.num_prompts), "--max-num-seqs", str(args.max_num_seqs),
+               "--device", args.device] + (["--enforce-eager"] if args.enforce_eager else [])
+    subprocess.run(command, check=True)
 
 
 def _pipelined_wait_share(model: str, args: argparse.Namespace, requests, max_len: int,

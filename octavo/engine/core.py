@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 # The KV sharing gauges walk every block; refresh them at most this often.
 _SHARING_STATS_INTERVAL_S = 1.0
+_WASTE_SAMPLE_STEPS = 8  # steady steps between looks for a new peak of paging waste
 
 
 def check_request_fits(token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int,
@@ -161,6 +162,8 @@ class EngineCore:
         self.peak_kv_waste_slots = 0
         self.peak_running_at_waste = 0
         self._waste_key: Optional[tuple[int, int]] = None
+        self._waste_key_running = -1
+        self._steps_since_waste = 0
         self.num_prefill_tokens_computed = 0
         self._sharing_stats: Optional[tuple[int, int]] = None
         self._sharing_stats_time = 0.0
@@ -387,12 +390,16 @@ class EngineCore:
 
     # ---- stats -------------------------------------------------------------------------
     def _track_waste(self) -> None:
-        # With no block taken or freed and as many sequences running, the waste can only have
-        # shrunk (each step fills slots): no new peak to look for.
+        # Walking every running sequence each step would cost O(running) per step, so the peak is
+        # looked for when the running set changes and on every _WASTE_SAMPLE_STEPS-th step
+        # otherwise: in a steady decode the waste only cycles within each sequence's last block.
+        # With no block taken or freed and as many running, it can only have shrunk: skipped too.
+        self._steps_since_waste += 1
         key = (self.kv_cache.num_free_blocks, self.scheduler.num_running)
-        if key == self._waste_key:
+        if key == self._waste_key or (key[1] == self._waste_key_running
+                                      and self._steps_since_waste < _WASTE_SAMPLE_STEPS):
             return
-        self._waste_key = key
+        self._waste_key, self._waste_key_running, self._steps_since_waste = key, key[1], 0
         waste = self.scheduler.kv_waste_slots()
         if waste > self.peak_kv_waste_slots:
             self.peak_kv_waste_slots = waste

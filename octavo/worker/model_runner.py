@@ -22,6 +22,7 @@ from octavo.layers.attention.metadata import PrefillPart
 from octavo.models.base import CausalLM
 from octavo.structured_output.manager import BitmaskFiller, constrained_rows
 from octavo.worker.cuda_graphs import DecodeGraphs
+from octavo.worker.input_staging import InputStaging
 from octavo.worker.sampler import (
     DeviceSamplerOutput,
     Sampler,
@@ -156,6 +157,7 @@ class ModelRunner:
         self.backend = get_attention_backend(attention_backend, device)
         self.sampler = Sampler()
         self.bitmask_filler = BitmaskFiller(model.config.vocab_size, device)
+        self.staging = InputStaging(device)
         self.attention_layers = model.attention_layers()
         self.kv_caches: list[torch.Tensor] = []
         self.decode_graphs: Optional[DecodeGraphs] = None
@@ -209,7 +211,7 @@ class ModelRunner:
         positions = np.concatenate([np.arange(n) for n in lengths])
         seq_index = np.repeat(np.arange(len(lengths)), lengths)
         slots = tables[seq_index, positions // self.block_size] * self.block_size + positions % self.block_size
-        metadata = self._metadata(starts, np.array(lengths), tables, slots)
+        metadata, _ = self._metadata(starts, np.array(lengths), tables, slots)
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         hidden = self.model(input_ids, torch.from_numpy(positions).to(self.device), metadata)
         rows = hidden[: min(num_sample_rows, num_tokens)]
@@ -231,36 +233,37 @@ class ModelRunner:
             return host.pin_memory().to(self.device, non_blocking=True)
         return host
 
-    def _metadata(self, query_start: np.ndarray, seq_lens: np.ndarray, tables: np.ndarray,
-                  slots: np.ndarray) -> AttentionMetadata:
+    def _metadata(self, query_start: np.ndarray, seq_lens: np.ndarray, tables: np.ndarray, slots: np.ndarray,
+                  extra: tuple[np.ndarray, ...] = ()) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+        """The attention metadata, uploaded together with the step's ``extra`` arrays in one copy;
+        returns it and the extra arrays' device tensors."""
         query_lens = np.diff(query_start)
-
-        def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return self._upload(torch.from_numpy(np.ascontiguousarray(array)).to(dtype))
-
         # Length of the leading run of one-token rows (launch puts decodes first).
-        num_decodes = int(np.argmax(query_lens != 1)) if (query_lens != 1).any() else len(query_lens)
-        prefill = None
-        if 0 < num_decodes < len(query_lens):
+        not_single = query_lens != 1
+        num_decodes = int(np.argmax(not_single)) if not_single.any() else len(query_lens)
+        arrays = [query_start.astype(np.int32), seq_lens.astype(np.int32), tables.astype(np.int32, copy=False),
+                  slots.astype(np.int64, copy=False), *extra]
+        mixed = 0 < num_decodes < len(query_lens)
+        if mixed:
             # Own tensors rather than views at an offset: Triton specialises on pointer
             # alignment, and views would recompile the prefill kernel as num_decodes varies.
-            prefill = PrefillPart(
-                query_start_loc=to_device(query_start[num_decodes:] - num_decodes, torch.int32),
-                seq_lens=to_device(seq_lens[num_decodes:], torch.int32),
-                block_tables=to_device(tables[num_decodes:], torch.int32),
-            )
-        return AttentionMetadata(
+            arrays += [query_start[num_decodes:].astype(np.int32) - num_decodes,
+                       seq_lens[num_decodes:].astype(np.int32), tables[num_decodes:].astype(np.int32, copy=False)]
+        device = self.staging.upload(arrays)
+        prefill = PrefillPart(query_start_loc=device[-3], seq_lens=device[-2], block_tables=device[-1]) if mixed else None
+        metadata = AttentionMetadata(
             num_decodes=num_decodes,
             prefill=prefill,
-            query_start_loc=to_device(query_start, torch.int32),
-            seq_lens=to_device(seq_lens, torch.int32),
-            block_tables=to_device(tables, torch.int32),
-            slot_mapping=to_device(slots, torch.int64),
+            query_start_loc=device[0],
+            seq_lens=device[1],
+            block_tables=device[2],
+            slot_mapping=device[3],
             max_query_len=int(query_lens.max()) if len(query_lens) else 0,
             max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
             query_start_loc_cpu=query_start.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
+        return metadata, device[4:4 + len(extra)]
 
     def prepare_inputs(self, batch: ScheduledBatch, block_tables: list[list[int]],
                        previous: Optional[LaunchedStep] = None) -> ModelInputs:
@@ -301,7 +304,12 @@ class ModelRunner:
                     pending_at.append(len(input_ids) + len(chunk))
                     chunk = chunk + [-1]
                 input_ids.extend(chunk)
-        input_ids_device = self._upload(torch.tensor(input_ids, dtype=torch.long))
+        sample_rows = [row for row, seq in enumerate(batch.seqs) if seq_lens[row] == seq.num_tokens]
+        sample_indices = query_start[1:][sample_rows] - 1
+        metadata, (input_ids_device, positions_device, sample_indices_device) = self._metadata(
+            query_start, seq_lens, tables, slots,
+            (np.array(input_ids, dtype=np.int64), positions.astype(np.int64, copy=False),
+             sample_indices.astype(np.int64, copy=False)))
         if pending_at:
             if previous is None or previous.device_token_ids is None:
                 raise RuntimeError("a sequence has a pending token but no step is in flight")
@@ -311,14 +319,12 @@ class ModelRunner:
             source = self._upload(torch.tensor(pending_from, dtype=torch.long))
             input_ids_device[at] = previous.device_token_ids[source]
 
-        sample_rows = [row for row, seq in enumerate(batch.seqs) if seq_lens[row] == seq.num_tokens]
-        sample_indices = query_start[1:][sample_rows] - 1
         return ModelInputs(
             input_ids=input_ids_device,
-            positions=self._upload(torch.from_numpy(positions)),
-            metadata=self._metadata(query_start, seq_lens, tables, slots),
+            positions=positions_device,
+            metadata=metadata,
             sample_seqs=[batch.seqs[row] for row in sample_rows],
-            sample_indices=self._upload(torch.from_numpy(sample_indices)),
+            sample_indices=sample_indices_device,
             host_positions=positions,
             host_tables=tables,
         )
@@ -357,18 +363,19 @@ class ModelRunner:
                 tables[row, block_index[row]] = block_tables[row][block_index[row]]
         rows = np.arange(num_seqs)
         slots = tables[rows, block_index].astype(np.int64) * self.block_size + positions % self.block_size
-        if previous is not None:
-            input_ids = previous.device_token_ids  # every row's input is its token still in flight
-        else:
-            input_ids = self._upload(torch.tensor([seq.token_ids[-1] for seq in seqs], dtype=torch.long))
+        extra = (positions, rows)
+        if previous is None:
+            extra += (np.array([seq.token_ids[-1] for seq in seqs], dtype=np.int64),)
         query_start = np.arange(num_seqs + 1, dtype=np.int64)
         self._steady = _SteadyBatch(seqs, positions, tables, steady.plain_greedy)
+        metadata, uploaded = self._metadata(query_start, positions + 1, tables, slots, extra)
         return ModelInputs(
-            input_ids=input_ids,
-            positions=self._upload(torch.from_numpy(positions)),
-            metadata=self._metadata(query_start, positions + 1, tables, slots),
+            # with a step in flight, every row's input is its token still there
+            input_ids=previous.device_token_ids if previous is not None else uploaded[2],
+            positions=uploaded[0],
+            metadata=metadata,
             sample_seqs=seqs,
-            sample_indices=self._upload(torch.from_numpy(rows)),
+            sample_indices=uploaded[1],
         )
 
     def _keep_steady(self, batch: ScheduledBatch, inputs: ModelInputs, samplers: list[Sequence]) -> None:

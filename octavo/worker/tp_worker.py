@@ -65,7 +65,7 @@ class Follower:
     def _step(self, args: list[int], payload: torch.Tensor) -> None:
         input_ids, positions, slots, query_start, seq_lens, tables = unpack_step(args[:3], payload)
         host = [part.cpu().numpy() for part in (query_start, seq_lens, tables, slots)]
-        metadata = self.runner._metadata(host[0], host[1], host[2].astype(np.int32), host[3])
+        metadata, _ = self.runner._metadata(host[0], host[1], host[2].astype(np.int32), host[3])
         self.hidden = self.runner.forward(input_ids, positions, metadata, args[3])
 
 
