@@ -372,9 +372,9 @@ def test_engine_on_the_triton_backend_matches_the_reference(arch, tiny_model_fac
                   gpu_memory_utilization=0.1,  # both engines share the card on CUDA
                   engine_core_process=False)  # the test looks inside the runner
         def spy(*args, metadata_of=llm.llm_engine.core.runner._metadata, **kwargs):
-            metadata = metadata_of(*args, **kwargs)
+            metadata, extra = metadata_of(*args, **kwargs)
             mixed.append(metadata.prefill is not None)
-            return metadata
+            return metadata, extra
 
         llm.llm_engine.core.runner._metadata = spy
         results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)

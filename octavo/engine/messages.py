@@ -120,10 +120,17 @@ class StepOutputs(msgspec.Struct, tag=True, array_like=True):
         return bool(self.outputs or self.token_core_ids or self.stats is not None)
 
     def merge(self, later: "StepOutputs") -> None:
-        """Append a later message's outputs; its gauges, if any, replace these."""
+        """Append a later message's outputs; its gauges, if any, replace these.
+
+        A reader takes ``outputs`` first and the columns after them, which is right within one
+        step (a request is in one or the other) but not across steps: a request's token in this
+        step's columns must come before its finishing output in the later step. So this step's
+        columns become outputs first, and only the latest step's columns stay columns.
+        """
+        self.outputs += [CoreOutput(core_id, [SampleDelta(0, [token])])
+                         for core_id, token in zip(self.token_core_ids, self.token_ids)]
         self.outputs += later.outputs
-        self.token_core_ids += later.token_core_ids
-        self.token_ids += later.token_ids
+        self.token_core_ids, self.token_ids = later.token_core_ids, later.token_ids
         self.stats = later.stats or self.stats
 
 

@@ -102,8 +102,7 @@ class OutputProcessor:
             sample = state.samples[0]
             if not sample.ids_only or sample.finish_reason is not None or state.stream:
                 # Text to build, a stop string to look for, or a stream to feed: the full path.
-                delta = SampleDelta(0, [token])
-                self._take(step, CoreOutput(core_id, [delta], num_cached_tokens=state.num_cached_tokens), now)
+                self._take(step, CoreOutput(core_id, [SampleDelta(0, [token])]), now)
                 continue
             sample.token_ids.append(token)  # what _take would do for it, without its per-output work
             step.advanced.append(state)
@@ -118,9 +117,9 @@ class OutputProcessor:
             del self.requests[core_output.core_id]
             step.refused.append((state, core_output.error))
             return
-        if core_output.first_scheduled_time is not None:
+        if core_output.first_scheduled_time is not None:  # the first output: it says what was cached
             state.first_scheduled_time = core_output.first_scheduled_time
-        state.num_cached_tokens = core_output.num_cached_tokens
+            state.num_cached_tokens = core_output.num_cached_tokens
         if core_output.prompt_logprobs is not None and state.prompt_logprobs is not None:
             state.prompt_logprobs.extend(self._logprob_dicts(core_output.prompt_logprobs))
         stopped, may_finish = [], core_output.finished

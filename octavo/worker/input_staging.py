@@ -13,6 +13,7 @@ buffers, it almost always has).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,6 +38,8 @@ _TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int6
 class InputStaging:
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        # OCTAVO_DISABLE_INPUT_STAGING=1: one pinned tensor and copy per array, as a reference.
+        self.enabled = os.environ.get("OCTAVO_DISABLE_INPUT_STAGING") != "1"
         self._buffers: list[Optional[_Buffer]] = [None] * _NUM_BUFFERS
         self._next = 0
 
@@ -44,6 +47,9 @@ class InputStaging:
         """Device tensors with the arrays' dtypes and shapes (on the CPU: the arrays themselves)."""
         if self.device.type != "cuda":
             return [torch.from_numpy(np.ascontiguousarray(array)) for array in arrays]
+        if not self.enabled:
+            return [torch.from_numpy(np.ascontiguousarray(array)).pin_memory().to(self.device, non_blocking=True)
+                    for array in arrays]
         offsets, total = [], 0
         for array in arrays:
             offsets.append(total)
