@@ -2,12 +2,11 @@
 
     python -m octavo.benchmarks.step_profile --model dummy:qwen3-0.6b --num-prompts 512
 
-Runs the ``fixed`` workload with every phase bracketed by device synchronisation,
-so each phase's wall time is its own (this slows the run; use it to find
-overhead, not to quote throughput). Also reports the GPU kernel time of one
-decode step from the PyTorch profiler, to compare with its wall time, and then runs
-the workload again with asynchronous scheduling, unbracketed, to show how much of each
-step the host spends waiting for the device (near 0: the host is the bottleneck).
+Runs the ``fixed`` workload with asynchronous scheduling, unbracketed, to show how much of
+each step the host spends waiting for the device (near 0: the host is the bottleneck); then
+again with every phase bracketed by device synchronisation, so each phase's wall time is its
+own (this slows the run; use it to find overhead, not to quote throughput), and the GPU kernel
+time of one decode step and one mixed step from the PyTorch profiler.
 ``--host-profile N`` runs only that pipelined pass, under cProfile, and prints the N
 functions with the most host time of their own.
 """
@@ -78,6 +77,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         stats.sort_stats("tottime").print_stats(args.host_profile)
         stats.sort_stats("cumulative").print_stats("octavo", args.host_profile)  # which of octavo's calls hold it
         return
+    # The pipelined pass first, in a process of its own that has given the GPU back when it ends
+    # (an engine's memory is not reliably released while its interpreter lives).
+    command = [sys.executable, "-m", "octavo.benchmarks.step_profile", "--pipelined-only", "--model", args.model,
+               "--num-prompts", str(args.num_prompts), "--max-num-seqs", str(args.max_num_seqs),
+               "--device", args.device] + (["--enforce-eager"] if args.enforce_eager else [])
+    subprocess.run(command, check=True)
     llm = LLM(model, load_format="dummy" if args.model.startswith("dummy:") else "auto", device=args.device,
               max_model_len=max_len, max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
               skip_tokenizer_init=True, async_scheduling=False, engine_core_process=False)  # phases timed one after another
@@ -140,13 +145,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         other = table["total"] - sum(table[name] for name in PHASES if name != "total")
         row = "".join(f"{table[name] / steps * 1e3:>9.2f}ms" for name in PHASES)
         print(f"{label + f' ({steps})':<22}{row}{other / steps * 1e3:>9.2f}ms")
-    # The second engine runs in a fresh process: this one's GPU memory (its KV cache, graph pools)
-    # is not reliably released while the interpreter lives.
-    del llm, engine
-    command = [sys.executable, "-m", "octavo.benchmarks.step_profile", "--pipelined-only", "--model", args.model,
-               "--num-prompts", str(args.num_prompts), "--max-num-seqs", str(args.max_num_seqs),
-               "--device", args.device] + (["--enforce-eager"] if args.enforce_eager else [])
-    subprocess.run(command, check=True)
+
 
 
 def _pipelined_wait_share(model: str, args: argparse.Namespace, requests, max_len: int,
