@@ -209,3 +209,22 @@ def test_layer_without_quantization_is_a_plain_linear():
         layer.bias.normal_()
     x = torch.randn(3, 16)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_the_tuner_skips_configs_that_do_not_fit_the_gpu():
+    """A tile whose pipeline needs more shared memory than the card has (H200: 227 KiB) is
+    skipped while timing candidates, not fatal; none fitting is a clear error."""
+    from triton.runtime.errors import OutOfResources
+
+    from octavo.layers.quantization.triton_kernels import fastest_config
+
+    times = {(128, 256, 64, 8, 3, False): None, (64, 128, 64, 4, 4, False): 2.0, (128, 128, 64, 8, 3, False): 1.5}
+
+    def time_config(config):
+        if times[config] is None:
+            raise OutOfResources(241664, 232448, "shared memory")
+        return times[config]
+
+    assert fastest_config(list(times), time_config) == (128, 128, 64, 8, 3, False)
+    with pytest.raises(RuntimeError, match="no W4A16 kernel config fits"):
+        fastest_config([(128, 256, 64, 8, 3, False)], time_config)

@@ -9,13 +9,17 @@ step moves a quarter (4-bit) of the bytes a 16-bit weight would. Its tile shape 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import logging
+from typing import Callable, Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from octavo.layers.quantization.fp8 import FP8_MAX
+
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -242,8 +246,7 @@ def _tuned_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         return _TUNED[key]
     if not x.is_cuda or len(configs) == 1 or torch.cuda.is_current_stream_capturing():
         return configs[0]  # no timing in the interpreter or inside a graph capture
-    timings = []
-    for config in configs:
+    def time_config(config: tuple[int, ...]) -> float:
         _launch(x, qweight, scales, zeros, group_size, bits, config)  # compile and warm up
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -251,9 +254,25 @@ def _tuned_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             _launch(x, qweight, scales, zeros, group_size, bits, config)
         end.record()
         end.synchronize()
-        timings.append(start.elapsed_time(end))
-    _TUNED[key] = configs[timings.index(min(timings))]
+        return start.elapsed_time(end)
+
+    _TUNED[key] = fastest_config(configs, time_config)
     return _TUNED[key]
+
+
+def fastest_config(configs: list[tuple[int, ...]], time_config: Callable[[tuple[int, ...]], float]
+                   ) -> tuple[int, ...]:
+    """The config with the least time; one whose tiles need more shared memory than this card has
+    (Triton's OutOfResources, e.g. deep pipelines on large tiles) is skipped, not fatal."""
+    timings: dict[tuple[int, ...], float] = {}
+    for config in configs:
+        try:
+            timings[config] = time_config(config)
+        except OutOfResources as error:
+            logger.debug("W4A16 config %s does not fit this GPU: %s", config, error)
+    if not timings:
+        raise RuntimeError(f"no W4A16 kernel config fits this GPU (tried {configs}).")
+    return min(timings, key=timings.get)
 
 
 def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
