@@ -38,8 +38,9 @@ _TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int6
 class InputStaging:
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        # OCTAVO_DISABLE_INPUT_STAGING=1: one pinned tensor and copy per array, as a reference.
-        self.enabled = os.environ.get("OCTAVO_DISABLE_INPUT_STAGING") != "1"
+        # Opt-in (OCTAVO_INPUT_STAGING=1) until it has passed the CUDA test suite: one CUDA run of
+        # tests/test_async_scheduling.py failed with it on. Off: one pinned tensor and copy per array.
+        self.enabled = os.environ.get("OCTAVO_INPUT_STAGING") == "1"
         self._buffers: list[Optional[_Buffer]] = [None] * _NUM_BUFFERS
         self._next = 0
 
