@@ -17,11 +17,14 @@ from octavo import LLM, SamplingParams
 from octavo.config import EngineConfig
 from octavo.engine.core_client import EngineDeadError
 from octavo.engine.messages import decode_startup, encode_startup
-from tests.conftest import VOCAB_SIZE
+from tests.conftest import DENSE_FAMILIES, VOCAB_SIZE
 from tests.test_parity import LOGPROB_ATOL, engine_greedy, make_llm, random_prompts
 
-# mistral has one key/value head: with two ranks each keeps a copy.
-TP_ARCHITECTURES = ["llama", "qwen3", "gpt2", "mistral"]
+# Every family. mistral, gemma and the multi-query GPT-BigCode / Falcon models have one
+# key/value head: with two ranks each keeps a copy. bloom splits its ALiBi slopes by head.
+# The MoE models split every expert's intermediate rows.
+TP_ARCHITECTURES = ["llama", "qwen2", "qwen3", "gpt2", "mistral"] + DENSE_FAMILIES + ["mixtral", "qwen2_moe",
+                                                                                     "qwen3_moe"]
 STRESS = dict(num_gpu_blocks_override=40, max_num_batched_tokens=16)  # preemption and chunked prefill
 
 
@@ -140,8 +143,6 @@ def test_a_killed_worker_fails_the_engine_loudly(tiny_model_factory):
 @pytest.mark.parametrize("arch, size, message", [
     ("llama", 3, r"number of attention heads \(4\) is not divisible by tensor_parallel_size \(3\)"),
     ("llama", 8, r"number of attention heads \(4\) is not divisible by tensor_parallel_size \(8\)"),
-    ("mixtral", 2, "mixture-of-experts models do not support tensor parallelism yet"),
-    ("gptj", 2, "GPTJForCausalLM models do not support tensor parallelism yet"),
 ])
 def test_a_split_the_model_cannot_take_is_refused(arch, size, message, tiny_model_factory):
     folder, _ = tiny_model_factory(arch)

@@ -17,6 +17,7 @@ import torch
 
 from octavo.layers.linear import Linear
 from octavo.layers.sharded_init import fill_normal
+from octavo.layers.moe.layer import FusedMoE
 from octavo.layers.vocab_embedding import VocabParallelEmbedding
 from octavo.layers.quantization import QuantizationConfig, resolve_quantization
 from octavo.models.base import CausalLM
@@ -194,7 +195,7 @@ def _init_dummy_weights(model: CausalLM, seed: int) -> None:
     for name, module in model.named_modules():
         if isinstance(module, Linear):
             module.init_dummy(generator, name, seed)
-        elif isinstance(module, VocabParallelEmbedding):
+        elif isinstance(module, (VocabParallelEmbedding, FusedMoE)):
             module.init_dummy(name, seed)
         else:
             continue

@@ -24,12 +24,14 @@ from octavo.layers.attention import Attention, AttentionMetadata
 from octavo.layers.linear import Linear
 from octavo.layers.quantization.base import QuantizationConfig
 from octavo.layers.rotary import RotaryEmbedding
+from octavo.layers.vocab_embedding import VocabParallelEmbedding, gather_vocab_logits
 from octavo.models.base import CausalLM
+from octavo.worker.parallel_state import tp_group
 
 
-# (in_features, out_features or shard sizes, bias, module path) -> the layer; see
-# ``BlockDecoderForCausalLM.make_linear``.
-LinearFactory = Callable[[int, Union[int, dict[str, int]], bool, str], Linear]
+# (in_features, out_features or shard sizes, bias, module path, tensor-parallel mode, shard rows)
+# -> the layer; see ``BlockDecoderForCausalLM.make_linear``.
+LinearFactory = Callable[..., Linear]
 
 
 @dataclass(frozen=True)
@@ -71,18 +73,26 @@ class BlockAttention(nn.Module):
     def __init__(self, spec: BlockSpec, rotary_emb: Optional[RotaryEmbedding], linear: LinearFactory,
                  path: str) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = linear(spec.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
-                               spec.qkv_bias, f"{path}.qkv_proj")
-        self.out_proj = linear(self.q_size, spec.hidden_size, spec.out_bias, f"{path}.out_proj")
+        self.head_dim = head_dim = spec.head_dim
+        # This tensor-parallel rank's heads (all of them on one rank); K/V heads are split too, or
+        # replicated where there are fewer of them than ranks (multi-query models).
+        (head_start, self.num_heads), (kv_start, self.num_kv_heads) = tp_group().attention_heads(
+            spec.num_heads, spec.num_kv_heads)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        kv_rows = (kv_start * head_dim, self.kv_size)
+        self.qkv_proj = linear(spec.hidden_size, {"q": spec.num_heads * head_dim, "k": spec.num_kv_heads * head_dim,
+                                                  "v": spec.num_kv_heads * head_dim},
+                               spec.qkv_bias, f"{path}.qkv_proj", "column", {"k": kv_rows, "v": kv_rows})
+        self.out_proj = linear(spec.num_heads * head_dim, spec.hidden_size, spec.out_bias, f"{path}.out_proj", "row")
         self.qk_norm = spec.qk_norm
         if self.qk_norm:
             self.q_norm = nn.LayerNorm(self.head_dim, eps=spec.norm_eps)
             self.k_norm = nn.LayerNorm(self.head_dim, eps=spec.norm_eps)
         self.rotary_emb = rotary_emb  # one table shared by all layers
-        slopes = alibi_slopes(self.num_heads) * spec.alibi_scale if spec.positions == "alibi" else None
+        slopes = None
+        if spec.positions == "alibi":  # each head's slope depends on its index among all heads
+            slopes = alibi_slopes(spec.num_heads)[head_start:head_start + self.num_heads] * spec.alibi_scale
         scale = spec.attention_scale if spec.attention_scale is not None else self.head_dim**-0.5
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, scale=scale, alibi_slopes=slopes)
 
@@ -103,8 +113,8 @@ class BlockAttention(nn.Module):
 class BlockMLP(nn.Module):
     def __init__(self, spec: BlockSpec, linear: LinearFactory, path: str) -> None:
         super().__init__()
-        self.fc_in = linear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, f"{path}.fc_in")
-        self.fc_out = linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, f"{path}.fc_out")
+        self.fc_in = linear(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, f"{path}.fc_in", "column")
+        self.fc_out = linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, f"{path}.fc_out", "row")
         self.act = get_activation(spec.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +148,7 @@ class DecoderBlock(nn.Module):
 class BlockModel(nn.Module):
     def __init__(self, config, spec: BlockSpec, max_position: int, linear: LinearFactory) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size)
         self.embed_positions = (nn.Embedding(spec.max_learned_positions, spec.hidden_size)
                                 if spec.positions == "learned" else None)
         self.embed_norm = nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps) if spec.embedding_norm else None
@@ -207,6 +217,7 @@ class BlockDecoderForCausalLM(CausalLM):
     online FP8 works for every family; a fused q/k/v stored quantized is refused by the layer."""
 
     checkpoint_prefix = "transformer."
+    supports_tensor_parallel = True
 
     @classmethod
     def block_spec(cls, config) -> BlockSpec:
@@ -228,14 +239,17 @@ class BlockDecoderForCausalLM(CausalLM):
         self.quant_config = quant_config
         self.model = BlockModel(config, spec, max_position, self.make_linear)
         self.tie_word_embeddings = spec.tie_word_embeddings
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=spec.lm_head_bias)
+        # Split by vocabulary rows across tensor-parallel ranks, gathered where sampling runs.
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, spec.lm_head_bias, prefix="lm_head", parallel="vocab")
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def make_linear(self, in_features: int, out_features: Union[int, dict[str, int]], bias: bool,
-                    path: str) -> Linear:
-        """A projection at module ``path``; the quantization config knows it by its checkpoint name."""
-        return Linear(in_features, out_features, bias, self.quant_config, prefix=self.checkpoint_name(path))
+    def make_linear(self, in_features: int, out_features: Union[int, dict[str, int]], bias: bool, path: str,
+                    parallel: str = "replicated", shard_rows: Optional[dict[str, tuple[int, int]]] = None) -> Linear:
+        """A projection at module ``path``, split across tensor-parallel ranks as ``parallel`` says;
+        the quantization config knows it by its checkpoint name."""
+        return Linear(in_features, out_features, bias, self.quant_config, prefix=self.checkpoint_name(path),
+                      parallel=parallel, shard_rows=shard_rows)
 
     def rename_checkpoint_weight(self, name: str) -> str:
         if name.startswith("lm_head."):
@@ -265,5 +279,5 @@ class BlockDecoderForCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, metadata)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states)
+    def compute_logits(self, hidden_states: torch.Tensor) -> Optional[torch.Tensor]:
+        return gather_vocab_logits(self.lm_head(hidden_states), self.spec.vocab_size)

@@ -213,7 +213,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    supports_tensor_parallel = True  # the dense models; the MoE ones refuse it when built
+    supports_tensor_parallel = True
     stacked_params = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
@@ -230,9 +230,6 @@ class LlamaForCausalLM(CausalLM):
                 "their experts are stacked full-precision tensors. Load an unquantized checkpoint "
                 "(quantization auto or none)."
             )
-        if _num_experts(config) and tp_group().world_size > 1:
-            raise ValueError("mixture-of-experts models do not support tensor parallelism yet; "
-                             "use tensor_parallel_size=1.")
         self.config = config
         self.model = LlamaModel(config, max_position, quant_config, "model")
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))

@@ -78,10 +78,9 @@ def check_tensor_parallel(config: EngineConfig, hf_config, dtype: torch.dtype, d
     if device.type == "cuda" and device.index not in (None, 0):
         raise ValueError(f"with tensor parallelism rank r runs on cuda:r; use device='cuda', not {device}.")
     model_class = resolve_model_class(hf_config)
-    experts = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
-    if not model_class.supports_tensor_parallel or experts:
-        kind = "mixture-of-experts models" if experts else f"{model_class.__name__} models"
-        raise ValueError(f"{kind} do not support tensor parallelism yet; use tensor_parallel_size=1.")
+    if not model_class.supports_tensor_parallel:
+        raise ValueError(f"{model_class.__name__} models do not support tensor parallelism yet; "
+                         "use tensor_parallel_size=1.")
     if loader.quantization_for_model(model_class, hf_config, config.quantization, dtype) is not None:
         raise ValueError("quantized weights do not support tensor parallelism yet; use tensor_parallel_size=1 "
                          "or an unquantized checkpoint (quantization none).")

@@ -10,6 +10,8 @@ from torch import nn
 
 from octavo.layers.moe.reference import fused_experts_reference
 from octavo.layers.moe.router import select_experts
+from octavo.layers.sharded_init import fill_normal_slice
+from octavo.worker.parallel_state import tp_group
 
 # Per-expert checkpoint names -> the projection they hold: Mixtral's w1/w3/w2 and the
 # gate_proj/up_proj/down_proj of Qwen2/3-MoE (and of hub checkpoints in general).
@@ -35,33 +37,70 @@ class FusedMoE(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.hidden_size = hidden_size
+        # Under tensor parallelism each rank holds its slice of every expert's intermediate rows
+        # (gate and up rows, down columns): the SiLU-gate is elementwise over them, so the ranks'
+        # down projections are partial sums, added by one all-reduce (``reduce_output``).
+        group = tp_group()
+        self.full_intermediate_size = intermediate_size
+        self.shard_start, self.intermediate_size = group.shard(intermediate_size, "the experts' intermediate size")
+        self.reduce_output = group.world_size > 1
+        local = self.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * local, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, local))
         self._loaded: set[tuple[int, str]] = set()  # (expert, projection) pairs copied in
         self._checkpoint_names: dict[str, str] = {}  # projection -> the checkpoint's name for it
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        out = None
         if hidden.is_cuda:
             from octavo.layers.moe import fused_moe  # imported on first use: CPU runs never load triton
 
             if fused_moe.triton is not None:
-                return fused_moe.fused_experts(hidden, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
-        return fused_experts_reference(hidden, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+                out = fused_moe.fused_experts(hidden, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+        if out is None:
+            out = fused_experts_reference(hidden, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
+        return tp_group().all_reduce(out) if self.reduce_output else out
 
     def _rows(self, projection: str) -> slice:
         size = self.intermediate_size
         return {"gate": slice(0, size), "up": slice(size, 2 * size), "down": slice(None)}[projection]
+
+    def _local(self, projection: str, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of one expert's full checkpoint tensor of ``projection``."""
+        dim = 1 if projection == "down" else 0
+        full = (self.hidden_size, self.full_intermediate_size) if projection == "down" \
+            else (self.full_intermediate_size, self.hidden_size)
+        if tuple(tensor.shape) != full:
+            raise ValueError(f"has shape {tuple(tensor.shape)}, the model expects {full}.")
+        return tensor.narrow(dim, self.shard_start, self.intermediate_size)
+
+    @torch.no_grad()
+    def init_dummy(self, key: str, seed: int) -> None:
+        """Random experts drawn per (expert, projection) by name, the same at any tensor-parallel size."""
+        hidden, full, start, local = self.hidden_size, self.full_intermediate_size, self.shard_start, \
+            self.intermediate_size
+        for expert in range(self.num_experts):
+            for projection in ("gate", "up"):
+                fill_normal_slice(self.gate_up_proj[expert, self._rows(projection)], f"{key}.{expert}.{projection}",
+                                  seed, (full, hidden), start)
+            fill_normal_slice(self.down_proj[expert], f"{key}.{expert}.down", seed, (hidden, full), 0, start)
 
     @torch.no_grad()
     def load_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> None:
         """Copy in a checkpoint tensor named relative to this module (``gate_up_proj``,
         ``down_proj``, or ``<expert>.<projection>.weight``)."""
         if name in _STACKED:
-            param = getattr(self, name)
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(f"has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}.")
-            param.copy_(tensor)
+            full = self.full_intermediate_size
+            expected = ((self.num_experts, 2 * full, self.hidden_size) if name == "gate_up_proj"
+                        else (self.num_experts, self.hidden_size, full))
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"has shape {tuple(tensor.shape)}, the model expects {expected}.")
+            for projection in _STACKED[name]:
+                part = tensor[:, full:] if projection == "up" else tensor[:, :full] if projection == "gate" else tensor
+                target = (self.down_proj if projection == "down" else self.gate_up_proj)[:, self._rows(projection)]
+                dim = 2 if projection == "down" else 1
+                target.copy_(part.narrow(dim, self.shard_start, self.intermediate_size))
             self._loaded.update((expert, projection) for expert in range(self.num_experts)
                                 for projection in _STACKED[name])
             return
@@ -74,10 +113,7 @@ class FusedMoE(nn.Module):
             raise ValueError(f"names expert {expert}, but the config has {self.num_experts} experts.")
         projection = _EXPERT_PROJECTIONS[checkpoint_name]
         param = self.down_proj if projection == "down" else self.gate_up_proj
-        target = param[expert, self._rows(projection)]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}.")
-        target.copy_(tensor)
+        param[expert, self._rows(projection)].copy_(self._local(projection, tensor))
         self._loaded.add((expert, projection))
         self._checkpoint_names[projection] = checkpoint_name
 
