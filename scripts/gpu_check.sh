@@ -118,7 +118,7 @@ case "$what" in
 dp)
     # Two replicas split the GPU's 0.9 share (0.45 each); the target is aggregate tok/s >= one engine.
     for replicas in 1 2; do
-        timeout 150 bench --model dummy:qwen3-0.6b --workload fixed --num-prompts 512 --max-num-seqs 512 \
+        timeout 150 python -m octavo.entrypoints.cli bench throughput --model dummy:qwen3-0.6b --workload fixed --num-prompts 512 --max-num-seqs 512 \
             --skip-limit --gpu-memory-utilization 0.9 --data-parallel-size "$replicas" \
             --output "$out/dp$replicas-qwen3-fixed-512.json"
     done
