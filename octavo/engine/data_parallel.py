@@ -324,6 +324,7 @@ class DataParallelCoreClient(_RoutingClient):
                 message = replica.get_outputs()
                 _take_outputs(self.router, index, message, self._send_released)
                 merged.merge(message)
+        merged.stats = None  # per replica: stats() adds them up
         return merged
 
     def stats(self) -> Optional[CoreStats]:

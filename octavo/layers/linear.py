@@ -87,6 +87,8 @@ class Linear(nn.Module):
         if self.sharded:  # vocabulary padding rows stay zero (their logits are dropped)
             with torch.no_grad():
                 self.weight.zero_()
+                if self.bias is not None:
+                    self.bias.zero_()
         self._loaded: set[tuple[str, str]] = set()
 
     def _local_part(self, shard: str, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -60,7 +60,7 @@ class InputStaging:
         for array, offset in zip(arrays, offsets):
             host[offset:offset + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         buffer.device[:total].copy_(buffer.host[:total], non_blocking=True)
-        buffer.done.record()
+        buffer.done.record(torch.cuda.current_stream(self.device))  # the copy's stream, whatever device is current
         return [buffer.device[offset:offset + array.nbytes].view(_TORCH_DTYPES[array.dtype]).view(array.shape)
                 for array, offset in zip(arrays, offsets)]
 

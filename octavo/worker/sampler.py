@@ -90,14 +90,15 @@ class DeviceSamplerOutput:
         return names + (["ranks", "top_values", "top_ids"] if self.ranks is not None else [])
 
     def start_copy(self) -> None:
-        if self.sampled_token_ids.device.type != "cuda":
+        device = self.sampled_token_ids.device
+        if device.type != "cuda":
             return
         for name in self._tensors():
             device_tensor = getattr(self, name)
             host = torch.empty(device_tensor.shape, dtype=device_tensor.dtype, pin_memory=True)
             setattr(self, name, host.copy_(device_tensor, non_blocking=True))
         self._ready = torch.cuda.Event()
-        self._ready.record()
+        self._ready.record(torch.cuda.current_stream(device))  # the copies' stream, whatever device is current
 
     def to_host(self) -> SamplerOutput:
         if self._ready is not None:
