@@ -87,3 +87,20 @@ def test_engine_fast_paths_match_the_reference_and_hf(arch, tiny_model_factory, 
     for (_, got), (_, want) in zip(fast, reference):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert [tokens for tokens, _ in fast] == [hf_greedy(model, p, 12)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 37])
+def test_joint_rotary_is_the_per_tensor_rotary_exactly(tokens):
+    from transformers import LlamaConfig
+
+    from octavo.layers.rotary import RotaryEmbedding
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=128, rope_theta=10000.0)
+    rope = RotaryEmbedding(config, 16, 128)
+    positions = torch.randint(0, 128, (tokens,))
+    q, k = torch.randn(tokens, 6, 16), torch.randn(tokens, 2, 16)
+    assert rope.can_rotate_joint(q)
+    want_q, want_k = rope(positions, q, k)
+    joint = rope.rotate_joint(positions, torch.cat([q, k], dim=1))
+    assert torch.equal(joint[:, :6], want_q) and torch.equal(joint[:, 6:], want_k)
+    assert rope.rotate_joint(positions, torch.cat([q, k], dim=1)).equal(joint)  # the cached tables
