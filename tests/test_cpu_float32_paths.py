@@ -99,8 +99,9 @@ def test_joint_rotary_is_the_per_tensor_rotary_exactly(tokens):
     rope = RotaryEmbedding(config, 16, 128)
     positions = torch.randint(0, 128, (tokens,))
     q, k = torch.randn(tokens, 6, 16), torch.randn(tokens, 2, 16)
-    assert rope.can_rotate_joint(q)
+    assert rope.can_rotate_joint(q, 16)
     want_q, want_k = rope(positions, q, k)
-    joint = rope.rotate_joint(positions, torch.cat([q, k], dim=1))
+    per_step: dict = {}
+    joint = rope.rotate_joint(positions, torch.cat([q, k], dim=1), per_step)
     assert torch.equal(joint[:, :6], want_q) and torch.equal(joint[:, 6:], want_k)
-    assert rope.rotate_joint(positions, torch.cat([q, k], dim=1)).equal(joint)  # the cached tables
+    assert per_step and rope.rotate_joint(positions, torch.cat([q, k], dim=1), per_step).equal(joint)  # cached
