@@ -89,27 +89,43 @@ at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, con
         const int64_t phys = tp[b * max_blocks + blk];
         TORCH_CHECK(phys >= 0 && phys < num_blocks, "block table entry out of range");
         const int64_t tokens = std::min(bs, len - blk * bs);
-        for (int64_t r = 0; r < rows; ++r) {  // r = (head - h0) * G + g
-          const int64_t h = h0 + r / G;
-          const float* kb = kp + phys * block_stride + h * D;
-          const float* vb = vp + phys * block_stride + h * D;
-          const float* qg = qb + r * D;
+        const float* kb = kp + phys * block_stride + h0 * D;
+        const float* vb = vp + phys * block_stride + h0 * D;
+        if ((blk + 1) * bs < len && blk + 1 < max_blocks) {  // the next block sits elsewhere: fetch it early
+          const int64_t next = tp[b * max_blocks + blk + 1];
+          if (next >= 0 && next < num_blocks) {
+            const char* nk = reinterpret_cast<const char*>(kp + next * block_stride + h0 * D);
+            const char* nv = reinterpret_cast<const char*>(vp + next * block_stride + h0 * D);
+            for (int64_t t = 0; t < bs; ++t)
+              for (int64_t off = 0; off < heads_per_task * D * 4; off += 64) {
+                __builtin_prefetch(nk + t * row_stride * 4 + off);
+                __builtin_prefetch(nv + t * row_stride * 4 + off);
+              }
+          }
+        }
+        // scores, token by token: each token's rows of this task's heads are read in order
+        for (int64_t t = 0; t < tokens; ++t) {
+          for (int64_t hh = 0; hh < heads_per_task; ++hh) {
+            const float* k = kb + t * row_stride + hh * D;
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t r = hh * G + g;
+              const float* qg = qb + r * D;
+              float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+              for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
+              scores[r * bs + t] = dot * fscale;
+            }
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
           float* p = scores.data() + r * bs;
           float block_max = kStart;
-          for (int64_t t = 0; t < tokens; ++t) {
-            const float* k = kb + t * row_stride;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
-            dot *= fscale;
-            p[t] = dot;
-            block_max = std::max(block_max, dot);
-          }
+          for (int64_t t = 0; t < tokens; ++t) block_max = std::max(block_max, p[t]);
           const float new_max = std::max(running_max[r], block_max);
           const float correction = std::exp(running_max[r] - new_max);  // 0 at the start
           running_max[r] = new_max;
-          float* a = acc.data() + r * D;
           if (correction != 1.f) {
+            float* a = acc.data() + r * D;
             denom[r] *= correction;
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d) a[d] *= correction;
@@ -121,11 +137,18 @@ at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, con
             block_sum += p[t];
           }
           denom[r] += block_sum;
-          for (int64_t t = 0; t < tokens; ++t) {
-            const float pt = p[t];
-            const float* v = vb + t * row_stride;
+        }
+        // weighted values, token by token in the same order
+        for (int64_t t = 0; t < tokens; ++t) {
+          for (int64_t hh = 0; hh < heads_per_task; ++hh) {
+            const float* v = vb + t * row_stride + hh * D;
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t r = hh * G + g;
+              const float pt = scores[r * bs + t];
+              float* a = acc.data() + r * D;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += pt * v[d];
+              for (int64_t d = 0; d < D; ++d) a[d] += pt * v[d];
+            }
           }
         }
       }
