@@ -105,3 +105,13 @@ def test_joint_rotary_is_the_per_tensor_rotary_exactly(tokens):
     joint = rope.rotate_joint(positions, torch.cat([q, k], dim=1), per_step)
     assert torch.equal(joint[:, :6], want_q) and torch.equal(joint[:, 6:], want_k)
     assert per_step and rope.rotate_joint(positions, torch.cat([q, k], dim=1), per_step).equal(joint)  # cached
+
+
+def test_cpu_greedy_ids_are_argmax_with_ties():
+    from octavo.worker.sampler import greedy_ids
+
+    logits = torch.randn(16, 1000)
+    logits[3, [5, 700]] = 50.0  # a tie: the first index wins, as with argmax
+    logits[7, :] = 1.0
+    assert torch.equal(greedy_ids(logits), logits.argmax(dim=-1))
+    assert greedy_ids(logits)[3] == 5 and greedy_ids(logits)[7] == 0
