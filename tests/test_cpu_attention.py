@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from octavo.layers.attention.cpu_backend import CpuAttentionBackend, cpu_flash_available
+from octavo.layers.attention.cpu_paged import load_paged_decode, paged_decode, paged_decode_error
 from octavo.layers.attention.metadata import AttentionMetadata, PrefillPart
 from octavo.layers.attention.torch_backend import QUERY_TILE, TorchAttentionBackend
 
@@ -81,12 +82,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("paged_decode", [True, False], ids=["paged-decode-kernel", "gather-sdpa"])
 @pytest.mark.parametrize("case", CASES)
-def test_cpu_backend_matches_reference_and_dense(case):
+def test_cpu_backend_matches_reference_and_dense(case, paged_decode):
     contexts, query_lens = CASES[case]
     query, kv_cache, metadata, dense_kv = paged_batch(contexts, query_lens)
     want = expected(query, metadata, dense_kv)
-    fast = CpuAttentionBackend().attend(query, kv_cache, metadata, SCALE, None)
+    backend = CpuAttentionBackend(paged_decode=paged_decode)
+    if paged_decode and not backend.paged_decode:
+        pytest.skip(f"the paged decode kernel did not build: {paged_decode_error()}")
+    fast = backend.attend(query, kv_cache, metadata, SCALE, None)
     reference = TorchAttentionBackend().attend(query, kv_cache, metadata, SCALE, None)
     torch.testing.assert_close(reference, want, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(fast, reference, atol=2e-5, rtol=1e-4)
@@ -169,3 +174,33 @@ def test_engine_on_the_cpu_backend_matches_the_reference_and_hf(arch, tiny_model
     for (_, fast), (_, reference) in zip(results["cpu"], results["torch"]):
         torch.testing.assert_close(fast, reference, atol=1e-4, rtol=0)
     assert [tokens for tokens, _ in results["cpu"]] == [hf_greedy(model, p, 8)[0] for p in prompts]
+
+
+@pytest.mark.skipif(not load_paged_decode(), reason="the paged decode kernel did not build")
+@pytest.mark.parametrize("block_size, group", [(16, 3), (4, 1), (8, 4)])
+def test_paged_decode_kernel_against_dense(block_size, group):
+    """Lengths that end mid-block, at a block's end, one token, and tables padded past the
+    sequence's blocks with garbage entries the kernel must not read."""
+    rng = random.Random(block_size)
+    kv_heads, head_dim = 2, 64
+    lengths = [1, block_size, block_size + 1, 5 * block_size - 3, 77]
+    per_seq = [-(-n // block_size) for n in lengths]
+    physical = list(range(sum(per_seq) + 2))
+    rng.shuffle(physical)
+    kv_cache = torch.randn(2, len(physical), block_size, kv_heads, head_dim)
+    width = max(per_seq) + 2
+    tables, dense, taken = [], [], 0
+    for n, count in zip(lengths, per_seq):
+        table = physical[taken:taken + count]
+        taken += count
+        tables.append(table + [10**6] * (width - count))  # out of range: read would fail the check
+        dense.append(kv_cache[:, table].flatten(1, 2)[:, :n])
+    query = torch.randn(len(lengths), kv_heads * group, head_dim)
+    scale = head_dim**-0.5
+    got = paged_decode(query, kv_cache, torch.tensor(tables, dtype=torch.int32),
+                       torch.tensor(lengths, dtype=torch.int32), scale)
+    for row, (keys, values) in enumerate(dense):
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        scores = torch.einsum("hd,khd->hk", query[row].double(), keys.double()) * scale
+        want = torch.einsum("hk,khd->hd", scores.softmax(-1), values.double()).float()
+        torch.testing.assert_close(got[row], want, atol=2e-5, rtol=1e-4)

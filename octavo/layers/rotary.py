@@ -139,6 +139,35 @@ class RotaryEmbedding(nn.Module):
         cos, sin = cos[:, None, :], sin[:, None, :]
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
 
+    def can_rotate_joint(self, x: torch.Tensor, head_dim: int) -> bool:
+        """Whether ``rotate_joint`` serves heads of ``head_dim`` in ``x``: the CPU, float32,
+        rotate-half over whole heads."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and not self.interleaved
+                and self.rotary_dim == head_dim and head_dim % 2 == 0)
+
+    def _joint_tables(self, positions: torch.Tensor, per_step: Optional[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[cos, cos]`` and ``[-sin, sin]`` rows for ``positions``, ``[tokens, 1, rotary_dim]``;
+        built in the first layer of a step and kept in the step's ``per_step`` dict (the
+        attention metadata's) for the others."""
+        key = ("rotary_joint", id(self))
+        if per_step is not None and key in per_step:
+            return per_step[key]
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)
+        tables = torch.cat([cos, cos], dim=-1)[:, None, :], torch.cat([-sin, sin], dim=-1)[:, None, :]
+        if per_step is not None:
+            per_step[key] = tables
+        return tables
+
+    def rotate_joint(self, positions: torch.Tensor, x: torch.Tensor, per_step: Optional[dict] = None) -> torch.Tensor:
+        """Rotate-half rotary on query and key heads side by side (``x`` [tokens, heads, head_dim],
+        e.g. the q and k columns of a fused qkv output): four operators for both instead of
+        about eight each, and the cos/sin rows gathered once per step (``per_step``: a dict that
+        lives for one step). The same roundings as ``forward``: ``x1 * cos + x2 * (-sin)`` is
+        ``x1 * cos - x2 * sin`` exactly."""
+        cos_full, sin_signed = self._joint_tables(positions, per_step)
+        half = x.shape[-1] // 2
+        return x * cos_full + x.roll(half, dims=-1) * sin_signed
+
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, passthrough = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         if self.interleaved:

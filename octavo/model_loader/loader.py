@@ -150,6 +150,11 @@ def build_model(
 
         # pickles can run code when loaded: only the explicit opt-in allows them, never load_format
         model.load_weights(iter_checkpoint(path, allow_pickle_weights))
+    if device.type == "cpu" and dtype == torch.float32:
+        from octavo.layers.cpu_linear import onednn_linear_enabled, prepack_cpu_linears
+
+        if onednn_linear_enabled():  # OCTAVO_CPU_ONEDNN_LINEAR=0 keeps F.linear everywhere
+            prepack_cpu_linears(model)
     return model.eval()
 
 

@@ -92,8 +92,17 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(hidden)
         num_tokens = hidden.shape[0]
+        if not self.use_qk_norm and self.rotary_emb.can_rotate_joint(qkv, self.head_dim):
+            # CPU float32: q and k heads rotate together (see RotaryEmbedding.rotate_joint)
+            heads = self.num_heads + self.num_kv_heads
+            qk = self.rotary_emb.rotate_joint(positions, qkv[:, : self.q_size + self.kv_size].view(
+                num_tokens, heads, self.head_dim), metadata.per_step)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            out = self.attn(q.flatten(1), k.flatten(1), qkv[:, self.q_size + self.kv_size :], metadata)
+            return self.o_proj(out)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.use_qk_norm:

@@ -60,6 +60,15 @@ class SamplingRow:
         return len(self.token_ids) - self.num_prompt_tokens + self.num_pending_tokens
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (the first of equal maxima). On the CPU through ``max``, whose kernel
+    is 2-3x faster than ``argmax``'s over a vocabulary (2.2 -> 0.85 ms for 64 x 49152 on 2
+    threads); both return the first index of the maximum."""
+    if logits.device.type == "cpu":
+        return logits.max(dim=-1).indices
+    return logits.argmax(dim=-1)
+
+
 @dataclass
 class SamplerOutput:
     sampled_token_ids: list[int]
@@ -476,7 +485,7 @@ class Sampler:
     @staticmethod
     def sample_plain_greedy(logits: torch.Tensor) -> DeviceSamplerOutput:
         """``sample`` for rows that all pass ``is_plain_greedy``, without looking at each row."""
-        sampled = logits.argmax(dim=-1)
+        sampled = greedy_ids(logits)
         return DeviceSamplerOutput(sampled, torch.zeros(logits.shape[0], device=sampled.device),
                                    [None] * logits.shape[0])
 
@@ -487,7 +496,7 @@ class Sampler:
         Greedy rows take the argmax before temperature and get neutral settings for the rest.
         """
         device = logits.device
-        greedy_ids = logits.argmax(dim=-1) if any(greedy) else None
+        greedy_rows = greedy_ids(logits) if any(greedy) else None
         params = [row.params for row in rows]
         temperatures = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
         if any(t != 1.0 for t in temperatures):
@@ -500,9 +509,9 @@ class Sampler:
         apply_min_p(logits, [0.0 if g else p.min_p for g, p in zip(greedy, params)])
         probs = logits.softmax(dim=-1)
         random_ids = probs.div_(_exponential_noise(probs, rows, greedy)).argmax(dim=-1)
-        if greedy_ids is None:
+        if greedy_rows is None:
             return random_ids
-        return torch.where(_to_device(greedy, torch.bool, device), greedy_ids, random_ids)
+        return torch.where(_to_device(greedy, torch.bool, device), greedy_rows, random_ids)
 
     @staticmethod
     def _output(

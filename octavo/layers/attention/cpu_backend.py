@@ -67,18 +67,35 @@ def _decode_part(metadata: AttentionMetadata) -> AttentionMetadata:
 class CpuAttentionBackend(TorchAttentionBackend):
     name = "cpu"
 
+    def __init__(self, paged_decode: Optional[bool] = None) -> None:
+        """``paged_decode``: decode rows read K/V through the block tables in one kernel
+        (``cpu_paged``) instead of gather + SDPA; default: on unless ``OCTAVO_CPU_PAGED_DECODE=0``,
+        and only where the kernel builds."""
+        from octavo.layers.attention import cpu_paged
+
+        wanted = cpu_paged.paged_decode_enabled() if paged_decode is None else paged_decode
+        self.paged_decode = wanted and cpu_paged.load_paged_decode()
+
+    def _decode_rows(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                     scale: float) -> torch.Tensor:
+        if self.paged_decode and query.dtype == torch.float32 and kv_cache.dtype == torch.float32:
+            from octavo.layers.attention.cpu_paged import paged_decode
+
+            return paged_decode(query, kv_cache, metadata.block_tables, metadata.seq_lens, scale)
+        return self._decode(query, kv_cache, metadata, scale, None)
+
     def attend(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                scale: float, sliding_window: Optional[int], **modifiers: Any) -> torch.Tensor:
         if sliding_window is not None or any(value is not None for value in modifiers.values()):
             return super().attend(query, kv_cache, metadata, scale, sliding_window, **modifiers)
         if metadata.is_decode_only:
-            return self._decode(query, kv_cache, metadata, scale, None)
+            return self._decode_rows(query, kv_cache, metadata, scale)
         out = torch.empty_like(query)
         first = metadata.num_decodes
         if first:
             if "decode_part" not in metadata.per_step:
                 metadata.per_step["decode_part"] = _decode_part(metadata)
-            out[:first] = self._decode(query[:first], kv_cache, metadata.per_step["decode_part"], scale, None)
+            out[:first] = self._decode_rows(query[:first], kv_cache, metadata.per_step["decode_part"], scale)
         starts = metadata.query_start_loc_cpu
         for index in range(first, metadata.num_seqs):
             start, end = starts[index], starts[index + 1]

@@ -1,0 +1,117 @@
+"""The float32 CPU fast paths against their references: oneDNN linears with reordered weights
+against ``F.linear``, and whole engines with the fast paths on against the reference paths
+(``OCTAVO_CPU_ONEDNN_LINEAR=0``, ``OCTAVO_CPU_PAGED_DECODE=0``) and transformers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from octavo.layers import cpu_linear
+from octavo.layers.cpu_linear import OneDNNLinearMethod, onednn_linear_available, prepack_cpu_linears, use_onednn
+from octavo.layers.linear import Linear, MergedLinear
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="torch has no oneDNN linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(64, {"": 96}, False), (48, {"gate": 200, "up": 200}, True), (32, {"": 512}, True)])
+def test_prepacked_linear_matches_f_linear(shape):
+    in_features, shards, bias = shape
+    torch.manual_seed(0)
+    layer = MergedLinear(in_features, shards, bias=bias) if len(shards) > 1 else Linear(in_features, shards[""], bias)
+    with torch.no_grad():
+        layer.weight.normal_(0.0, 0.1)
+        if bias:
+            layer.bias.normal_()
+    inputs = {rows: torch.randn(rows, in_features) for rows in (1, 2, 7, 8, 33, 48, 49, 64, 100, 128, 129, 300)}
+    want = {rows: torch.nn.functional.linear(x, layer.weight, layer.bias) for rows, x in inputs.items()}
+    assert prepack_cpu_linears(torch.nn.Sequential(layer)) == 1
+    assert isinstance(layer.quant_method, OneDNNLinearMethod)
+    took = set()
+    for rows, x in inputs.items():
+        torch.testing.assert_close(layer(x), want[rows], atol=1e-5, rtol=1e-5)
+        if use_onednn(rows, layer.out_features, layer.in_features):
+            took.add(rows)
+    assert {2, 8, 48} <= took and 1 not in took and 300 not in took
+    # a non-contiguous input (a slice of a wider activation) gives the same rows
+    wide = torch.randn(8, 2 * in_features)
+    torch.testing.assert_close(layer(wide[:, :in_features]),
+                               torch.nn.functional.linear(wide[:, :in_features], layer.weight, layer.bias),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_row_bands():
+    assert not use_onednn(1, 960, 576)
+    assert use_onednn(2, 576, 1536) and use_onednn(48, 576, 576)
+    assert not use_onednn(64, 960, 576) and use_onednn(64, 3072, 576) and use_onednn(64, 49152, 576)
+    assert not use_onednn(129, 49152, 576)
+
+
+def _engine_tokens(folder, monkeypatch, onednn: str, paged: str, prompts, **overrides):
+    from octavo import LLM, SamplingParams
+
+    monkeypatch.setenv(cpu_linear.ENV_SWITCH, onednn)
+    monkeypatch.setenv("OCTAVO_CPU_PAGED_DECODE", paged)
+    kwargs = dict(device="cpu", dtype="float32", max_model_len=96, block_size=4, max_num_seqs=8,
+                  max_num_batched_tokens=40, num_gpu_blocks_override=80)
+    kwargs.update(overrides)
+    llm = LLM(str(folder), **kwargs)
+    runner = llm.llm_engine.core.runner
+    linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
+    assert all(isinstance(m.quant_method, OneDNNLinearMethod) == (onednn == "1") for m in linears)
+    assert runner.backend.paged_decode == (paged == "1" and runner.backend.paged_decode)
+    llm.llm_engine.core.kv_cache.pool.shuffle_free_queue(random.Random(1))
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), [next(iter(step.values())).logprob for step in o.outputs[0].logprobs])
+            for o in outputs]
+
+
+@needs_onednn
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_engine_fast_paths_match_the_reference_and_hf(arch, tiny_model_factory, monkeypatch):
+    """Eight prompts (decode steps of 2..8 rows through the oneDNN linears and the paged
+    decode kernel, mixed steps with prompt chunks): the same greedy tokens and logprobs as the
+    reference paths, and transformers' tokens."""
+    from tests.test_parity import hf_greedy
+
+    folder, model = tiny_model_factory(arch)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(2, 30))] for _ in range(8)]
+    reference = _engine_tokens(folder, monkeypatch, "0", "0", prompts)
+    fast = _engine_tokens(folder, monkeypatch, "1", "1", prompts)
+    assert [tokens for tokens, _ in fast] == [tokens for tokens, _ in reference]
+    for (_, got), (_, want) in zip(fast, reference):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert [tokens for tokens, _ in fast] == [hf_greedy(model, p, 12)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 37])
+def test_joint_rotary_is_the_per_tensor_rotary_exactly(tokens):
+    from transformers import LlamaConfig
+
+    from octavo.layers.rotary import RotaryEmbedding
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=128, rope_theta=10000.0)
+    rope = RotaryEmbedding(config, 16, 128)
+    positions = torch.randint(0, 128, (tokens,))
+    q, k = torch.randn(tokens, 6, 16), torch.randn(tokens, 2, 16)
+    assert rope.can_rotate_joint(q, 16)
+    want_q, want_k = rope(positions, q, k)
+    per_step: dict = {}
+    joint = rope.rotate_joint(positions, torch.cat([q, k], dim=1), per_step)
+    assert torch.equal(joint[:, :6], want_q) and torch.equal(joint[:, 6:], want_k)
+    assert per_step and rope.rotate_joint(positions, torch.cat([q, k], dim=1), per_step).equal(joint)  # cached
+
+
+def test_cpu_greedy_ids_are_argmax_with_ties():
+    from octavo.worker.sampler import greedy_ids
+
+    logits = torch.randn(16, 1000)
+    logits[3, [5, 700]] = 50.0  # a tie: the first index wins, as with argmax
+    logits[7, :] = 1.0
+    assert torch.equal(greedy_ids(logits), logits.argmax(dim=-1))
+    assert greedy_ids(logits)[3] == 5 and greedy_ids(logits)[7] == 0
