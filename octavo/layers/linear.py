@@ -70,10 +70,10 @@ class Linear(nn.Module):
         self.quant_method: LinearMethod = (
             quant_config.method_for(prefix) if quant_config is not None else UnquantizedLinearMethod()
         )
-        if group.world_size > 1 and parallel != "replicated" and not isinstance(self.quant_method, UnquantizedLinearMethod):
+        if group.world_size > 1 and parallel != "replicated" and not self.quant_method.supports_tensor_parallel:
             raise ValueError(
                 f"quantized weights ({type(self.quant_method).__name__}) do not support tensor parallelism yet; "
-                "use tensor_parallel_size=1 or an unquantized checkpoint (quantization none)."
+                "use tensor_parallel_size=1, FP8, or an unquantized checkpoint (quantization none)."
             )
         dtype = torch.get_default_dtype()
         self.quant_method.create_weights(self, dtype)
@@ -81,17 +81,26 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        # Only a layer split across ranks narrows checkpoint tensors: quantized layouts never are.
+        # Only a layer split across ranks narrows checkpoint tensors (quantized: FP8 only).
         self.sharded = (in_local != in_features
                         or any(local != full for _, local, full in self.shard_sources.values()))
         if self.sharded:  # vocabulary padding rows stay zero (their logits are dropped)
             with torch.no_grad():
-                self.weight.zero_()
-                if self.bias is not None:
-                    self.bias.zero_()
+                for tensor in (self.weight, self.bias):
+                    if tensor is not None:
+                        tensor.zero_()
         self._loaded: set[tuple[str, str]] = set()
 
-    def _local_part(self, shard: str, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def local_rows(self, shard: str, values: torch.Tensor) -> torch.Tensor:
+        """This rank's entries of a per-output-row vector of ``shard`` (all of them unless the
+        layer splits its rows)."""
+        start, local, full = self.shard_sources[shard]
+        if values.shape[0] != full:
+            raise ValueError(f"has {values.shape[0]} rows, expected {full}.")
+        rows = max(0, min(local, full - start))
+        return values if rows == full else values.narrow(0, start, rows)
+
+    def local_part(self, shard: str, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """This rank's part of the checkpoint tensor of ``shard`` and the (offset, rows) it fills
         (fewer rows than the shard holds where it ends in vocabulary padding)."""
         start, local, full = self.shard_sources[shard]
@@ -129,9 +138,12 @@ class Linear(nn.Module):
         if name == "bias" and self.reduce_output:  # added once, after the all-reduce
             copy_rows(self.bias, tensor, self.shard_offsets[shard], "bias")
             return
+        if name != "bias" and not isinstance(self.quant_method, UnquantizedLinearMethod):
+            self.quant_method.load_local(self, name, tensor, shard)
+            return
         if name not in ("weight", "bias"):
             raise ValueError(f"unexpected tensor {name!r} for an unquantized linear layer.")
-        part, rows = self._local_part(shard, name, tensor)
+        part, rows = self.local_part(shard, name, tensor)
         copy_rows(self.weight if name == "weight" else self.bias, part, rows, name)
 
     def _load_whole(self, name: str, tensor: torch.Tensor) -> None:

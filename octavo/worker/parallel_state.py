@@ -56,6 +56,12 @@ class TensorParallelGroup:
             dist.all_reduce(tensor)
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum over ranks, in place (a no-op on one rank)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def gather_last_dim(self, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         """Concatenate every rank's ``tensor`` along its last dimension, on rank 0 only (the other
         ranks get ``None``)."""

@@ -81,9 +81,11 @@ def check_tensor_parallel(config: EngineConfig, hf_config, dtype: torch.dtype, d
     if not model_class.supports_tensor_parallel:
         raise ValueError(f"{model_class.__name__} models do not support tensor parallelism yet; "
                          "use tensor_parallel_size=1.")
-    if loader.quantization_for_model(model_class, hf_config, config.quantization, dtype) is not None:
-        raise ValueError("quantized weights do not support tensor parallelism yet; use tensor_parallel_size=1 "
-                         "or an unquantized checkpoint (quantization none).")
+    quantization = loader.quantization_for_model(model_class, hf_config, config.quantization, dtype)
+    if quantization is not None and not quantization.supports_tensor_parallel:
+        raise ValueError(f"{quantization.name} weights do not support tensor parallelism yet; use "
+                         "tensor_parallel_size=1, FP8 (--quantization fp8 or an fp8 checkpoint), or an unquantized "
+                         "checkpoint (quantization none).")
     group = TensorParallelGroup(0, size)
     heads = hf_config.num_attention_heads
     group.attention_heads(heads, getattr(hf_config, "num_key_value_heads", None) or heads)

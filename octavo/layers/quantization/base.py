@@ -31,7 +31,11 @@ class LinearMethod(ABC):
 
     ``layer.in_features``, ``layer.out_features`` and ``layer.shard_offsets`` are set before
     ``create_weights`` is called. A layer that is not fused has one shard named ``""``.
+    A method with ``supports_tensor_parallel`` takes, in a layer split across ranks, this rank's
+    part of each checkpoint tensor through ``load_local`` (see ``Linear``).
     """
+
+    supports_tensor_parallel: ClassVar[bool] = False
 
     @abstractmethod
     def create_weights(self, layer: nn.Module, dtype: torch.dtype) -> None:
@@ -65,6 +69,8 @@ class QuantizationConfig(ABC):
     """One weight format, parsed and checked once; ``linear_method`` is asked per layer."""
 
     name: ClassVar[str]  # what --quantization / quantization_config.quant_method calls it
+    # Whether every layer it quantizes can be split across tensor-parallel ranks.
+    supports_tensor_parallel: ClassVar[bool] = False
     # fused module -> the checkpoint modules it stacks (qkv_proj -> q_proj, k_proj, v_proj); the
     # loader sets it from the model class so that ignore lists can name checkpoint modules.
     packed_modules: dict[str, tuple[str, ...]] = {}
@@ -99,6 +105,8 @@ class QuantizationConfig(ABC):
 
 class UnquantizedLinearMethod(LinearMethod):
     """A plain ``weight`` of shape [out_features, in_features] in the model's dtype."""
+
+    supports_tensor_parallel = True
 
     def create_weights(self, layer: nn.Module, dtype: torch.dtype) -> None:
         layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features, dtype=dtype),

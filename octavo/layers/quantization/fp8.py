@@ -17,6 +17,7 @@ from torch import nn
 from octavo.layers.quantization.base import (
     LinearMethod, QuantizationConfig, UnquantizedLinearMethod, copy_rows, matches_module_list,
 )
+from octavo.worker.parallel_state import tp_group
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -36,6 +37,8 @@ def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 class Fp8Config(QuantizationConfig):
     name = "fp8"
+
+    supports_tensor_parallel = True
 
     def __init__(self, static_activations: bool, online: bool, ignored_layers: list[str]) -> None:
         self.method = Fp8LinearMethod(static_activations, online)
@@ -65,7 +68,14 @@ class Fp8Config(QuantizationConfig):
 
 class Fp8LinearMethod(LinearMethod):
     """``activations``: ``dynamic`` (per token), ``static`` (one checkpoint scale per tensor), or
-    ``None`` (weight-only: the weight is widened to the activation dtype in every call)."""
+    ``None`` (weight-only: the weight is widened to the activation dtype in every call).
+
+    Split across tensor-parallel ranks, each rank keeps its rows (column parallel) or columns (row
+    parallel) of the FP8 weight and the scales of its rows; online quantization scales each full
+    row before the split, and a row-parallel layer takes each token's activation scale over all
+    ranks' columns, so every split computes with the values one GPU would."""
+
+    supports_tensor_parallel = True
 
     def __init__(self, static_activations: bool = False, online: bool = False,
                  activations: Optional[str] = "dynamic") -> None:
@@ -112,6 +122,32 @@ class Fp8LinearMethod(LinearMethod):
         else:
             raise ValueError(f"unexpected tensor {name!r} for an FP8 layer (weight, weight_scale, input_scale).")
 
+    def load_local(self, layer: nn.Module, name: str, tensor: torch.Tensor, shard: str) -> None:
+        """``load`` for a layer split across ranks: ``tensor`` is the whole checkpoint tensor."""
+        if name == "weight":
+            if self.online:
+                if tensor.dtype == FP8_DTYPE:
+                    raise ValueError("online FP8 quantization needs a 16/32-bit checkpoint, but the weight is FP8.")
+                values, scale = quantize_rows_fp8(tensor.to(layer.weight.device))  # whole rows: split-independent
+                part, rows = layer.local_part(shard, "weight", values)
+                copy_rows(layer.weight, part, rows, "weight")
+                copy_rows(layer.weight_scale, layer.local_rows(shard, scale.view(-1)), rows, "weight_scale")
+                return
+            if tensor.dtype != FP8_DTYPE:
+                raise ValueError(f"weight has dtype {tensor.dtype}, expected {FP8_DTYPE} in an FP8 checkpoint.")
+            part, rows = layer.local_part(shard, "weight", tensor)
+            copy_rows(layer.weight, part, rows, "weight")
+        elif name == "weight_scale":
+            scale = tensor.float().reshape(-1)
+            rows = layer.shard_offsets[shard]
+            if scale.numel() == 1:
+                copy_rows(layer.weight_scale, scale.expand(rows[1]), rows, name)
+            else:
+                local = layer.local_rows(shard, scale)
+                copy_rows(layer.weight_scale, local, (rows[0], local.shape[0]), name)
+        else:
+            self.load(layer, name, tensor, shard)  # activation scales and zero points: the same on every rank
+
     def process_after_loading(self, layer: nn.Module) -> None:
         if layer.input_scale is not None and layer.input_scale.dim() == 1:
             layer.input_scale = layer.input_scale.max().reshape(1, 1)
@@ -136,6 +172,10 @@ class Fp8LinearMethod(LinearMethod):
             x_scale = layer.input_scale
             x_fp8 = quantize_fp8_static(x, x_scale)
             x_scale = x_scale.expand(x.shape[0], 1)
+        elif layer.reduce_output:  # row parallel: each token's scale over every rank's columns
+            amax = tp_group().all_reduce_max(x.float().abs().amax(dim=-1, keepdim=True))
+            x_scale = (amax / FP8_MAX).clamp(min=_MIN_SCALE)
+            x_fp8 = quantize_fp8_static(x, x_scale)
         elif x.is_cuda:
             from octavo.layers.quantization import triton_kernels
 
