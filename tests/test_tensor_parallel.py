@@ -161,6 +161,18 @@ def test_a_split_the_model_cannot_take_is_refused(arch, size, message, tiny_mode
         make_llm(folder, tensor_parallel_size=size)
 
 
+def test_quantized_formats_that_cannot_split_are_refused(tiny_model_factory, tmp_path):
+    import json
+
+    folder, _ = tiny_model_factory("llama")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False,
+                                     "sym": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="gptq weights do not support tensor parallelism yet"):
+        make_llm(tmp_path, tensor_parallel_size=2, load_format="dummy")
+
+
 def test_tensor_parallel_size_is_checked_and_reaches_the_core_process():
     with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
         EngineConfig(model="m", tensor_parallel_size=0)
