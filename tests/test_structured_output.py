@@ -236,3 +236,36 @@ def test_params_round_trip_through_the_core_messages(constraint):
     assert rebuilt == params
     assert isinstance(rebuilt.structured_outputs, StructuredOutputsParams)
     assert rebuilt.structured_outputs.cache_key() == params.structured_outputs.cache_key()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_constrained_rows_on_the_steady_decode_path_sample_what_the_full_path_does(model_folder, monkeypatch,
+                                                                                  async_scheduling):
+    """Grammar rows (and penalties, watermarks) reuse the steady decode inputs: the same tokens as
+    preparing every step from scratch, with their sampling deferred behind a step in flight."""
+    from octavo.worker import model_runner
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    params = [SamplingParams(max_tokens=60, temperature=0.7, seed=3 + i,
+                             structured_outputs=StructuredOutputsParams(json=schema)) for i in range(3)]
+    params += [SamplingParams(max_tokens=40, temperature=0.0, repetition_penalty=1.3, ignore_eos=True),
+               SamplingParams(max_tokens=40, temperature=0.9, seed=5, watermark=True, ignore_eos=True)]
+    steady_steps = []
+    launch_steady = model_runner.ModelRunner._launch_steady
+    monkeypatch.setattr(model_runner.ModelRunner, "_launch_steady",
+                        lambda self, *args: steady_steps.append(1) or launch_steady(self, *args))
+    tokens = {}
+    for path in ("steady", "full"):
+        if path == "full":
+            monkeypatch.setattr(model_runner.ModelRunner, "_steady_inputs", lambda self, *args: None)
+        engine = LLM(str(model_folder), device=DEVICE, dtype="float32", async_scheduling=async_scheduling,
+                     engine_core_process=False, kv_cache_memory=8 << 20, gpu_memory_utilization=0.2)
+        outputs = engine.generate(["Give me a person:"] * len(params), params, use_tqdm=False)
+        tokens[path] = [output.outputs[0].token_ids for output in outputs]
+        engine.shutdown()
+        if path == "steady":
+            assert len(steady_steps) > 20, "the constrained batch was meant to run steady decode steps"
+    assert tokens["steady"] == tokens["full"]
+    for output in tokens["steady"][:3]:
+        assert output  # the schema's rows produced tokens

@@ -385,10 +385,10 @@ class ModelRunner:
         if (batch.num_tokens != num_seqs or len(samplers) != num_seqs or len(inputs.sample_seqs) != num_seqs
                 or inputs.host_tables is None):
             return
-        if any(seq.params.uses_logits_controls or seq.grammar is not None for seq in samplers):
-            return  # grammars, biases, watermarks and processors take the full path (and may defer sampling)
+        # Grammars, biases, watermarks and processors keep the steady inputs too; they take the
+        # full sampler (and may defer it, see ``launch``).
         self._steady = _SteadyBatch(list(batch.seqs), inputs.host_positions, inputs.host_tables,
-                                    all(is_plain_greedy(seq.params) for seq in samplers))
+                                    all(is_plain_greedy(seq.params) and seq.grammar is None for seq in samplers))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepResult:
@@ -403,7 +403,7 @@ class ModelRunner:
         self.copy_blocks(batch.block_copies)
         inputs = self._steady_inputs(batch, block_tables, previous)
         if inputs is not None:
-            return self._launch_steady(inputs)
+            return self._launch_steady(inputs, previous)
         batch, block_tables = _decodes_first(batch, block_tables)
         inputs = self.prepare_inputs(batch, block_tables, previous)
         hidden = self._forward(inputs)
@@ -470,7 +470,7 @@ class ModelRunner:
         output.start_copy()
         launched.output = output
 
-    def _launch_steady(self, inputs: ModelInputs) -> LaunchedStep:
+    def _launch_steady(self, inputs: ModelInputs, previous: Optional[LaunchedStep]) -> LaunchedStep:
         """``launch`` for a steady decode step: one sampling row per sequence, in batch order."""
         hidden = self._forward(inputs)
         logits = self.compute_logits(hidden, inputs.sample_indices)
@@ -479,7 +479,10 @@ class ModelRunner:
         full_block_rows = np.flatnonzero((positions + 1) % self.block_size == 0).tolist()
         launched = LaunchedStep(StepResult(), samplers, steady=True, full_block_rows=full_block_rows)
         if not self._steady.plain_greedy:
-            self._sample(launched, inputs, logits, None, 0)
+            if previous is not None and any(map(_needs_host_tokens, samplers)):  # as in ``launch``
+                launched.deferred_sampling = lambda: self._sample(launched, inputs, logits, None, 1)
+            else:
+                self._sample(launched, inputs, logits, None, 0)
             return launched
         output = self.sampler.sample_plain_greedy(logits)
         launched.device_token_ids = output.sampled_token_ids
