@@ -10,6 +10,11 @@
 #                                      requests, qwen3-0.6b var 256, then step profiles (host against
 #                                      device ms) at 64, 256 and 512 sequences (PROFILE_SIZES); each stage under
 #                                      its own timeout (about 10 min); JSON and profiles into OUT
+#   scripts/gpu_check.sh followup [OUT] what the last device session left unmeasured, each stage under its
+#                                      own timeout (about 9 min): the async fork test 5 times with the input
+#                                      staging on and off, llama3-8b fixed 256 with W4A16 GPTQ (bf16 beside it),
+#                                      qwen3-0.6b 256 JSON-schema requests against unconstrained, and 2
+#                                      data-parallel replicas against one engine; logs and JSON into OUT
 #   scripts/gpu_check.sh moe [OUT]     fused-MoE kernels against the reference (1..8192 tokens, CUDA graphs), MoE
 #                                      parity with transformers, then mixtral-8x7b (bf16, 93 GB) fixed 256 with
 #                                      HF static on its first 128 requests (MOE_PEER_PROMPTS=256 for all; about 8 min)
@@ -38,7 +43,7 @@
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|limit|moe|families|serve|quant|structured|hostcost|dp|tp [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|limit|followup|moe|families|serve|quant|structured|hostcost|dp|tp [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -177,6 +182,41 @@ limit)
         exit 1
     fi
     ;;
+followup)
+    failed=()
+    bench_cmd=(python -m octavo.entrypoints.cli bench throughput)
+    stage() {
+        local name=$1 seconds=$2
+        shift 2
+        echo "=== $name (timeout ${seconds}s, at ${SECONDS}s)"
+        timeout "$seconds" "$@" || { echo "=== $name FAILED (exit $?)"; failed+=("$name"); }
+    }
+    # The first run compiles the kernels; a failure's whole report lands in the log.
+    for staging in 1 0; do
+        for run in 1 2 3 4 5; do
+            stage "async fork test, staging $staging, run $run" 90 sh -c "OCTAVO_TEST_DEVICE=cuda \
+                OCTAVO_INPUT_STAGING=$staging python -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
+                -k fork >> '$out/fork-tests.log' 2>&1"
+        done
+    done
+    grep -E "passed|failed" "$out/fork-tests.log" || true
+    for quantization in auto gptq; do
+        stage "llama3-8b fixed 256, $quantization" 90 "${bench_cmd[@]}" --model dummy:llama3-8b --workload fixed \
+            --num-prompts 256 --max-num-seqs 256 --quantization "$quantization" \
+            --output "$out/llama3-8b-fixed-256-quant-$quantization.json"
+    done
+    stage "structured, 256 requests" 120 python -m octavo.benchmarks.structured --model dummy:qwen3-0.6b \
+        --num-prompts 256 --max-tokens 256 --output "$out/structured-256.json"
+    for replicas in 1 2; do
+        stage "data parallel, $replicas replica(s)" 70 "${bench_cmd[@]}" --model dummy:qwen3-0.6b --workload fixed \
+            --num-prompts 512 --max-num-seqs 512 --skip-limit --gpu-memory-utilization 0.9 \
+            --data-parallel-size "$replicas" --output "$out/dp$replicas-qwen3-fixed-512.json"
+    done
+    if [ ${#failed[@]} -gt 0 ]; then
+        printf 'FAILED: %s\n' "${failed[@]}"
+        exit 1
+    fi
+    ;;
 llama3)
     bench --model dummy:llama3-8b --workload fixed --num-prompts 256 --max-num-seqs 256 \
         --compare hf-static --output "$out/llama3-8b-fixed-256.json"
@@ -264,7 +304,7 @@ tp)
     exit $status
     ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3, llama3, limit, moe, families, serve, quant, structured, hostcost, dp or tp" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3, limit, followup, moe, families, serve, quant, structured, hostcost, dp or tp" >&2
     exit 2
     ;;
 esac
