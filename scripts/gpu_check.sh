@@ -11,10 +11,10 @@
 #                                      device ms) at 64, 256 and 512 sequences (PROFILE_SIZES); each stage under
 #                                      its own timeout (about 10 min); JSON and profiles into OUT
 #   scripts/gpu_check.sh followup [OUT] what the last device session left unmeasured, each stage under its
-#                                      own timeout (about 9 min): the async fork test 5 times with the input
-#                                      staging on and off, llama3-8b fixed 256 with W4A16 GPTQ (bf16 beside it),
-#                                      qwen3-0.6b 256 JSON-schema requests against unconstrained, and 2
-#                                      data-parallel replicas against one engine; logs and JSON into OUT
+#                                      own timeout (about 9 min): the async fork test FORK_RUNS (2) times with
+#                                      the input staging on and off, llama3-8b fixed 256 with W4A16 GPTQ (bf16
+#                                      beside it), qwen3-0.6b 256 JSON-schema requests against unconstrained;
+#                                      logs and JSON into OUT (then `dp` for the data-parallel check)
 #   scripts/gpu_check.sh moe [OUT]     fused-MoE kernels against the reference (1..8192 tokens, CUDA graphs), MoE
 #                                      parity with transformers, then mixtral-8x7b (bf16, 93 GB) fixed 256 with
 #                                      HF static on its first 128 requests (MOE_PEER_PROMPTS=256 for all; about 8 min)
@@ -193,7 +193,7 @@ followup)
     }
     # The first run compiles the kernels; a failure's whole report lands in the log.
     for staging in 1 0; do
-        for run in 1 2 3 4 5; do
+        for run in $(seq "${FORK_RUNS:-2}"); do
             stage "async fork test, staging $staging, run $run" 90 sh -c "OCTAVO_TEST_DEVICE=cuda \
                 OCTAVO_INPUT_STAGING=$staging python -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
                 -k fork >> '$out/fork-tests.log' 2>&1"
@@ -207,11 +207,6 @@ followup)
     done
     stage "structured, 256 requests" 120 python -m octavo.benchmarks.structured --model dummy:qwen3-0.6b \
         --num-prompts 256 --max-tokens 256 --output "$out/structured-256.json"
-    for replicas in 1 2; do
-        stage "data parallel, $replicas replica(s)" 70 "${bench_cmd[@]}" --model dummy:qwen3-0.6b --workload fixed \
-            --num-prompts 512 --max-num-seqs 512 --skip-limit --gpu-memory-utilization 0.9 \
-            --data-parallel-size "$replicas" --output "$out/dp$replicas-qwen3-fixed-512.json"
-    done
     if [ ${#failed[@]} -gt 0 ]; then
         printf 'FAILED: %s\n' "${failed[@]}"
         exit 1
