@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
 from typing import Optional
 
@@ -181,13 +182,15 @@ _state: dict[str, object] = {}  # "ok": bool once tried, "error": why it failed
 
 def _cpu_tag() -> str:
     """A short hash of the CPU's flags: the build uses -march=native, so a cache shared with
-    another kind of CPU must not hand over this one's binary."""
+    another kind of CPU must not hand over this one's binary. The environment's prefix goes in
+    too: torch's build cache keys on the include paths, so two virtual environments sharing one
+    build folder would rebuild it in turn."""
     try:
         with open("/proc/cpuinfo") as handle:
             flags = next((line for line in handle if line.startswith("flags")), "")
     except OSError:
         flags = ""
-    return hashlib.sha256((flags + _SOURCE + torch.__version__).encode()).hexdigest()[:12]
+    return hashlib.sha256((flags + _SOURCE + torch.__version__ + sys.prefix).encode()).hexdigest()[:12]
 
 
 def paged_decode_enabled() -> bool:
