@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from octavo.layers import cpu_linear
+from octavo.layers.attention import cpu_paged
 from octavo.layers.cpu_linear import OneDNNLinearMethod, onednn_linear_available, prepack_cpu_linears, use_onednn
 from octavo.layers.linear import Linear, MergedLinear
 
@@ -62,7 +63,8 @@ def _engine_tokens(folder, monkeypatch, onednn: str, paged: str, prompts, **over
     runner = llm.llm_engine.core.runner
     linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
     assert all(isinstance(m.quant_method, OneDNNLinearMethod) == (onednn == "1") for m in linears)
-    assert runner.backend.paged_decode == (paged == "1" and runner.backend.paged_decode)
+    # On with the switch wherever the kernel builds, off without it.
+    assert runner.backend.paged_decode == (paged == "1" and cpu_paged.load_paged_decode())
     llm.llm_engine.core.kv_cache.pool.shuffle_free_queue(random.Random(1))
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

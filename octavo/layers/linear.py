@@ -91,29 +91,24 @@ class Linear(nn.Module):
                         tensor.zero_()
         self._loaded: set[tuple[str, str]] = set()
 
-    def local_rows(self, shard: str, values: torch.Tensor) -> torch.Tensor:
-        """This rank's entries of a per-output-row vector of ``shard`` (all of them unless the
-        layer splits its rows)."""
+    def local_rows(self, shard: str, values: torch.Tensor, name: str = "tensor") -> torch.Tensor:
+        """This rank's rows of the checkpoint tensor ``name`` of ``shard`` (a weight, a bias or a
+        per-row scale): all of them unless the layer splits its rows, fewer than the shard holds
+        where it ends in vocabulary padding."""
         start, local, full = self.shard_sources[shard]
         if values.shape[0] != full:
-            raise ValueError(f"has {values.shape[0]} rows, expected {full}.")
+            raise ValueError(f"{name} has {values.shape[0]} rows, expected {full}.")
         rows = max(0, min(local, full - start))
         return values if rows == full else values.narrow(0, start, rows)
 
     def local_part(self, shard: str, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """This rank's part of the checkpoint tensor of ``shard`` and the (offset, rows) it fills
-        (fewer rows than the shard holds where it ends in vocabulary padding)."""
-        start, local, full = self.shard_sources[shard]
-        offset = self.shard_offsets[shard][0]
-        if tensor.shape[0] != full:
-            raise ValueError(f"{name} has {tensor.shape[0]} rows, expected {full}.")
-        rows = max(0, min(local, full - start))
-        if rows != full:
-            tensor = tensor.narrow(0, start, rows)
+        """This rank's part of the checkpoint tensor of ``shard`` (its rows, and a weight's input
+        columns) and the (offset, rows) it fills."""
+        tensor = self.local_rows(shard, tensor, name)
         in_start, in_local, in_full = self.input_source
         if name == "weight" and in_local != in_full:
             tensor = tensor.narrow(1, in_start, in_local)
-        return tensor, (offset, rows)
+        return tensor, (self.shard_offsets[shard][0], tensor.shape[0])
 
     def load_shard(self, shard: str, name: str, tensor: torch.Tensor) -> None:
         """Copy the checkpoint tensor ``<shard's module>.<name>`` into this layer; shard ``""`` of a

@@ -28,7 +28,7 @@ _NUM_BUFFERS = 3
 class _Buffer:
     host: torch.Tensor  # pinned uint8
     device: torch.Tensor  # uint8
-    done: Optional[torch.cuda.Event] = None
+    done: torch.cuda.Event  # recorded after the buffer's last copy
 
 
 _TORCH_DTYPES = {np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64,

@@ -131,7 +131,7 @@ class Fp8LinearMethod(LinearMethod):
                 values, scale = quantize_rows_fp8(tensor.to(layer.weight.device))  # whole rows: split-independent
                 part, rows = layer.local_part(shard, "weight", values)
                 copy_rows(layer.weight, part, rows, "weight")
-                copy_rows(layer.weight_scale, layer.local_rows(shard, scale.view(-1)), rows, "weight_scale")
+                copy_rows(layer.weight_scale, layer.local_rows(shard, scale.view(-1), "weight_scale"), rows, "weight_scale")
                 return
             if tensor.dtype != FP8_DTYPE:
                 raise ValueError(f"weight has dtype {tensor.dtype}, expected {FP8_DTYPE} in an FP8 checkpoint.")
@@ -143,7 +143,7 @@ class Fp8LinearMethod(LinearMethod):
             if scale.numel() == 1:
                 copy_rows(layer.weight_scale, scale.expand(rows[1]), rows, name)
             else:
-                local = layer.local_rows(shard, scale)
+                local = layer.local_rows(shard, scale, name)
                 copy_rows(layer.weight_scale, local, (rows[0], local.shape[0]), name)
         else:
             self.load(layer, name, tensor, shard)  # activation scales and zero points: the same on every rank
