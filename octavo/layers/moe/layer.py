@@ -54,9 +54,10 @@ class FusedMoE(nn.Module):
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         out = None
         if hidden.is_cuda:
-            from octavo.layers.moe import fused_moe  # imported on first use: CPU runs never load triton
+            from octavo.layers.attention.triton_ops import triton  # first use: CPU runs never load triton
+            from octavo.layers.moe import fused_moe
 
-            if fused_moe.triton is not None:
+            if triton is not None:
                 out = fused_moe.fused_experts(hidden, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
         if out is None:
             out = fused_experts_reference(hidden, self.gate_up_proj, self.down_proj, topk_weights, topk_ids)
