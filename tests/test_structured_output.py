@@ -269,3 +269,34 @@ def test_constrained_rows_on_the_steady_decode_path_sample_what_the_full_path_do
     assert tokens["steady"] == tokens["full"]
     for output in tokens["steady"][:3]:
         assert output  # the schema's rows produced tokens
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_greedy_grammar_rows_take_the_masked_argmax_with_the_full_samplers_tokens(model_folder, monkeypatch,
+                                                                                 async_scheduling):
+    """Greedy rows whose only control is a grammar skip the per-row sampler: the same tokens as
+    the full sampler, which an identity logits processor forces."""
+    from octavo.worker.sampler import Sampler
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    masked_calls = []
+    masked = Sampler.sample_masked_greedy
+    monkeypatch.setattr(Sampler, "sample_masked_greedy",
+                        staticmethod(lambda *args: masked_calls.append(1) or masked(*args)))
+    tokens = {}
+    for path in ("masked", "full"):
+        processors = [lambda output_ids, logits: logits] if path == "full" else None
+        params = [SamplingParams(max_tokens=50, temperature=0.0, n=n, logits_processors=processors,
+                                 structured_outputs=StructuredOutputsParams(json=schema)) for n in (1, 2, 1)]
+        engine = LLM(str(model_folder), device=DEVICE, dtype="float32", async_scheduling=async_scheduling,
+                     engine_core_process=False, kv_cache_memory=8 << 20, gpu_memory_utilization=0.2)
+        outputs = engine.generate(["Give me a person:", "A person:", "Name and age:"], params, use_tqdm=False)
+        tokens[path] = [[sample.token_ids for sample in output.outputs] for output in outputs]
+        engine.shutdown()
+        if path == "masked":
+            assert len(masked_calls) > 20, "the greedy grammar rows were meant to take the masked argmax"
+            masked_calls.clear()
+    assert not masked_calls
+    assert tokens["masked"] == tokens["full"]
+    assert all(samples[0] for samples in tokens["masked"])

@@ -338,6 +338,8 @@ class EngineCore:
                 token_ids = seq.token_ids
                 token_ids.append(token)
                 if token not in state.stop_ids and len(token_ids) < state.length_limit:
+                    if seq.grammar is not None:
+                        self._advance_grammar(seq, token)
                     token_core_ids.append(state.core_id)
                     token_ids_out.append(token)
                     continue
@@ -349,10 +351,8 @@ class EngineCore:
                 output = outputs[state.core_id] = self._new_output(state)
             seq.token_ids.append(token)
             seq.cumulative_logprob += logprob
-            if seq.grammar is not None and not seq.grammar.accept(token):
-                logger.error("request %s: the grammar rejected token %d; the rest is unconstrained",
-                             seq.request_id, token)
-                seq.grammar = None
+            if seq.grammar is not None:
+                self._advance_grammar(seq, token)
             delta = SampleDelta(seq.sample_index, [token])
             output.samples.append(delta)
             if state.send_logprobs:
@@ -377,6 +377,13 @@ class EngineCore:
                 del requests[core_id]
         return StepOutputs(list(outputs.values()), None, token_core_ids, token_ids_out)
 
+    @staticmethod
+    def _advance_grammar(seq: Sequence, token: int) -> None:
+        if not seq.grammar.accept(token):
+            logger.error("request %s: the grammar rejected token %d; the rest is unconstrained",
+                         seq.request_id, token)
+            seq.grammar = None
+
     def _new_output(self, state: _CoreRequestState) -> CoreOutput:
         first = state.seqs[0]
         output = CoreOutput(state.core_id, [], num_cached_tokens=first.num_cached_prompt_tokens)
@@ -384,8 +391,7 @@ class EngineCore:
             state.sent_first_scheduled = True
             output.first_scheduled_time = first.first_scheduled_time
             params = state.params
-            state.ids_only = (len(state.seqs) == 1 and not state.send_logprobs and first.grammar is None
-                              and params.prompt_logprobs is None)
+            state.ids_only = len(state.seqs) == 1 and not state.send_logprobs and params.prompt_logprobs is None
         return output
 
     # ---- stats -------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from octavo.worker.sampler import (
     SamplingRow,
     compute_prompt_logprobs,
     has_penalty,
+    is_masked_greedy,
     is_plain_greedy,
 )
 
@@ -117,6 +118,7 @@ class _SteadyBatch:
     positions: np.ndarray  # [rows] int64, the position each row computed
     tables: np.ndarray  # [rows, blocks] int32, zero-padded
     plain_greedy: bool  # every row passes is_plain_greedy
+    masked_greedy: bool  # every row passes is_masked_greedy
 
 
 def _decodes_first(batch: ScheduledBatch, block_tables: list[list[int]]) -> tuple[ScheduledBatch, list[list[int]]]:
@@ -367,7 +369,7 @@ class ModelRunner:
         if previous is None:
             extra += (np.array([seq.token_ids[-1] for seq in seqs], dtype=np.int64),)
         query_start = np.arange(num_seqs + 1, dtype=np.int64)
-        self._steady = _SteadyBatch(seqs, positions, tables, steady.plain_greedy)
+        self._steady = _SteadyBatch(seqs, positions, tables, steady.plain_greedy, steady.masked_greedy)
         metadata, uploaded = self._metadata(query_start, positions + 1, tables, slots, extra)
         return ModelInputs(
             # with a step in flight, every row's input is its token still there
@@ -388,7 +390,8 @@ class ModelRunner:
         # Grammars, biases, watermarks and processors keep the steady inputs too; they take the
         # full sampler (and may defer it, see ``launch``).
         self._steady = _SteadyBatch(list(batch.seqs), inputs.host_positions, inputs.host_tables,
-                                    all(is_plain_greedy(seq.params) and seq.grammar is None for seq in samplers))
+                                    all(is_plain_greedy(seq.params) and seq.grammar is None for seq in samplers),
+                                    all(is_masked_greedy(seq.params) for seq in samplers))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepResult:
@@ -425,10 +428,11 @@ class ModelRunner:
         # cannot sample before the step in flight has been processed. The forward pass is
         # queued already, so the engine processes that step while the device computes this
         # one and then calls ``finish_sampling``: the mask is filled on the CPU meanwhile.
+        masked_greedy = all(is_masked_greedy(seq.params) for seq in samplers)
         if previous is not None and any(map(_needs_host_tokens, samplers)):
-            launched.deferred_sampling = lambda: self._sample(launched, inputs, logits, fork_rows, 1)
+            launched.deferred_sampling = lambda: self._sample(launched, inputs, logits, fork_rows, 1, masked_greedy)
         else:
-            self._sample(launched, inputs, logits, fork_rows, 0)
+            self._sample(launched, inputs, logits, fork_rows, 0, masked_greedy)
         self._keep_steady(batch, inputs, samplers)
         return launched
 
@@ -437,13 +441,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _sample(self, launched: LaunchedStep, inputs: ModelInputs, logits: torch.Tensor,
-                fork_rows: Optional[torch.Tensor], num_launched_pending: int) -> None:
+                fork_rows: Optional[torch.Tensor], num_launched_pending: int, masked_greedy: bool) -> None:
         """Sample the step's rows and queue the copy of the tokens to the host.
 
         ``num_launched_pending`` is 1 when sampling was deferred: the engine has then already
-        counted this step's own token as pending in every sampler.
+        counted this step's own token as pending in every sampler. ``masked_greedy``: every
+        sampler passes ``is_masked_greedy``.
         """
         samplers = launched.samplers
+        if masked_greedy:
+            # Greedy rows whose only control is a grammar: mask, then argmax (the common
+            # structured-output request), without building a sampling row per sequence.
+            constrained, grammars = constrained_rows(samplers)
+            bitmask = self.bitmask_filler.fill(grammars, constrained, len(samplers)) if constrained else None
+            output = self.sampler.sample_masked_greedy(logits, bitmask)
+            launched.device_token_ids = output.sampled_token_ids
+            output.start_copy()
+            launched.output = output
+            return
         rows = [
             SamplingRow(
                 params=seq.params,
@@ -479,10 +494,11 @@ class ModelRunner:
         full_block_rows = np.flatnonzero((positions + 1) % self.block_size == 0).tolist()
         launched = LaunchedStep(StepResult(), samplers, steady=True, full_block_rows=full_block_rows)
         if not self._steady.plain_greedy:
+            masked_greedy = self._steady.masked_greedy
             if previous is not None and any(map(_needs_host_tokens, samplers)):  # as in ``launch``
-                launched.deferred_sampling = lambda: self._sample(launched, inputs, logits, None, 1)
+                launched.deferred_sampling = lambda: self._sample(launched, inputs, logits, None, 1, masked_greedy)
             else:
-                self._sample(launched, inputs, logits, None, 0)
+                self._sample(launched, inputs, logits, None, 0, masked_greedy)
             return launched
         output = self.sampler.sample_plain_greedy(logits)
         launched.device_token_ids = output.sampled_token_ids

@@ -390,6 +390,15 @@ def is_plain_greedy(params: SamplingParams) -> bool:
             and params.num_samples == params.n and not params.uses_logits_controls)
 
 
+def is_masked_greedy(params: SamplingParams) -> bool:
+    """Plain greedy apart from a grammar: the token is the argmax of the grammar-masked logits
+    (see ``Sampler.sample_masked_greedy``)."""
+    return (params.greedy and not has_penalty(params) and params.min_tokens == 0 and params.logprobs is None
+            and params.num_samples == params.n and not (params.logit_bias or params.allowed_token_ids
+                                                        or params.bad_words or params.logits_processors
+                                                        or params.watermark))
+
+
 def _exponential_noise(
     probs: torch.Tensor, rows: Sequence[SamplingRow], greedy: list[bool]
 ) -> torch.Tensor:
@@ -488,6 +497,16 @@ class Sampler:
         sampled = greedy_ids(logits)
         return DeviceSamplerOutput(sampled, torch.zeros(logits.shape[0], device=sampled.device),
                                    [None] * logits.shape[0])
+
+    @staticmethod
+    def sample_masked_greedy(logits: torch.Tensor, grammar_bitmask: GrammarBitmask | None) -> DeviceSamplerOutput:
+        """``sample`` for rows that all pass ``is_masked_greedy``: the argmax of the logits after
+        the grammars' masks, with no per-row host work beyond the mask itself."""
+        if grammar_bitmask is None:
+            return Sampler.sample_plain_greedy(logits)
+        work = logits.to(torch.float32, copy=True)
+        apply_bitmask(work, grammar_bitmask)
+        return Sampler.sample_plain_greedy(work)
 
     @staticmethod
     def _sample(logits: torch.Tensor, rows: list[SamplingRow], greedy: list[bool]) -> torch.Tensor:
