@@ -1,15 +1,17 @@
 """The float32 CPU fast paths against their references: oneDNN linears with reordered weights
-against ``F.linear``, and whole engines with the fast paths on against the reference paths
-(``OCTAVO_CPU_ONEDNN_LINEAR=0``, ``OCTAVO_CPU_PAGED_DECODE=0``) and transformers."""
+against ``F.linear``, the fused RMSNorm / SiLU kernels against the PyTorch operators, and whole
+engines with the fast paths on against the reference paths (``OCTAVO_CPU_ONEDNN_LINEAR=0``,
+``OCTAVO_CPU_PAGED_DECODE=0``, ``OCTAVO_CPU_FUSED_OPS=0``) and transformers."""
 
 from __future__ import annotations
 
 import random
+from typing import Optional
 
 import pytest
 import torch
 
-from octavo.layers import cpu_linear
+from octavo.layers import cpu_fused, cpu_linear
 from octavo.layers.attention import cpu_paged
 from octavo.layers.cpu_linear import OneDNNLinearMethod, onednn_linear_available, prepack_cpu_linears, use_onednn
 from octavo.layers.linear import Linear, MergedLinear
@@ -51,11 +53,50 @@ def test_row_bands():
     assert not use_onednn(129, 49152, 576)
 
 
-def _engine_tokens(folder, monkeypatch, onednn: str, paged: str, prompts, **overrides):
+needs_fused = pytest.mark.skipif(not cpu_fused.load_fused_ops(), reason="the fused CPU kernels do not build here")
+
+
+@needs_fused
+@pytest.mark.parametrize("hidden", [576, 100, 17])
+def test_fused_rms_norm_and_silu_match_pytorch(hidden, monkeypatch):
+    from octavo.layers.activation import SiluAndMul
+    from octavo.layers.norm import RMSNorm
+
+    torch.manual_seed(0)
+    monkeypatch.setenv(cpu_fused.ENV_SWITCH, "0")
+    norm, act = RMSNorm(hidden, eps=1e-5), SiluAndMul()
+    monkeypatch.setenv(cpu_fused.ENV_SWITCH, "1")
+    fused_norm, fused_act = RMSNorm(hidden, eps=1e-5), SiluAndMul()
+    assert fused_norm.cpu_fused and fused_act.cpu_fused and not norm.cpu_fused and not act.cpu_fused
+    with torch.no_grad():
+        norm.weight.normal_()
+        fused_norm.weight.copy_(norm.weight)
+    for rows in (1, 3, 8, 64, 300):
+        wide = torch.randn(rows, 2 * hidden) * 3  # a strided view: rows of a wider activation
+        x, residual = wide[:, :hidden], torch.randn(rows, hidden)
+        gate_up = torch.randn(rows, 2 * hidden) * 4
+        with torch.inference_mode():
+            want_plain, (want_out, want_sum), want_act = norm(x), norm(x, residual), act(gate_up)
+            assert cpu_fused.use_fused(x)
+            got_plain, (got_out, got_sum), got_act = fused_norm(x), fused_norm(x, residual), fused_act(gate_up)
+        torch.testing.assert_close(got_plain, want_plain, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(got_out, want_out, rtol=2e-6, atol=2e-6)
+        assert torch.equal(got_sum, want_sum)  # the residual sum is one float32 add either way
+        torch.testing.assert_close(got_act, want_act, rtol=2e-6, atol=1e-6)
+        assert x.equal(wide[:, :hidden])  # inputs untouched
+    with torch.inference_mode():  # the PyTorch form where the kernels do not apply
+        assert not cpu_fused.use_fused(torch.randn(4, hidden, dtype=torch.bfloat16))
+        assert not cpu_fused.use_fused(torch.randn(2, 4, hidden))
+    assert cpu_fused.use_fused(torch.randn(4, hidden)) is False  # autograd on: the PyTorch form
+
+
+def _engine_tokens(folder, monkeypatch, onednn: str, paged: str, prompts, fused: Optional[str] = None,
+                   **overrides):
     from octavo import LLM, SamplingParams
 
     monkeypatch.setenv(cpu_linear.ENV_SWITCH, onednn)
     monkeypatch.setenv("OCTAVO_CPU_PAGED_DECODE", paged)
+    monkeypatch.setenv(cpu_fused.ENV_SWITCH, fused if fused is not None else onednn)
     kwargs = dict(device="cpu", dtype="float32", max_model_len=96, block_size=4, max_num_seqs=8,
                   max_num_batched_tokens=40, num_gpu_blocks_override=80)
     kwargs.update(overrides)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from octavo.layers import cpu_fused
+
 
 class SiluAndMul(nn.Module):
     """``silu(gate) * up`` on a fused ``[gate | up]`` input.
@@ -14,12 +16,18 @@ class SiluAndMul(nn.Module):
     rounding; ``OCTAVO_DISABLE_FUSED_OPS=1`` turns it off).
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.cpu_fused = cpu_fused.fused_ops_enabled()  # the switch, read when the model is built
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             from octavo.layers import fused_ops  # imported on first use: CPU runs never load triton
 
             if fused_ops.enabled():
                 return fused_ops.silu_and_mul(x)
+        elif self.cpu_fused and cpu_fused.use_fused(x):
+            return cpu_fused.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from octavo.layers import cpu_fused
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32; with ``residual`` it adds first and returns the new residual.
@@ -15,6 +17,8 @@ class RMSNorm(nn.Module):
     applied in float32 before rounding (Llama rounds first, then multiplies by ``w``).
     CUDA tensors of the Llama form go through the fused Triton kernels of ``octavo.layers.fused_ops``
     (same roundings; ``OCTAVO_DISABLE_FUSED_OPS=1`` turns them off); inputs are never modified.
+    Float32 rows on the CPU go through the fused C++ kernels of ``octavo.layers.cpu_fused``
+    (``OCTAVO_CPU_FUSED_OPS=0`` turns them off).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, weight_offset: float = 0.0) -> None:
@@ -22,6 +26,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight_offset = weight_offset
         self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - weight_offset))
+        self.cpu_fused = not weight_offset and cpu_fused.fused_ops_enabled()
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         if x.is_cuda and not self.weight_offset:
@@ -31,6 +36,10 @@ class RMSNorm(nn.Module):
                 if residual is None:
                     return fused_ops.rms_norm(x, self.weight, self.eps)
                 return fused_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        elif self.cpu_fused and self.weight.dtype == torch.float32 and cpu_fused.use_fused(x):
+            if residual is None:
+                return cpu_fused.rms_norm(x, self.weight, self.eps)
+            return cpu_fused.add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x
