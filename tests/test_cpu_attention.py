@@ -177,12 +177,15 @@ def test_engine_on_the_cpu_backend_matches_the_reference_and_hf(arch, tiny_model
 
 
 @pytest.mark.skipif(not load_paged_decode(), reason="the paged decode kernel did not build")
-@pytest.mark.parametrize("block_size, group", [(16, 3), (4, 1), (8, 4)])
-def test_paged_decode_kernel_against_dense(block_size, group):
+@pytest.mark.parametrize("block_size, group, head_dim", [(16, 3, 64), (4, 1, 64), (8, 4, 64), (16, 7, 64),
+                                                        (16, 2, 128), (8, 5, 128), (16, 3, 40)])
+def test_paged_decode_kernel_against_dense(block_size, group, head_dim):
     """Lengths that end mid-block, at a block's end, one token, and tables padded past the
-    sequence's blocks with garbage entries the kernel must not read."""
+    sequence's blocks with garbage entries the kernel must not read. Head sizes 64 and 128 take
+    the register-resident path where the build has AVX-512 (groups split into chunks of 4 or 2
+    query heads), 40 the generic loop."""
     rng = random.Random(block_size)
-    kv_heads, head_dim = 2, 64
+    kv_heads = 2
     lengths = [1, block_size, block_size + 1, 5 * block_size - 3, 77]
     per_seq = [-(-n // block_size) for n in lengths]
     physical = list(range(sum(per_seq) + 2))

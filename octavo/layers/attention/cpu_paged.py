@@ -6,7 +6,11 @@ read, the copy written, and the copy read again. At a batch of 64 sequences of ~
 that gather was 22% of a decode step on a 2-core machine. Decode attention does almost no
 arithmetic per byte, so the kernel here walks each sequence's block table itself and reads
 each cached key and value row once: one task per (sequence, KV head), the group's query heads
-together, softmax online per block, float32 throughout.
+together, softmax online per block, float32 throughout. With AVX-512 and head sizes 64 or 128,
+a KV head's queries (up to 4 or 2 at a time) and their output rows stay in registers for the
+whole sequence and each row of K and V is loaded once per block for all of them (the generic
+loop kept its accumulators in memory and ran compute-bound: 1.5 -> 0.6 ms per layer at 64
+sequences of 192 tokens with the cache hot, 1.6 -> 1.15 ms with 30 layers' caches cold).
 
 Neither PyTorch (SDPA, flex attention) nor inductor offers that for a paged cache on the CPU
 today: a fused ``torch.compile`` of gather + softmax + weighted sum measured slower than the
@@ -39,12 +43,126 @@ _SOURCE = r"""
 #include <cmath>
 #include <limits>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace {
 
 // The running maximum starts finite: the build's -ffast-math (for a vector exp) assumes no
 // infinities, and exp(kStart - score) is 0 for any real score.
 constexpr float kStart = -1e30f;
+
+#ifdef __AVX512F__
+// One KV head of one sequence for GC of its query heads, head_dim = 16 * NV: the queries and the
+// GC output rows stay in registers for the whole sequence, each key and value row is loaded once
+// per block and used for all GC heads. Same arithmetic as the generic loop below (float32 dot
+// products, online softmax per block), only the order of the sums differs.
+template <int NV, int GC>
+void attend_kv_head(const float* q, const float* kp, const float* vp, const int32_t* table, int64_t len,
+                    int64_t max_blocks, int64_t num_blocks, int64_t bs, int64_t block_stride, int64_t row_stride,
+                    int64_t prefetch_floats, float scale, float* out, float* scores) {
+  constexpr int64_t D = 16 * NV;
+  __m512 qv[GC][NV], acc[GC][NV];
+  float running_max[GC], denom[GC];
+  for (int g = 0; g < GC; ++g) {
+    for (int i = 0; i < NV; ++i) {
+      qv[g][i] = _mm512_loadu_ps(q + g * D + 16 * i);
+      acc[g][i] = _mm512_setzero_ps();
+    }
+    running_max[g] = kStart;
+    denom[g] = 0.f;
+  }
+  for (int64_t blk = 0; blk * bs < len && blk < max_blocks; ++blk) {
+    const int64_t phys = table[blk];
+    TORCH_CHECK(phys >= 0 && phys < num_blocks, "block table entry out of range");
+    const int64_t tokens = std::min(bs, len - blk * bs);
+    const float* kb = kp + phys * block_stride;
+    const float* vb = vp + phys * block_stride;
+    // The next block sits elsewhere: fetch it early, every head's rows of it on the task's first
+    // pass (prefetch_floats = the row), so the passes of the other heads find it in cache.
+    if (prefetch_floats > 0 && (blk + 1) * bs < len && blk + 1 < max_blocks) {
+      const int64_t next = table[blk + 1];
+      if (next >= 0 && next < num_blocks) {
+        const char* nk = reinterpret_cast<const char*>(kp + next * block_stride);
+        const char* nv = reinterpret_cast<const char*>(vp + next * block_stride);
+        for (int64_t t = 0; t < bs; ++t)
+          for (int64_t off = 0; off < prefetch_floats * 4; off += 64) {
+            __builtin_prefetch(nk + t * row_stride * 4 + off);
+            __builtin_prefetch(nv + t * row_stride * 4 + off);
+          }
+      }
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* k = kb + t * row_stride;
+      __m512 kv[NV];
+      for (int i = 0; i < NV; ++i) kv[i] = _mm512_loadu_ps(k + 16 * i);
+      for (int g = 0; g < GC; ++g) {
+        __m512 dot = _mm512_mul_ps(qv[g][0], kv[0]);
+        for (int i = 1; i < NV; ++i) dot = _mm512_fmadd_ps(qv[g][i], kv[i], dot);
+        scores[g * bs + t] = _mm512_reduce_add_ps(dot) * scale;
+      }
+    }
+    for (int g = 0; g < GC; ++g) {
+      float* p = scores + g * bs;
+      float block_max = kStart;
+      for (int64_t t = 0; t < tokens; ++t) block_max = std::max(block_max, p[t]);
+      const float new_max = std::max(running_max[g], block_max);
+      const float correction = std::exp(running_max[g] - new_max);  // 0 at the start
+      running_max[g] = new_max;
+      if (correction != 1.f) {
+        denom[g] *= correction;
+        const __m512 c = _mm512_set1_ps(correction);
+        for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_mul_ps(acc[g][i], c);
+      }
+      float block_sum = 0.f;
+#pragma omp simd reduction(+ : block_sum)
+      for (int64_t t = 0; t < tokens; ++t) {
+        p[t] = std::exp(p[t] - new_max);
+        block_sum += p[t];
+      }
+      denom[g] += block_sum;
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* v = vb + t * row_stride;
+      __m512 vv[NV];
+      for (int i = 0; i < NV; ++i) vv[i] = _mm512_loadu_ps(v + 16 * i);
+      for (int g = 0; g < GC; ++g) {
+        const __m512 pt = _mm512_set1_ps(scores[g * bs + t]);
+        for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_fmadd_ps(pt, vv[i], acc[g][i]);
+      }
+    }
+  }
+  for (int g = 0; g < GC; ++g) {
+    const __m512 inv = _mm512_set1_ps(denom[g] > 0.f ? 1.f / denom[g] : 0.f);
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(out + g * D + 16 * i, _mm512_mul_ps(acc[g][i], inv));
+  }
+}
+
+using HeadFn = void (*)(const float*, const float*, const float*, const int32_t*, int64_t, int64_t, int64_t,
+                        int64_t, int64_t, int64_t, int64_t, float, float*, float*);
+
+// The register-resident form for head_dim 64 (up to 4 query heads at a time) and 128 (up to 2);
+// nullptr: the generic loop.
+HeadFn head_fn(int64_t D, int64_t gc) {
+  if (D == 64) {
+    switch (gc) {
+      case 1: return &attend_kv_head<4, 1>;
+      case 2: return &attend_kv_head<4, 2>;
+      case 3: return &attend_kv_head<4, 3>;
+      case 4: return &attend_kv_head<4, 4>;
+    }
+  } else if (D == 128) {
+    switch (gc) {
+      case 1: return &attend_kv_head<8, 1>;
+      case 2: return &attend_kv_head<8, 2>;
+    }
+  }
+  return nullptr;
+}
+
+constexpr int64_t max_chunk(int64_t D) { return D == 64 ? 4 : D == 128 ? 2 : 0; }
+#endif
 
 // query [B, Hq, D], kv_cache [2, N, bs, Hkv, D] (contiguous), block_tables [B, max_blocks] int32,
 // seq_lens [B] int32 -> out [B, Hq, D]. Sequence b sees its first seq_lens[b] cached tokens.
@@ -83,6 +201,21 @@ at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, con
       const int64_t b = task / tasks_per_seq, h0 = (task % tasks_per_seq) * heads_per_task;
       const int64_t len = lp[b];
       const float* qb = qp + (b * Hq + h0 * G) * D;
+#ifdef __AVX512F__
+      if (max_chunk(D) > 0 && static_cast<int64_t>(scores.size()) >= std::min(G, max_chunk(D)) * bs) {
+        for (int64_t hh = 0; hh < heads_per_task; ++hh) {
+          for (int64_t g0 = 0; g0 < G; g0 += max_chunk(D)) {
+            const int64_t gc = std::min(max_chunk(D), G - g0);
+            const int64_t r = hh * G + g0;
+            const int64_t prefetch = hh == 0 && g0 == 0 ? heads_per_task * D : 0;  // from this head on
+            head_fn(D, gc)(qb + r * D, kp + (h0 + hh) * D, vp + (h0 + hh) * D, tp + b * max_blocks, len, max_blocks,
+                           num_blocks, bs, block_stride, row_stride, prefetch, fscale,
+                           op + (b * Hq + h0 * G + r) * D, scores.data());
+          }
+        }
+        continue;
+      }
+#endif
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(running_max.begin(), running_max.end(), kStart);
       std::fill(denom.begin(), denom.end(), 0.f);
