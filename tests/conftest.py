@@ -84,9 +84,12 @@ def _build_dense_family(tf, arch: str, common: dict):
         return tf.GemmaForCausalLM(tf.GemmaConfig(intermediate_size=128, num_key_value_heads=1, head_dim=32,
                                                   **sizes, **common))
     if arch == "gemma2":  # one sliding and one global layer, both soft-caps
+        # Eager attention: the one transformers implementation that soft-caps the scores (some
+        # versions pick sdpa by default, which drops the cap without a word).
         return tf.Gemma2ForCausalLM(tf.Gemma2Config(
             intermediate_size=128, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
-            sliding_window=12, attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **sizes, **common))
+            sliding_window=12, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+            attn_implementation="eager", **sizes, **common))
     if arch.startswith("phi3"):  # LongRoPE, sliding window
         # phi3: no test sequence outgrows the original 64 positions (short factors throughout);
         # phi3_long: the long factors for every sequence longer than 16.

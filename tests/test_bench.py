@@ -192,3 +192,22 @@ def test_with_tokenizer_detokenizes_the_outputs(tiny_model_factory, tmp_path, ca
     report = json.loads(output.read_text())
     assert report["meta"]["octavo_options"]["with_tokenizer"] is True and report["failed"] == {}
     assert len(texts) >= 3 and all(texts), texts  # the timed requests came back as text
+
+
+def test_hf_peer_keeps_grouped_mm_for_moe_experts_through_generate():
+    """The HF peer's MoE experts stay on grouped_mm during decoding (generate() would switch them
+    to batched_mm, which runs Mixtral-8x7B out of memory), with the same tokens."""
+    import torch
+    import transformers as tf
+
+    from octavo.benchmarks import hf_peers
+
+    config = tf.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, num_local_experts=4, vocab_size=100)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    expected = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    hf_peers._keep_grouped_mm(model)
+    assert set(model.get_experts_implementation().values()) == {hf_peers._GROUPED_MM_EVERY_STEP}
+    assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), expected)

@@ -262,3 +262,24 @@ def test_hf_folders_load_without_the_gguf_package(tiny_model_factory):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "3"
+
+
+@pytest.mark.parametrize("engine_core_process", [False, True], ids=["in-process", "core-process"])
+def test_a_dropped_llm_frees_its_engine(tiny_model_factory, engine_core_process):
+    """An LLM dropped without shutdown() (a notebook cell run again, a test) leaves nothing alive:
+    the in-process core is collected, and the core's process is stopped."""
+    import gc
+    import weakref
+
+    folder, _ = tiny_model_factory("llama")
+    llm = LLM(str(folder), device="cpu", dtype="float32", engine_core_process=engine_core_process,
+              max_model_len=64, kv_cache_memory=8 << 20)
+    llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=3), use_tqdm=False)
+    client = llm.llm_engine.core_client
+    watched = weakref.ref(llm.llm_engine.core if not engine_core_process else client)
+    process = None if not engine_core_process else client._process.process
+    del llm, client
+    gc.collect()
+    assert watched() is None
+    if process is not None:
+        assert process.wait(timeout=30) is not None

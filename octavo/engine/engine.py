@@ -67,7 +67,7 @@ class LLMEngine:
         self._ids: dict[str, int] = {}  # request id -> core id of the live request
         self._core_ids = count()
         self._refusals: list[ValueError] = []  # the core refused these requests; step() raises them
-        tune_after_startup()
+        tune_after_startup(freeze=False)  # the user's process: a dropped engine must stay collectable
 
     @property
     def core(self):

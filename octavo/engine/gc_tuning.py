@@ -17,9 +17,15 @@ import gc
 _GEN0_THRESHOLD = 50_000
 
 
-def tune_after_startup() -> None:
-    """Call once the model, tokenizer and server are built."""
+def tune_after_startup(freeze: bool = True) -> None:
+    """Call once the model, tokenizer and server are built.
+
+    ``freeze=False`` where the process is the user's (the offline ``LLM``): frozen objects are
+    never collected, so an engine dropped there (in a notebook, a test) would keep its memory,
+    the GPU's included, for as long as the process lives.
+    """
     gc.collect()
-    gc.freeze()
+    if freeze:
+        gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(_GEN0_THRESHOLD, gen1, gen2)
