@@ -11,10 +11,12 @@
 #                                      device ms) at 64, 256 and 512 sequences (PROFILE_SIZES); each stage under
 #                                      its own timeout (about 10 min); JSON and profiles into OUT
 #   scripts/gpu_check.sh followup [OUT] what the last device session left unmeasured, each stage under its
-#                                      own timeout (about 9 min): the async fork test FORK_RUNS (2) times with
-#                                      the input staging on and off, llama3-8b fixed 256 with W4A16 GPTQ (bf16
-#                                      beside it), qwen3-0.6b 256 JSON-schema requests against unconstrained;
-#                                      logs and JSON into OUT (then `dp` for the data-parallel check)
+#                                      own timeout (about 9 min): mixtral-8x7b fixed 256 with HF static on its
+#                                      first 64 requests, llama3-8b fixed 256 with W4A16 GPTQ (bf16 beside it),
+#                                      qwen3-0.6b 256 JSON-schema requests against unconstrained; JSON into OUT
+#                                      (then `families`, and `staging` for the input-staging check)
+#   scripts/gpu_check.sh staging [OUT] the async fork test FORK_RUNS (2) times with the input staging on and off
+#                                      (OCTAVO_INPUT_STAGING), every report into OUT/fork-tests.log
 #   scripts/gpu_check.sh moe [OUT]     fused-MoE kernels against the reference (1..8192 tokens, CUDA graphs), MoE
 #                                      parity with transformers, then mixtral-8x7b (bf16, 93 GB) fixed 256 with
 #                                      HF static on its first 128 requests (MOE_PEER_PROMPTS=256 for all; about 8 min)
@@ -24,7 +26,7 @@
 #                                      Wheels in .whl/ (packages the GPU image lacks) are installed first.
 #   scripts/gpu_check.sh families [OUT] the ALiBi / soft-cap kernel arguments on CUDA against the reference,
 #                                      and every dense family's parity with transformers on CUDA (about
-#                                      3 min); a table per test, JSON into OUT
+#                                      6 min on the H200); a table per test, JSON into OUT
 #   scripts/gpu_check.sh quant [OUT]   quantized weights: kernel and engine tests on CUDA, a decode micro-benchmark,
 #                                      llama3-8b fixed 256 in bf16, FP8 and W4A16 (GPTQ g128); JSON into OUT
 #   scripts/gpu_check.sh structured [OUT]  qwen3-0.6b: 256 JSON-schema requests against the same requests
@@ -43,7 +45,7 @@
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|limit|followup|moe|families|serve|quant|structured|hostcost|dp|tp [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|limit|followup|staging|moe|families|serve|quant|structured|hostcost|dp|tp [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -194,15 +196,9 @@ followup)
         echo "=== $name (timeout ${seconds}s, at ${SECONDS}s)"
         timeout "$seconds" "$@" || { echo "=== $name FAILED (exit $?)"; failed+=("$name"); }
     }
-    # The first run compiles the kernels; a failure's whole report lands in the log.
-    for staging in 1 0; do
-        for run in $(seq "${FORK_RUNS:-2}"); do
-            stage "async fork test, staging $staging, run $run" 90 sh -c "OCTAVO_TEST_DEVICE=cuda \
-                OCTAVO_INPUT_STAGING=$staging python -m pytest -q -p no:cacheprovider tests/test_async_scheduling.py \
-                -k fork >> '$out/fork-tests.log' 2>&1"
-        done
-    done
-    grep -E "passed|failed" "$out/fork-tests.log" || true
+    stage "mixtral-8x7b fixed 256 with HF static on 64" 330 "${bench_cmd[@]}" --model dummy:mixtral-8x7b \
+        --workload fixed --num-prompts 256 --max-num-seqs 256 --compare hf-static --peer-num-prompts 64 \
+        --gpu-memory-utilization 0.9 --output "$out/mixtral-8x7b-fixed-256.json"
     for quantization in auto gptq; do
         stage "llama3-8b fixed 256, $quantization" 90 "${bench_cmd[@]}" --model dummy:llama3-8b --workload fixed \
             --num-prompts 256 --max-num-seqs 256 --quantization "$quantization" \
@@ -214,6 +210,19 @@ followup)
         printf 'FAILED: %s\n' "${failed[@]}"
         exit 1
     fi
+    ;;
+staging)
+    # The first run compiles the kernels; a failure's whole report lands in the log.
+    status=0
+    for staging in 1 0; do
+        for run in $(seq "${FORK_RUNS:-2}"); do
+            echo "=== async fork test, staging $staging, run $run (at ${SECONDS}s)"
+            OCTAVO_TEST_DEVICE=cuda OCTAVO_INPUT_STAGING=$staging timeout 90 python -m pytest -q -p no:cacheprovider \
+                tests/test_async_scheduling.py -k fork >> "$out/fork-tests.log" 2>&1 || status=1
+        done
+    done
+    grep -E "passed|failed" "$out/fork-tests.log" || true
+    exit $status
     ;;
 llama3)
     bench --model dummy:llama3-8b --workload fixed --num-prompts 256 --max-num-seqs 256 \
