@@ -29,10 +29,14 @@ def test_prepacked_linear_matches_f_linear(shape):
         layer.weight.normal_(0.0, 0.1)
         if bias:
             layer.bias.normal_()
-    inputs = {rows: torch.randn(rows, in_features) for rows in (1, 2, 7, 8, 33, 48, 49, 64, 100, 128, 129, 300)}
+    inputs = {rows: torch.randn(rows, in_features) for rows in (1, 2, 7, 8, 33, 48, 49, 57, 60, 64, 65, 100, 128,
+                                                                129, 300)}
     want = {rows: torch.nn.functional.linear(x, layer.weight, layer.bias) for rows, x in inputs.items()}
     assert prepack_cpu_linears(torch.nn.Sequential(layer)) == 1
     assert isinstance(layer.quant_method, OneDNNLinearMethod)
+    # 57..64 rows through MKL's packed GEMM where torch has it (fewer than 64 padded)
+    assert (getattr(layer, "mkl_weight", None) is not None) == cpu_linear.mkl_packed_enabled()
+    assert [rows for rows in inputs if cpu_linear.use_mkl_packed(rows)] == [57, 60, 64]
     took = set()
     for rows, x in inputs.items():
         torch.testing.assert_close(layer(x), want[rows], atol=1e-5, rtol=1e-5)
@@ -44,6 +48,15 @@ def test_prepacked_linear_matches_f_linear(shape):
     torch.testing.assert_close(layer(wide[:, :in_features]),
                                torch.nn.functional.linear(wide[:, :in_features], layer.weight, layer.bias),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_mkl_packed_switch(monkeypatch):
+    monkeypatch.setenv(cpu_linear.MKL_ENV_SWITCH, "0")
+    layer = Linear(32, 64, bias=False)
+    prepack_cpu_linears(torch.nn.Sequential(layer))
+    assert getattr(layer, "mkl_weight", None) is None
+    x = torch.randn(64, 32)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight), atol=1e-5, rtol=1e-5)
 
 
 def test_row_bands():
