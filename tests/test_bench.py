@@ -211,3 +211,17 @@ def test_hf_peer_keeps_grouped_mm_for_moe_experts_through_generate():
     hf_peers._keep_grouped_mm(model)
     assert set(model.get_experts_implementation().values()) == {hf_peers._GROUPED_MM_EVERY_STEP}
     assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), expected)
+
+
+def test_weight_bytes_counts_every_parameter_once(tiny_model_factory):
+    """The sizing benchmark's total equals transformers' parameter bytes for the same model, and
+    4-bit GPTQ shrinks the linears about fourfold (from their bfloat16 size)."""
+    from octavo.benchmarks.weight_bytes import weight_bytes
+
+    folder, model = tiny_model_factory("llama")
+    parts = weight_bytes(str(folder), "auto", torch.float32)
+    assert parts["total"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    bf16 = weight_bytes("dummy:llama3-8b", "auto")
+    gptq = weight_bytes("dummy:llama3-8b", "gptq")
+    assert gptq["embeddings"] == bf16["embeddings"] and gptq["lm_head"] == bf16["lm_head"]
+    assert 3.5 < bf16["linears"] / gptq["linears"] < 4.0
