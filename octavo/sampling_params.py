@@ -210,8 +210,14 @@ class SamplingParams:
     @property
     def uses_logits_controls(self) -> bool:
         """Any stage beyond the classic sampling parameters (the sampler skips them otherwise)."""
-        return bool(self.structured_outputs is not None or self.logit_bias or self.allowed_token_ids
-                    or self.bad_words or self.logits_processors or self.watermark)
+        return self.structured_outputs is not None or self.uses_token_controls
+
+    @property
+    def uses_token_controls(self) -> bool:
+        """The logits controls besides a grammar: biases, allowed and banned tokens, processors,
+        the watermark."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words or self.logits_processors
+                    or self.watermark)
 
     @property
     def greedy(self) -> bool:

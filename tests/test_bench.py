@@ -194,9 +194,9 @@ def test_with_tokenizer_detokenizes_the_outputs(tiny_model_factory, tmp_path, ca
     assert len(texts) >= 3 and all(texts), texts  # the timed requests came back as text
 
 
-def test_hf_peer_keeps_grouped_mm_for_moe_experts_through_generate():
-    """The HF peer's MoE experts stay on grouped_mm during decoding (generate() would switch them
-    to batched_mm, which runs Mixtral-8x7B out of memory), with the same tokens."""
+def test_hf_peer_keeps_grouped_mm_for_moe_experts_through_generate(monkeypatch):
+    """The HF peer's MoE experts stay on grouped_mm during decoding (on a GPU generate() switches
+    them to batched_mm, which runs Mixtral-8x7B out of memory), with the same tokens."""
     import torch
     import transformers as tf
 
@@ -209,8 +209,14 @@ def test_hf_peer_keeps_grouped_mm_for_moe_experts_through_generate():
     prompt = torch.tensor([[1, 2, 3, 4, 5]])
     expected = model.generate(prompt, max_new_tokens=5, do_sample=False)
     hf_peers._keep_grouped_mm(model)
-    assert set(model.get_experts_implementation().values()) == {hf_peers._GROUPED_MM_EVERY_STEP}
     assert torch.equal(model.generate(prompt, max_new_tokens=5, do_sample=False), expected)
+    optimize_for_decode = getattr(model, "_optimize_model_for_decode", None)
+    if optimize_for_decode is None:
+        pytest.skip("this transformers has no decode-time switch of experts kernels")
+    # What generate() does on a GPU: the decode switch leaves the peer's implementation alone.
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    with optimize_for_decode():
+        assert set(model.get_experts_implementation().values()) == {hf_peers._GROUPED_MM_EVERY_STEP}
 
 
 def test_weight_bytes_counts_every_parameter_once(tiny_model_factory):

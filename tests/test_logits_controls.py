@@ -121,6 +121,19 @@ def test_generate_honours_controls_with_pipelined_steps(llm):
                        use_tqdm=False)
     assert all(o.outputs[0].token_ids == [favourite] * 10 for o in out)
 
+    # Greedy rows with a control take the full sampler, not the argmax paths.
+    out = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
+                                               logit_bias={favourite: 100}), use_tqdm=False)
+    assert all(o.outputs[0].token_ids == [favourite] * 10 for o in out)
+    out = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
+                                               allowed_token_ids=allowed[:2]), use_tqdm=False)
+    assert {t for o in out for t in o.outputs[0].token_ids} <= set(allowed[:2])
+    out = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, watermark=True),
+                       use_tqdm=False)
+    plain_greedy = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),
+                                use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in out] != [o.outputs[0].token_ids for o in plain_greedy]
+
     # "Paris" with a greedy bias towards it would be generated at once; as a bad word it never is.
     out = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, bad_words=["Paris"],
                                                logit_bias={favourite: 100}), use_tqdm=False)

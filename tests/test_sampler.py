@@ -311,3 +311,30 @@ def test_mixed_batch() -> None:
 def test_empty_batch() -> None:
     out = Sampler()(torch.empty(0, 10), [])
     assert out.sampled_token_ids == [] and out.sampled_logprobs == [] and out.top_logprobs == []
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(min_tokens=2), dict(n=1, best_of=2), dict(logprobs=0), dict(repetition_penalty=1.2),
+    dict(presence_penalty=0.5), dict(frequency_penalty=0.5), dict(logit_bias={3: 5.0}),
+    dict(allowed_token_ids=[3, 4]), dict(bad_words=["x"]), dict(logits_processors=[lambda ids, logits: logits]),
+    dict(watermark=True), dict(temperature=0.7),
+], ids=lambda kwargs: next(iter(kwargs)))
+def test_every_other_control_keeps_greedy_rows_off_the_argmax_paths(kwargs: dict) -> None:
+    """The argmax paths (plain, and masked by a grammar) skip every per-row stage: any stage a
+    row asks for sends it to the full sampler."""
+    from octavo.worker.sampler import is_masked_greedy, is_plain_greedy
+
+    params = SamplingParams(**{"temperature": 0.0, **kwargs})
+    assert not is_masked_greedy(params) and not is_plain_greedy(params)
+    grammar = SamplingParams(**{"temperature": 0.0, **kwargs}, structured_outputs={"regex": "a+"}) \
+        if "min_tokens" not in kwargs else None  # min_tokens with a grammar is refused outright
+    if grammar is not None:
+        assert not is_masked_greedy(grammar)
+
+
+def test_the_argmax_paths_take_plain_and_grammar_greedy_rows() -> None:
+    from octavo.worker.sampler import is_masked_greedy, is_plain_greedy
+
+    assert is_plain_greedy(SamplingParams(temperature=0.0)) and is_masked_greedy(SamplingParams(temperature=0.0))
+    grammar = SamplingParams(temperature=0.0, structured_outputs={"regex": "a+"})
+    assert is_masked_greedy(grammar) and not is_plain_greedy(grammar)

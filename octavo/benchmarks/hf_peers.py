@@ -41,9 +41,9 @@ def build_hf_model(hf_config, dtype: torch.dtype, device: torch.device, seed: in
     """The same architecture with random weights, built directly on the device (sdpa attention).
 
     MoE models on CUDA run their experts through transformers' ``grouped_mm`` at every step.
-    ``generate`` otherwise switches them to ``batched_mm`` for decoding, which copies each
-    token's expert weights: 14 GiB a layer for a batch of 64 on Mixtral-8x7B, more than the card
-    has left beside the 93 GB of weights."""
+    ``generate`` otherwise switches them to ``batched_mm`` for decoding, which copies the weights
+    of every token's chosen experts: tens of GiB a layer for a batch of 64 on Mixtral-8x7B, more
+    than the card has left beside the 93 GB of weights."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)

@@ -87,7 +87,8 @@ class _CoreRequestState:
     length_limit: int
     sent_first_scheduled: bool = False
     # Once its first output went out: a lone sample that needs nothing but its token ids (no
-    # logprobs, no grammar), whose tokens that finish nothing take the short path in ``_process``.
+    # logprobs; a grammar advances there too), whose tokens that finish nothing take the short
+    # path in ``_process``.
     ids_only: bool = False
 
     @property

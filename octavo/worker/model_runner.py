@@ -388,7 +388,8 @@ class ModelRunner:
                 or inputs.host_tables is None):
             return
         # Grammars, biases, watermarks and processors keep the steady inputs too; they take the
-        # full sampler (and may defer it, see ``launch``).
+        # full sampler, or the masked argmax for greedy rows with only a grammar (and may defer
+        # it, see ``launch``).
         self._steady = _SteadyBatch(list(batch.seqs), inputs.host_positions, inputs.host_tables,
                                     all(is_plain_greedy(seq.params) and seq.grammar is None for seq in samplers),
                                     all(is_masked_greedy(seq.params) for seq in samplers))

@@ -386,17 +386,14 @@ def has_penalty(params: SamplingParams) -> bool:
 def is_plain_greedy(params: SamplingParams) -> bool:
     """Whether a row's token is just the argmax of its logits, with no logprob to report: no
     penalty, no min_tokens, no logprobs and no best_of ranking (see ``Sampler.sample_plain_greedy``)."""
-    return (params.greedy and not has_penalty(params) and params.min_tokens == 0 and params.logprobs is None
-            and params.num_samples == params.n and not params.uses_logits_controls)
+    return is_masked_greedy(params) and params.structured_outputs is None
 
 
 def is_masked_greedy(params: SamplingParams) -> bool:
     """Plain greedy apart from a grammar: the token is the argmax of the grammar-masked logits
     (see ``Sampler.sample_masked_greedy``)."""
     return (params.greedy and not has_penalty(params) and params.min_tokens == 0 and params.logprobs is None
-            and params.num_samples == params.n and not (params.logit_bias or params.allowed_token_ids
-                                                        or params.bad_words or params.logits_processors
-                                                        or params.watermark))
+            and params.num_samples == params.n and not params.uses_token_controls)
 
 
 def _exponential_noise(
