@@ -2,9 +2,10 @@
 
     python -m octavo.benchmarks.cpu_fast_paths [--batch-sizes 8 32 64] [--prompt-len 128] [--new-tokens 128]
 
-Two engines on the default model decoded to float32: one built with ``OCTAVO_CPU_ONEDNN_LINEAR=0``
-and ``OCTAVO_CPU_PAGED_DECODE=0`` (``F.linear``, gather + SDPA), one with both on (oneDNN
-linears with reordered weights, the paged decode kernel). Per batch size the same random
+Two engines on the default model decoded to float32: one built with ``OCTAVO_CPU_ONEDNN_LINEAR=0``,
+``OCTAVO_CPU_PAGED_DECODE=0`` and ``OCTAVO_CPU_FUSED_OPS=0`` (``F.linear``, gather + SDPA, the
+PyTorch RMSNorm / SiLU), one with all on (oneDNN linears with reordered weights and MKL's packed
+GEMM for full 64-row batches, the paged decode kernel, the fused kernels). Per batch size the same random
 prompts, greedy, EOS ignored; the faster of two turns counts. Prints output tok/s of each, the
 ratio, and the share of requests whose greedy tokens are identical.
 """
@@ -34,6 +35,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name, switch in (("reference", "0"), ("fast", "1")):
         os.environ["OCTAVO_CPU_ONEDNN_LINEAR"] = switch  # read when the model and backend are built
         os.environ["OCTAVO_CPU_PAGED_DECODE"] = switch
+        os.environ["OCTAVO_CPU_FUSED_OPS"] = switch
         llms[name] = LLM(path, device="cpu", dtype="float32", max_model_len=args.prompt_len + args.new_tokens,
                          max_num_seqs=max(args.batch_sizes), enable_prefix_caching=False, gguf_weights="float32")
     rng = random.Random(0)
