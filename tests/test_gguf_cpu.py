@@ -9,6 +9,7 @@ import torch
 from gguf.constants import GGMLQuantizationType as Q
 
 from octavo import LLM, SamplingParams
+from octavo.layers.cpu_fused import fused_ops_enabled
 from octavo.layers.quantization.gguf_cpu import (
     PACKED_MAX_TOKENS,
     GGUFCpuLinearMethod,
@@ -73,7 +74,10 @@ def test_engine_packed_against_float32_reference(tiny_q4):
     llms = {mode: LLM(str(tiny_q4), device="cpu", dtype="float32", max_model_len=64, block_size=4,
                       gguf_weights=mode) for mode in ("float32", "packed")}
     for mode, llm in llms.items():
-        assert any(isinstance(m, GGUFPackedLinear) for m in llm.llm_engine.core.model.modules()) == (mode == "packed")
+        modules = list(llm.llm_engine.core.model.modules())
+        assert any(isinstance(m, GGUFPackedLinear) for m in modules) == (mode == "packed")
+        # bfloat16 linears keep the PyTorch norm and activation forms (see cpu_fused.keep_pytorch_forms)
+        assert any(getattr(m, "cpu_fused", False) for m in modules) == (mode == "float32" and fused_ops_enabled())
     continued = [p + o.outputs[0].token_ids for p, o in zip(prompts, llms["float32"].generate(
         [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
         use_tqdm=False))]

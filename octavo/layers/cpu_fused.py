@@ -155,6 +155,16 @@ def fused_ops_enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1") not in ("0", "false", "off")
 
 
+def keep_pytorch_forms(model: torch.nn.Module) -> None:
+    """Turn the fused kernels off in every layer of ``model``. For models whose linears run in
+    bfloat16 (GGUF weights kept packed): there the kernels' last-bit float32 differences from the
+    PyTorch forms change bfloat16 roundings, which add up over the layers, and the default
+    model's greedy answer to "What is the capital of France?" became a different sentence."""
+    for module in model.modules():
+        if hasattr(module, "cpu_fused"):
+            module.cpu_fused = False
+
+
 def load_fused_ops() -> bool:
     """Build (first time on this machine: about half a minute) and load the kernels; False, with
     a warning once, where that fails."""

@@ -142,9 +142,11 @@ def build_model(
 
         model.load_weights(iter_gguf_weights(path, dtype))
         if _packs_gguf(gguf_weights, device, dtype):
+            from octavo.layers.cpu_fused import keep_pytorch_forms
             from octavo.layers.quantization.gguf_cpu import pack_gguf_linears
 
             pack_gguf_linears(model, path)
+            keep_pytorch_forms(model)  # bfloat16 linears: the reference forms' roundings
     else:
         from octavo.model_loader.weights import iter_checkpoint
 
