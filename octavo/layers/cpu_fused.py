@@ -156,10 +156,11 @@ def fused_ops_enabled() -> bool:
 
 
 def keep_pytorch_forms(model: torch.nn.Module) -> None:
-    """Turn the fused kernels off in every layer of ``model``. For models whose linears run in
-    bfloat16 (GGUF weights kept packed): there the kernels' last-bit float32 differences from the
-    PyTorch forms change bfloat16 roundings, which add up over the layers, and the default
-    model's greedy answer to "What is the capital of France?" became a different sentence."""
+    """Turn the fused kernels off in every layer of ``model``. For quantized models (FP8 / INT8
+    activations, GGUF weights kept packed with bfloat16 linears): there the kernels' last-bit
+    float32 differences from the PyTorch forms change the roundings of the quantized values, which
+    add up over the layers; the default model's greedy answer to "What is the capital of France?"
+    became a different sentence, and FP8 models parted from their reference."""
     for module in model.modules():
         if hasattr(module, "cpu_fused"):
             module.cpu_fused = False

@@ -134,6 +134,7 @@ def build_model(
             model = model_class(hf_config, max_position=max_model_len, **extra)
     finally:
         torch.set_default_dtype(previous_dtype)
+    quantized = False  # GGUF weights kept packed
     if load_format == "dummy":
         _init_dummy_weights(model, seed)
         model.process_after_loading()
@@ -142,16 +143,19 @@ def build_model(
 
         model.load_weights(iter_gguf_weights(path, dtype))
         if _packs_gguf(gguf_weights, device, dtype):
-            from octavo.layers.cpu_fused import keep_pytorch_forms
             from octavo.layers.quantization.gguf_cpu import pack_gguf_linears
 
-            pack_gguf_linears(model, path)
-            keep_pytorch_forms(model)  # bfloat16 linears: the reference forms' roundings
+            quantized = pack_gguf_linears(model, path) > 0
     else:
         from octavo.model_loader.weights import iter_checkpoint
 
         # pickles can run code when loaded: only the explicit opt-in allows them, never load_format
         model.load_weights(iter_checkpoint(path, allow_pickle_weights))
+    if device.type == "cpu" and (quant_config is not None or quantized):
+        from octavo.layers.cpu_fused import keep_pytorch_forms
+
+        # Quantized activations or bfloat16 linears: the reference forms' roundings.
+        keep_pytorch_forms(model)
     if device.type == "cpu" and dtype == torch.float32:
         from octavo.layers.cpu_linear import onednn_linear_enabled, prepack_cpu_linears
 
