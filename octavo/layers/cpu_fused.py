@@ -17,16 +17,11 @@ hold the two together (``tests/test_cpu_float32_paths.py``).
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import sys
-import threading
 from typing import Optional
 
 import torch
 
-logger = logging.getLogger(__name__)
+from octavo.layers.cpu_extension import CppKernels, switch_on
 
 ENV_SWITCH = "OCTAVO_CPU_FUSED_OPS"
 
@@ -137,22 +132,12 @@ TORCH_LIBRARY_IMPL(octavo_cpu_fused, CPU, m) {
 }
 """
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool once tried, "error": why it failed
-
-
-def _build_tag() -> str:
-    """CPU flags (the build uses -march=native), source, torch and the environment's prefix."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha256((flags + _SOURCE + torch.__version__ + sys.prefix).encode()).hexdigest()[:12]
+_KERNELS = CppKernels("octavo_cpu_fused", _SOURCE, "octavo_cpu_fused", "silu_and_mul",
+                      "the PyTorch RMSNorm and SiLU operators run instead")
 
 
 def fused_ops_enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1") not in ("0", "false", "off")
+    return switch_on(ENV_SWITCH)
 
 
 def keep_pytorch_forms(model: torch.nn.Module) -> None:
@@ -169,25 +154,7 @@ def keep_pytorch_forms(model: torch.nn.Module) -> None:
 def load_fused_ops() -> bool:
     """Build (first time on this machine: about half a minute) and load the kernels; False, with
     a warning once, where that fails."""
-    ok = _state.get("ok")
-    if ok is not None:
-        return bool(ok)
-    with _lock:
-        if "ok" in _state:
-            return bool(_state["ok"])
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            # -ffast-math for the vector exp of SiLU (glibc's vector math functions).
-            load_inline(name=f"octavo_cpu_fused_{_build_tag()}", cpp_sources=[_SOURCE], functions=None,
-                        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                        is_python_module=False, verbose=False)
-            _state["ok"] = hasattr(torch.ops.octavo_cpu_fused, "silu_and_mul")
-        except Exception as error:  # no compiler, no headers, ...: the PyTorch forms stay
-            _state["ok"], _state["error"] = False, error
-            logger.warning("the CPU fused RMSNorm / SiLU kernels could not be built (%s); the PyTorch "
-                           "operators run instead", error)
-        return bool(_state["ok"])
+    return _KERNELS.load()
 
 
 def use_fused(x: torch.Tensor) -> bool:
@@ -215,4 +182,4 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_ops_error() -> Optional[BaseException]:
-    return _state.get("error")  # type: ignore[return-value]
+    return _KERNELS.error

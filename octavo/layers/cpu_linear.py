@@ -38,12 +38,12 @@ The GPU path never comes here: only float32 layers on the CPU are prepacked.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
 from torch import nn
 
+from octavo.layers.cpu_extension import switch_on
 from octavo.layers.quantization.base import UnquantizedLinearMethod
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def onednn_linear_available() -> bool:
 
 def onednn_linear_enabled() -> bool:
     """The switch (on unless ``OCTAVO_CPU_ONEDNN_LINEAR=0``) and the kernels being there."""
-    return os.environ.get(ENV_SWITCH, "1") not in ("0", "false", "off") and onednn_linear_available()
+    return switch_on(ENV_SWITCH) and onednn_linear_available()
 
 
 def mkl_packed_available() -> bool:
@@ -87,7 +87,7 @@ def mkl_packed_available() -> bool:
 
 
 def mkl_packed_enabled() -> bool:
-    return os.environ.get(MKL_ENV_SWITCH, "1") not in ("0", "false", "off") and mkl_packed_available()
+    return switch_on(MKL_ENV_SWITCH) and mkl_packed_available()
 
 
 def use_mkl_packed(rows: int) -> bool:

@@ -380,8 +380,10 @@ class ModelRunner:
             sample_indices=uploaded[1],
         )
 
-    def _keep_steady(self, batch: ScheduledBatch, inputs: ModelInputs, samplers: list[Sequence]) -> None:
-        """Keep a decode step's arrays for the next step's diffs, if every row decoded and sampled."""
+    def _keep_steady(self, batch: ScheduledBatch, inputs: ModelInputs, samplers: list[Sequence],
+                     masked_greedy: bool) -> None:
+        """Keep a decode step's arrays for the next step's diffs, if every row decoded and sampled
+        (``masked_greedy``: every sampler passes ``is_masked_greedy``)."""
         self._steady = None
         num_seqs = len(batch.seqs)
         if (batch.num_tokens != num_seqs or len(samplers) != num_seqs or len(inputs.sample_seqs) != num_seqs
@@ -392,7 +394,7 @@ class ModelRunner:
         # it, see ``launch``).
         self._steady = _SteadyBatch(list(batch.seqs), inputs.host_positions, inputs.host_tables,
                                     all(is_plain_greedy(seq.params) and seq.grammar is None for seq in samplers),
-                                    all(is_masked_greedy(seq.params) for seq in samplers))
+                                    masked_greedy)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, block_tables: list[list[int]]) -> StepResult:
@@ -434,7 +436,7 @@ class ModelRunner:
             launched.deferred_sampling = lambda: self._sample(launched, inputs, logits, fork_rows, 1, masked_greedy)
         else:
             self._sample(launched, inputs, logits, fork_rows, 0, masked_greedy)
-        self._keep_steady(batch, inputs, samplers)
+        self._keep_steady(batch, inputs, samplers, masked_greedy)
         return launched
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:

@@ -22,16 +22,11 @@ the gather + SDPA path; the tests hold the two together.
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import sys
-import threading
 from typing import Optional
 
 import torch
 
-logger = logging.getLogger(__name__)
+from octavo.layers.cpu_extension import CppKernels, switch_on
 
 ENV_SWITCH = "OCTAVO_CPU_PAGED_DECODE"
 
@@ -52,6 +47,26 @@ namespace {
 // The running maximum starts finite: the build's -ffast-math (for a vector exp) assumes no
 // infinities, and exp(kStart - score) is 0 for any real score.
 constexpr float kStart = -1e30f;
+
+// One block of the online softmax for one query row: the block's scores p[0, tokens) become
+// their exponentials against the new running maximum, and their sum joins denom (rescaled
+// first). Returns the factor the row's accumulator must be scaled by (1 if the maximum held).
+inline float softmax_block(float* p, int64_t tokens, float& running_max, float& denom) {
+  float block_max = kStart;
+  for (int64_t t = 0; t < tokens; ++t) block_max = std::max(block_max, p[t]);
+  const float new_max = std::max(running_max, block_max);
+  const float correction = std::exp(running_max - new_max);  // 0 at the start
+  running_max = new_max;
+  denom *= correction;
+  float block_sum = 0.f;
+#pragma omp simd reduction(+ : block_sum)
+  for (int64_t t = 0; t < tokens; ++t) {  // one vector exp for the block
+    p[t] = std::exp(p[t] - new_max);
+    block_sum += p[t];
+  }
+  denom += block_sum;
+  return correction;
+}
 
 #ifdef __AVX512F__
 // One KV head of one sequence for GC of its query heads, head_dim = 16 * NV: the queries and the
@@ -104,24 +119,11 @@ void attend_kv_head(const float* q, const float* kp, const float* vp, const int3
       }
     }
     for (int g = 0; g < GC; ++g) {
-      float* p = scores + g * bs;
-      float block_max = kStart;
-      for (int64_t t = 0; t < tokens; ++t) block_max = std::max(block_max, p[t]);
-      const float new_max = std::max(running_max[g], block_max);
-      const float correction = std::exp(running_max[g] - new_max);  // 0 at the start
-      running_max[g] = new_max;
+      const float correction = softmax_block(scores + g * bs, tokens, running_max[g], denom[g]);
       if (correction != 1.f) {
-        denom[g] *= correction;
         const __m512 c = _mm512_set1_ps(correction);
         for (int i = 0; i < NV; ++i) acc[g][i] = _mm512_mul_ps(acc[g][i], c);
       }
-      float block_sum = 0.f;
-#pragma omp simd reduction(+ : block_sum)
-      for (int64_t t = 0; t < tokens; ++t) {
-        p[t] = std::exp(p[t] - new_max);
-        block_sum += p[t];
-      }
-      denom[g] += block_sum;
     }
     for (int64_t t = 0; t < tokens; ++t) {
       const float* v = vb + t * row_stride;
@@ -252,25 +254,12 @@ at::Tensor paged_decode(const at::Tensor& query, const at::Tensor& kv_cache, con
           }
         }
         for (int64_t r = 0; r < rows; ++r) {
-          float* p = scores.data() + r * bs;
-          float block_max = kStart;
-          for (int64_t t = 0; t < tokens; ++t) block_max = std::max(block_max, p[t]);
-          const float new_max = std::max(running_max[r], block_max);
-          const float correction = std::exp(running_max[r] - new_max);  // 0 at the start
-          running_max[r] = new_max;
+          const float correction = softmax_block(scores.data() + r * bs, tokens, running_max[r], denom[r]);
           if (correction != 1.f) {
             float* a = acc.data() + r * D;
-            denom[r] *= correction;
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d) a[d] *= correction;
           }
-          float block_sum = 0.f;
-#pragma omp simd reduction(+ : block_sum)
-          for (int64_t t = 0; t < tokens; ++t) {  // one vector exp for the block
-            p[t] = std::exp(p[t] - new_max);
-            block_sum += p[t];
-          }
-          denom[r] += block_sum;
         }
         // weighted values, token by token in the same order
         for (int64_t t = 0; t < tokens; ++t) {
@@ -309,45 +298,18 @@ TORCH_LIBRARY_IMPL(octavo_cpu, CPU, m) {
 }
 """
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool once tried, "error": why it failed
-
-
-def _cpu_tag() -> str:
-    """A short hash of the CPU's flags: the build uses -march=native, so a cache shared with
-    another kind of CPU must not hand over this one's binary. The environment's prefix goes in
-    too: torch's build cache keys on the include paths, so two virtual environments sharing one
-    build folder would rebuild it in turn."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha256((flags + _SOURCE + torch.__version__ + sys.prefix).encode()).hexdigest()[:12]
+_KERNELS = CppKernels("octavo_cpu_paged", _SOURCE, "octavo_cpu", "paged_decode",
+                      "decode attention gathers K/V and runs SDPA instead")
 
 
 def paged_decode_enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1") not in ("0", "false", "off")
+    return switch_on(ENV_SWITCH)
 
 
 def load_paged_decode() -> bool:
     """Build (first time on this machine: about a minute) and load the kernel; False, with a
     warning once, where that fails."""
-    with _lock:
-        if "ok" in _state:
-            return bool(_state["ok"])
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            load_inline(name=f"octavo_cpu_paged_{_cpu_tag()}", cpp_sources=[_SOURCE], functions=None,
-                        extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                        is_python_module=False, verbose=False)
-            _state["ok"] = hasattr(torch.ops.octavo_cpu, "paged_decode")
-        except Exception as error:  # no compiler, no headers, ...: the gather + SDPA path stays
-            _state["ok"], _state["error"] = False, error
-            logger.warning("the CPU paged decode kernel could not be built (%s); decode attention gathers "
-                           "K/V and runs SDPA instead", error)
-        return bool(_state["ok"])
+    return _KERNELS.load()
 
 
 def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -357,4 +319,4 @@ def paged_decode(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torc
 
 
 def paged_decode_error() -> Optional[BaseException]:
-    return _state.get("error")  # type: ignore[return-value]
+    return _KERNELS.error
