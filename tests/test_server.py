@@ -30,6 +30,7 @@ from octavo.config import CacheConfig, EngineConfig
 from octavo.engine.async_engine import AsyncLLMEngine
 from octavo.entrypoints.openai.protocol import CompletionRequest
 from octavo.entrypoints.openai.server import (
+    OpenAIServing,
     ServerSettings,
     _engine_config,
     add_serve_arguments,
@@ -54,6 +55,7 @@ class Server:
     engine: AsyncLLMEngine
     tokenizer: Any
     stop: Callable[[], None]
+    serving: OpenAIServing
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, **kwargs)
@@ -109,7 +111,7 @@ def start_server(folder: Path, max_waiting_requests: int = 1024, faults: Optiona
         thread.join(timeout=30)
         sock.close()
 
-    return Server(f"http://127.0.0.1:{port}", async_engine, async_engine.tokenizer, stop)
+    return Server(f"http://127.0.0.1:{port}", async_engine, async_engine.tokenizer, stop, app.state.serving)
 
 
 @pytest.fixture(scope="module")

@@ -941,6 +941,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     # No /docs, /redoc or /openapi.json: they would be open without the API key.
     app = FastAPI(title="octavo", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
+    app.state.serving = serving  # for whoever embeds the app: its admission count, its settings
     app.include_router(_api_routes(serving))
     app.include_router(_open_routes(engine))
     _add_exception_handlers(app)
