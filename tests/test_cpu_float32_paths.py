@@ -11,17 +11,26 @@ from typing import Optional
 import pytest
 import torch
 
-from octavo.layers import cpu_fused, cpu_linear
+from octavo.layers import cpu_fused, cpu_gemm, cpu_linear
 from octavo.layers.attention import cpu_paged
-from octavo.layers.cpu_linear import OneDNNLinearMethod, onednn_linear_available, prepack_cpu_linears, use_onednn
+from octavo.layers.cpu_linear import PrepackedLinearMethod, onednn_linear_available, prepack_cpu_linears, use_onednn
 from octavo.layers.linear import Linear, MergedLinear
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="torch has no oneDNN linear")
 
 
+needs_gemm = pytest.mark.skipif(not cpu_gemm.load_gemm(), reason="the AVX-512 GEMM does not build here")
+
+
 @needs_onednn
+@pytest.mark.parametrize("gemm", ["1", "0"])
 @pytest.mark.parametrize("shape", [(64, {"": 96}, False), (48, {"gate": 200, "up": 200}, True), (32, {"": 512}, True)])
-def test_prepacked_linear_matches_f_linear(shape):
+def test_prepacked_linear_matches_f_linear(shape, gemm, monkeypatch):
+    """Every row count through whichever packed form takes it (MKL for 57..64, the AVX-512 GEMM
+    or oneDNN below and above) gives F.linear's rows."""
+    if gemm == "1" and not cpu_gemm.load_gemm():
+        pytest.skip("the AVX-512 GEMM does not build here")
+    monkeypatch.setenv(cpu_gemm.ENV_SWITCH, gemm)
     in_features, shards, bias = shape
     torch.manual_seed(0)
     layer = MergedLinear(in_features, shards, bias=bias) if len(shards) > 1 else Linear(in_features, shards[""], bias)
@@ -30,24 +39,55 @@ def test_prepacked_linear_matches_f_linear(shape):
         if bias:
             layer.bias.normal_()
     inputs = {rows: torch.randn(rows, in_features) for rows in (1, 2, 7, 8, 33, 48, 49, 57, 60, 64, 65, 100, 128,
-                                                                129, 300)}
+                                                                129, 300, 513)}
     want = {rows: torch.nn.functional.linear(x, layer.weight, layer.bias) for rows, x in inputs.items()}
     assert prepack_cpu_linears(torch.nn.Sequential(layer)) == 1
-    assert isinstance(layer.quant_method, OneDNNLinearMethod)
+    assert isinstance(layer.quant_method, PrepackedLinearMethod)
+    assert hasattr(layer, "gemm_weight") == (gemm == "1") and hasattr(layer, "onednn_weight") == (gemm == "0")
     # 57..64 rows through MKL's packed GEMM where torch has it (fewer than 64 padded)
     assert (getattr(layer, "mkl_weight", None) is not None) == cpu_linear.mkl_packed_enabled()
     assert [rows for rows in inputs if cpu_linear.use_mkl_packed(rows)] == [57, 60, 64]
-    took = set()
     for rows, x in inputs.items():
         torch.testing.assert_close(layer(x), want[rows], atol=1e-5, rtol=1e-5)
-        if use_onednn(rows, layer.out_features, layer.in_features):
-            took.add(rows)
-    assert {2, 8, 48} <= took and 1 not in took and 300 not in took
     # a non-contiguous input (a slice of a wider activation) gives the same rows
     wide = torch.randn(8, 2 * in_features)
     torch.testing.assert_close(layer(wide[:, :in_features]),
                                torch.nn.functional.linear(wide[:, :in_features], layer.weight, layer.bias),
                                atol=1e-5, rtol=1e-5)
+
+
+@needs_gemm
+@pytest.mark.parametrize("out_features", [1, 17, 32, 50, 96])
+@pytest.mark.parametrize("in_features", [1, 7, 130])
+def test_gemm_kernel_matches_f_linear(out_features, in_features):
+    """Every row-tile size (1..12 rows, and tiles of 12 then the rest), outputs that end inside a
+    32-column block or inside its first vector, odd input widths, a bias, strided rows."""
+    torch.manual_seed(out_features * 1000 + in_features)
+    weight = torch.randn(out_features, in_features)
+    bias = torch.randn(out_features)
+    packed = cpu_gemm.pack(weight)
+    assert packed.shape == ((out_features + 31) // 32, in_features, 32)
+    for rows in list(range(0, 14)) + [24, 25, 37, 64, 131]:
+        x = torch.randn(rows, in_features)
+        for b in (None, bias):
+            torch.testing.assert_close(cpu_gemm.linear(x, packed, out_features, b),
+                                       torch.nn.functional.linear(x, weight, b), atol=1e-4, rtol=1e-5)
+    wide = torch.randn(9, in_features + 5)[:, 3:3 + in_features]  # rows 5 floats apart from where they end
+    torch.testing.assert_close(cpu_gemm.linear(wide, packed, out_features, bias),
+                               torch.nn.functional.linear(wide, weight, bias), atol=1e-4, rtol=1e-5)
+
+
+@needs_gemm
+def test_gemm_kernel_refuses_mismatches():
+    packed = cpu_gemm.pack(torch.randn(40, 16))
+    with pytest.raises(RuntimeError, match="features"):
+        cpu_gemm.linear(torch.randn(2, 15), packed, 40, None)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        cpu_gemm.linear(torch.randn(2, 16), packed, 65, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu_gemm.linear(torch.randn(2, 16), packed, 40, torch.randn(39))
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_gemm.linear(torch.randn(2, 16, dtype=torch.float64), packed, 40, None)
 
 
 def test_mkl_packed_switch(monkeypatch):
@@ -116,7 +156,7 @@ def _engine_tokens(folder, monkeypatch, onednn: str, paged: str, prompts, fused:
     llm = LLM(str(folder), **kwargs)
     runner = llm.llm_engine.core.runner
     linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
-    assert all(isinstance(m.quant_method, OneDNNLinearMethod) == (onednn == "1") for m in linears)
+    assert all(isinstance(m.quant_method, PrepackedLinearMethod) == (onednn == "1") for m in linears)
     # On with the switch wherever the kernel builds, off without it.
     assert runner.backend.paged_decode == (paged == "1" and cpu_paged.load_paged_decode())
     llm.llm_engine.core.kv_cache.pool.shuffle_free_queue(random.Random(1))

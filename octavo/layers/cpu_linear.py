@@ -1,38 +1,39 @@
-"""Float32 linear layers on the CPU through oneDNN, with each weight reordered once at load.
+"""Float32 linear layers on the CPU with each weight packed once at load.
 
 ``torch.nn.functional.linear`` on a float32 CPU tensor calls a BLAS GEMM that repacks the
 weight on every call. At a few rows (a decode step) that repacking is most of the work: the
-weight is read, written to a packed buffer and read again. oneDNN's inner product
-(``torch.ops.mkldnn._linear_pointwise``) can take the weight already in its blocked layout
-(``torch.ops.mkldnn._reorder_linear_weight``), so it streams the weight once.
+weight is read, written to a packed buffer and read again. Three prepacked forms, by rows:
 
-Measured on a 2-core AVX-512 machine, SmolLM2-135M's shapes, all 30 layers' weights (so none
-stays in cache) plus the 49152 x 576 output projection, ms per step:
+- 57..64 rows (a full decode batch of 64): MKL's packed GEMM (``torch.ops.mkl._mkl_linear`` on
+  a weight packed once by ``cblas_sgemm_pack`` for 64 rows; fewer rows are padded to 64, since
+  the packed weight serves that one row count only). ``OCTAVO_CPU_MKL_PACKED=0`` turns it off.
+- 2..512 rows otherwise: ``cpu_gemm``'s AVX-512 kernel (faster than oneDNN at every row count
+  measured, table there). ``OCTAVO_CPU_GEMM=0``, or a CPU without AVX-512F, leaves oneDNN.
+- without that kernel, oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise`` on a weight
+  reordered once by ``_reorder_linear_weight``), where it beats ``F.linear``. Measured on a 2-core
+  AVX-512 machine, SmolLM2-135M's shapes, all 30 layers' weights plus the 49152 x 576 output
+  projection, ms per step:
 
-======  ==========  ======  =========================================================
-rows    F.linear    oneDNN  per layer
-======  ==========  ======  =========================================================
-1       23.2        28.5    oneDNN slower on every layer
-8       53.5        34.3    faster on all but ``o_proj`` / ``down_proj`` (about even)
-32      68.3        57.0    faster or even on every layer
-64      96.7        90.4    faster on ``gate_up_proj`` and the output projection only
-512     486.9       482.2   even
-======  ==========  ======  =========================================================
+  ======  ==========  ======  =========================================================
+  rows    F.linear    oneDNN  per layer
+  ======  ==========  ======  =========================================================
+  1       23.2        28.5    oneDNN slower on every layer
+  8       53.5        34.3    faster on all but ``o_proj`` / ``down_proj`` (about even)
+  32      68.3        57.0    faster or even on every layer
+  64      96.7        90.4    faster on ``gate_up_proj`` and the output projection only
+  512     486.9       482.2   even
+  ======  ==========  ======  =========================================================
 
-so ``use_onednn`` picks oneDNN for 2..48 rows, and above that only for wide layers (at least
-four outputs per input: the gate/up projection, the output projection) up to 128 rows. The
-plain weight stays (one row, long prompt chunks, tied embeddings), so a prepacked layer holds
-its weight twice.
+  so ``use_onednn`` picks it for 2..48 rows, and above that only for wide layers (at least four
+  outputs per input: the gate/up projection, the output projection) up to 128 rows.
 
-A full decode batch of 57..64 rows goes to MKL's packed GEMM instead (``torch.ops.mkl._mkl_linear``
-on a weight packed once by ``cblas_sgemm_pack`` for 64 rows; fewer rows are padded to 64, since
-the packed weight serves that one row count only). Same machine, all layers at 64 rows:
-``F.linear`` 104.7 ms, oneDNN 97.3, the per-layer choice above 89.5, MKL packed 77.3 (faster
-on every layer). It holds a third copy of the weights (about 540 MB more for the default model);
-``OCTAVO_CPU_MKL_PACKED=0`` leaves those rows on the choice above.
+One row keeps ``F.linear`` (BLAS's GEMV reads the plain weight once, as fast as any), and so do
+prompt chunks past 512 rows. The plain weight stays for those and for tied embeddings, so a
+prepacked layer holds its weight three times with MKL's copy (about 1.1 GB more than the plain
+weights for the default model), twice without.
 
-``OCTAVO_CPU_ONEDNN_LINEAR=0`` turns both paths off (the reference: ``F.linear`` everywhere).
-The GPU path never comes here: only float32 layers on the CPU are prepacked.
+``OCTAVO_CPU_ONEDNN_LINEAR=0`` turns every prepacked form off (the reference: ``F.linear``
+everywhere). The GPU path never comes here: only float32 layers on the CPU are prepacked.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from octavo.layers import cpu_gemm
 from octavo.layers.cpu_extension import switch_on
 from octavo.layers.quantization.base import UnquantizedLinearMethod
 
@@ -55,6 +57,7 @@ MKL_MIN_ROWS = 57  # from here to MKL_PACKED_ROWS rows, padded to MKL_PACKED_ROW
 MIN_ROWS = 2  # one row: the BLAS GEMV reads the plain weight once, faster than oneDNN
 MAX_ROWS_ANY = 48  # up to here oneDNN for every layer
 MAX_ROWS_WIDE = 128  # up to here for layers with out_features >= WIDE_RATIO * in_features
+GEMM_MAX_ROWS = 512  # cpu_gemm measured even with F.linear at 512 rows; longer chunks keep the plain weight
 WIDE_RATIO = 4
 
 _mkldnn = getattr(torch.ops, "mkldnn", None)
@@ -103,9 +106,11 @@ def use_onednn(rows: int, out_features: int, in_features: int) -> bool:
     return rows <= MAX_ROWS_WIDE and out_features >= WIDE_RATIO * in_features
 
 
-class OneDNNLinearMethod(UnquantizedLinearMethod):
-    """``UnquantizedLinearMethod`` whose ``apply`` reads ``layer.onednn_weight`` (the plain
-    ``layer.weight`` reordered by oneDNN) where ``use_onednn`` says so."""
+class PrepackedLinearMethod(UnquantizedLinearMethod):
+    """``UnquantizedLinearMethod`` whose ``apply`` reads a prepacked copy of ``layer.weight``:
+    ``layer.mkl_weight`` for a full decode batch (``use_mkl_packed``), then ``layer.gemm_weight``
+    (``cpu_gemm``'s layout) for 2..``GEMM_MAX_ROWS`` rows, or, where that kernel is not built,
+    ``layer.onednn_weight`` where ``use_onednn`` says so; the plain weight otherwise."""
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         rows = x.shape[0]
@@ -117,7 +122,11 @@ class OneDNNLinearMethod(UnquantizedLinearMethod):
                     padded[:rows] = x
                     return torch.ops.mkl._mkl_linear(padded, mkl_weight, layer.weight, bias, MKL_PACKED_ROWS)[:rows]
                 return torch.ops.mkl._mkl_linear(x.contiguous(), mkl_weight, layer.weight, bias, MKL_PACKED_ROWS)
-            if use_onednn(rows, layer.out_features, layer.in_features):
+            gemm_weight = getattr(layer, "gemm_weight", None)
+            if gemm_weight is not None:
+                if MIN_ROWS <= rows <= GEMM_MAX_ROWS:
+                    return cpu_gemm.linear(x, gemm_weight, layer.out_features, bias)
+            elif use_onednn(rows, layer.out_features, layer.in_features):
                 return torch.ops.mkldnn._linear_pointwise(x.contiguous(), layer.onednn_weight, bias, "none", [], "")
         return nn.functional.linear(x, layer.weight, bias)
 
@@ -131,21 +140,25 @@ def _prepackable(module: nn.Module) -> bool:
 
 
 def prepack_cpu_linears(model: nn.Module) -> int:
-    """Give every float32 CPU ``Linear`` a oneDNN-reordered copy of its weight and the method
-    that uses it; returns how many layers were prepacked."""
-    method = OneDNNLinearMethod()
-    packed = 0
+    """Give every float32 CPU ``Linear`` a prepacked copy of its weight (``cpu_gemm``'s layout,
+    or oneDNN's where that kernel is not built; MKL's for full decode batches too) and the
+    method that uses them; returns how many layers were prepacked."""
+    method = PrepackedLinearMethod()
+    modules = [module for module in model.modules() if _prepackable(module)]
+    if not modules:
+        return 0
     mkl = mkl_packed_enabled()
-    for module in model.modules():
-        if not _prepackable(module):
-            continue
-        with torch.no_grad():
-            reordered = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 8)
-            if mkl:  # a plain attribute too: the packed buffer is not a parameter
-                module.mkl_weight = torch.ops.mkl._mkl_reorder_linear_weight(module.weight.detach(), MKL_PACKED_ROWS)
-        module.onednn_weight = reordered  # an opaque oneDNN tensor: a plain attribute, not a buffer
+    gemm = cpu_gemm.load_gemm()
+    for module in modules:
+        weight = module.weight.detach()
+        with torch.no_grad():  # plain attributes: the packed copies are not parameters
+            if gemm:
+                module.gemm_weight = cpu_gemm.pack(weight)
+            else:  # an opaque oneDNN tensor
+                module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
+            if mkl:
+                module.mkl_weight = torch.ops.mkl._mkl_reorder_linear_weight(weight, MKL_PACKED_ROWS)
         module.quant_method = method
-        packed += 1
-    if packed:
-        logger.info("reordered %d float32 linear weights for oneDNN", packed)
-    return packed
+    logger.info("packed %d float32 linear weights for %s%s", len(modules),
+                "the AVX-512 GEMM" if gemm else "oneDNN", " and MKL" if mkl else "")
+    return len(modules)
