@@ -211,3 +211,14 @@ def test_cpu_greedy_ids_are_argmax_with_ties():
     logits[7, :] = 1.0
     assert torch.equal(greedy_ids(logits), logits.argmax(dim=-1))
     assert greedy_ids(logits)[3] == 5 and greedy_ids(logits)[7] == 0
+
+
+def test_linear_benchmark_checks_and_times_every_form(capsys):
+    from octavo.benchmarks import cpu_linear as bench
+
+    bench.main(["--rows", "1", "5", "64", "--hidden", "32", "--intermediate", "48", "--heads", "2", "--kv-heads", "1",
+                "--head-dim", "16", "--layers", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "F.linear" in out and [line.split()[0] for line in out.splitlines()[2:]] == ["1", "5", "64"]
+    if cpu_gemm.load_gemm():
+        assert "AVX-512 GEMM" in out

@@ -10,19 +10,20 @@ columns in 24 vector registers: per input, two weight loads, one broadcast per r
 per row, with the weight prefetched 16 inputs ahead. Each thread takes whole column blocks, and
 a block (``32 * K`` floats) stays in L2 while the row tiles go over it.
 
-Measured on a 2-core AVX-512 machine, SmolLM2-135M's shapes (all 30 layers' qkv / o / gate-up /
-down weights, so none stays in cache), ms for the 120 linears:
+Measured on a 2-core AVX-512 machine with ``python -m octavo.benchmarks.cpu_linear --threads 2``
+(SmolLM2-135M's shapes: all 30 layers' qkv / o / gate-up / down weights, so none stays in
+cache), ms for the 120 linears:
 
 ====  ========  ======  ========  ======================
 rows  F.linear  oneDNN  this one  MKL packed for 64 rows
 ====  ========  ======  ========  ======================
-1     15.4      18.8    15.3
-8     34.8      23.5    19.7
-16    39.7      28.7    25.7
-32    46.2      41.0    34.8
-64    67.4      65.0    53.7      51.1
-128   106.6     100.5   91.4
-512   323.1     318.2   313.6
+1     15.2      19.0    14.1
+8     33.3      23.6    18.2
+16    39.0      29.1    24.4
+32    46.7      40.6    33.9
+64    68.1      65.2    53.1      49.9
+128   98.9      100.4   91.3
+512   334.1     327.2   331.9
 ====  ========  ======  ========  ======================
 
 Each output is a plain sequential float32 sum over the inputs (a different order from BLAS, so

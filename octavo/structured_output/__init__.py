@@ -5,6 +5,7 @@ from octavo.structured_output.manager import (
     GrammarBitmask,
     SequenceGrammar,
     StructuredOutputManager,
+    advance_grammars,
     apply_bitmask,
     constrained_rows,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "SequenceGrammar",
     "StructuredOutputManager",
     "StructuredOutputsParams",
+    "advance_grammars",
     "apply_bitmask",
     "constrained_rows",
 ]
