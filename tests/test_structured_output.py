@@ -192,28 +192,6 @@ def test_missing_xgrammar_is_a_clear_error(monkeypatch):
     assert SamplingParams(logit_bias={1: 2.0}).logit_bias == {1: 2.0}  # the rest needs no grammar engine
 
 
-def test_a_steps_tokens_advance_their_grammars_together_and_a_rejected_one_drops_its_grammar(llm, caplog):
-    """The core advances all of a step's constrained rows in one call; a token the grammar refuses
-    (the mask prevents it, but a bug must not kill the engine) leaves that row unconstrained."""
-    from types import SimpleNamespace
-
-    from octavo.engine.core import EngineCore
-    from octavo.structured_output import StructuredOutputManager, advance_grammars
-
-    tokenizer = llm.get_tokenizer()
-    manager = StructuredOutputManager(lambda: tokenizer, len(tokenizer) + 12, [tokenizer.eos_token_id])
-    choice = StructuredOutputsParams(choice=["red", "blue"])
-    grammars = [manager.grammar_for(choice) for _ in range(3)]
-    red, blue = (tokenizer.encode(word, add_special_tokens=False)[0] for word in ("red", "blue"))
-    comma = tokenizer.encode(",", add_special_tokens=False)[0]
-    assert advance_grammars(grammars, [red, blue, comma]) == [True, True, False]
-    seqs = [SimpleNamespace(grammar=manager.grammar_for(choice), request_id=f"r{i}") for i in range(2)]
-    with caplog.at_level("ERROR"):
-        EngineCore._advance_grammars([(seqs[0], red), (seqs[1], comma)])
-    assert seqs[0].grammar is not None and seqs[1].grammar is None
-    assert "r1: the grammar rejected token" in caplog.text
-
-
 def test_a_grammar_that_fails_to_compile_leaves_its_row_unconstrained():
     from concurrent.futures import Future
     from types import SimpleNamespace

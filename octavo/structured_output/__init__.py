@@ -5,7 +5,6 @@ from octavo.structured_output.manager import (
     GrammarBitmask,
     SequenceGrammar,
     StructuredOutputManager,
-    advance_grammars,
     apply_bitmask,
     constrained_rows,
 )
@@ -17,7 +16,6 @@ __all__ = [
     "SequenceGrammar",
     "StructuredOutputManager",
     "StructuredOutputsParams",
-    "advance_grammars",
     "apply_bitmask",
     "constrained_rows",
 ]

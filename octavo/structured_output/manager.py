@@ -1,9 +1,9 @@
 """Per-sequence grammar state and the per-step token bitmask.
 
 The engine core owns both. ``StructuredOutputManager.grammar_for`` gives each sequence (every
-sample of n > 1 included) its own ``SequenceGrammar``; the core advances them with the tokens
-it appends (``advance_grammars``, once per step), and the model runner asks ``BitmaskFiller.fill``
-for the next step's mask of the rows that have one. The mask is filled on the CPU, across xgrammar's own threads,
+sample of n > 1 included) its own ``SequenceGrammar``; the core advances it with each token
+it appends (``accept``), and the model runner asks ``BitmaskFiller.fill`` for the next step's
+mask of the rows that have one. The mask is filled on the CPU, across xgrammar's own threads,
 while the device runs the step's forward pass, then uploaded and applied before sampling.
 """
 
@@ -45,12 +45,10 @@ class SequenceGrammar:
             return False
         return True
 
-
-def advance_grammars(grammars: Sequence[SequenceGrammar], tokens: Sequence[int]) -> list[bool]:
-    """Advance each grammar by its token in one call into xgrammar (the loop runs in C++);
-    False where a grammar rejects its token (which the mask prevents) or had already terminated."""
-    return load_xgrammar().BatchGrammarMatcher.batch_accept_token([grammar.matcher for grammar in grammars],
-                                                                  list(tokens))
+    def accept(self, token_id: int) -> bool:
+        """Advance by one sampled token; False if the grammar rejects it (which the mask prevents)."""
+        matcher = self.matcher
+        return not matcher.is_terminated() and matcher.accept_token(token_id)
 
 
 class StructuredOutputManager:
