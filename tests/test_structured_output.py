@@ -192,6 +192,27 @@ def test_missing_xgrammar_is_a_clear_error(monkeypatch):
     assert SamplingParams(logit_bias={1: 2.0}).logit_bias == {1: 2.0}  # the rest needs no grammar engine
 
 
+def test_a_rejected_token_leaves_its_row_unconstrained(llm, caplog):
+    """A token the grammar refuses (the mask prevents it, but a bug must not kill the engine)
+    drops that row's grammar with an error; the others keep theirs."""
+    from types import SimpleNamespace
+
+    from octavo.engine.core import EngineCore
+    from octavo.structured_output import StructuredOutputManager
+
+    tokenizer = llm.get_tokenizer()
+    manager = StructuredOutputManager(lambda: tokenizer, len(tokenizer) + 12, [tokenizer.eos_token_id])
+    choice = StructuredOutputsParams(choice=["red", "blue"])
+    red = tokenizer.encode("red", add_special_tokens=False)[0]
+    comma = tokenizer.encode(",", add_special_tokens=False)[0]
+    seqs = [SimpleNamespace(grammar=manager.grammar_for(choice), request_id=f"r{i}") for i in range(2)]
+    with caplog.at_level("ERROR"):
+        EngineCore._advance_grammar(seqs[0], red)
+        EngineCore._advance_grammar(seqs[1], comma)
+    assert seqs[0].grammar is not None and seqs[1].grammar is None
+    assert "r1: the grammar rejected token" in caplog.text and "r0" not in caplog.text
+
+
 def test_a_grammar_that_fails_to_compile_leaves_its_row_unconstrained():
     from concurrent.futures import Future
     from types import SimpleNamespace
