@@ -1,5 +1,5 @@
-"""The float32 CPU fast paths against their references: oneDNN linears with reordered weights
-against ``F.linear``, the fused RMSNorm / SiLU kernels against the PyTorch operators, and whole
+"""The float32 CPU fast paths against their references: the packed linears (the AVX-512 GEMM,
+oneDNN, MKL) against ``F.linear``, the fused RMSNorm / SiLU kernels against the PyTorch operators, and whole
 engines with the fast paths on against the reference paths (``OCTAVO_CPU_ONEDNN_LINEAR=0``,
 ``OCTAVO_CPU_PAGED_DECODE=0``, ``OCTAVO_CPU_FUSED_OPS=0``) and transformers."""
 
@@ -17,6 +17,25 @@ from octavo.layers.cpu_linear import PrepackedLinearMethod, onednn_linear_availa
 from octavo.layers.linear import Linear, MergedLinear
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="torch has no oneDNN linear")
+
+
+def _count_forms(monkeypatch) -> tuple[dict[str, list[int]], list[int]]:
+    """Count the calls into each packed form: each call records ``current[0]`` (the caller's
+    row count; MKL's input is padded to 64 rows)."""
+    took: dict[str, list[int]] = {"gemm": [], "onednn": [], "mkl": []}
+    current = [0]
+
+    def counting(name, function):
+        def wrapper(*args, **kwargs):
+            took[name].append(current[0])
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(cpu_gemm, "linear", counting("gemm", cpu_gemm.linear))
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting("onednn", torch.ops.mkldnn._linear_pointwise))
+    if cpu_linear.mkl_packed_available():
+        monkeypatch.setattr(torch.ops.mkl, "_mkl_linear", counting("mkl", torch.ops.mkl._mkl_linear))
+    return took, current
 
 
 needs_gemm = pytest.mark.skipif(not cpu_gemm.load_gemm(), reason="the AVX-512 GEMM does not build here")
@@ -47,8 +66,20 @@ def test_prepacked_linear_matches_f_linear(shape, gemm, monkeypatch):
     # 57..64 rows through MKL's packed GEMM where torch has it (fewer than 64 padded)
     assert (getattr(layer, "mkl_weight", None) is not None) == cpu_linear.mkl_packed_enabled()
     assert [rows for rows in inputs if cpu_linear.use_mkl_packed(rows)] == [57, 60, 64]
+    took, current = _count_forms(monkeypatch)
     for rows, x in inputs.items():
+        current[0] = rows
         torch.testing.assert_close(layer(x), want[rows], atol=1e-5, rtol=1e-5)
+    mkl_rows = [57, 60, 64] if cpu_linear.mkl_packed_enabled() else []
+    assert took["mkl"] == mkl_rows
+    if gemm == "1":
+        assert took["gemm"] == [rows for rows in inputs if 2 <= rows <= 512 and rows not in mkl_rows]
+        assert took["onednn"] == []
+    else:
+        assert took["gemm"] == []
+        assert took["onednn"] == [rows for rows in inputs if rows not in mkl_rows
+                                  and use_onednn(rows, layer.out_features, layer.in_features)]
+        assert {2, 8, 48} <= set(took["onednn"])
     # a non-contiguous input (a slice of a wider activation) gives the same rows
     wide = torch.randn(8, 2 * in_features)
     torch.testing.assert_close(layer(wide[:, :in_features]),
@@ -58,7 +89,7 @@ def test_prepacked_linear_matches_f_linear(shape, gemm, monkeypatch):
 
 @needs_gemm
 @pytest.mark.parametrize("out_features", [1, 17, 32, 50, 96])
-@pytest.mark.parametrize("in_features", [1, 7, 130])
+@pytest.mark.parametrize("in_features", [0, 1, 7, 130, 1536])
 def test_gemm_kernel_matches_f_linear(out_features, in_features):
     """Every row-tile size (1..12 rows, and tiles of 12 then the rest), outputs that end inside a
     32-column block or inside its first vector, odd input widths, a bias, strided rows."""
@@ -72,6 +103,10 @@ def test_gemm_kernel_matches_f_linear(out_features, in_features):
         for b in (None, bias):
             torch.testing.assert_close(cpu_gemm.linear(x, packed, out_features, b),
                                        torch.nn.functional.linear(x, weight, b), atol=1e-4, rtol=1e-5)
+    if in_features == 1:  # one column with a row stride: torch calls it contiguous as it is
+        column = torch.randn(1, 5).t()
+        torch.testing.assert_close(cpu_gemm.linear(column, packed, out_features, bias),
+                                   torch.nn.functional.linear(column, weight, bias), atol=1e-4, rtol=1e-5)
     wide = torch.randn(9, in_features + 5)[:, 3:3 + in_features]  # rows 5 floats apart from where they end
     torch.testing.assert_close(cpu_gemm.linear(wide, packed, out_features, bias),
                                torch.nn.functional.linear(wide, weight, bias), atol=1e-4, rtol=1e-5)
@@ -167,12 +202,14 @@ def _engine_tokens(folder, monkeypatch, onednn: str, paged: str, prompts, fused:
 
 
 @needs_onednn
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_engine_fast_paths_match_the_reference_and_hf(arch, tiny_model_factory, monkeypatch):
-    """Eight prompts (decode steps of 2..8 rows through the oneDNN linears and the paged
-    decode kernel, mixed steps with prompt chunks): the same greedy tokens and logprobs as the
-    reference paths, and transformers' tokens."""
+@pytest.mark.parametrize("arch, gemm", [("llama", "1"), ("qwen2", "1"), ("llama", "0")])
+def test_engine_fast_paths_match_the_reference_and_hf(arch, gemm, tiny_model_factory, monkeypatch):
+    """Eight prompts (decode steps of 2..8 rows through the packed linears, the AVX-512 GEMM or,
+    as on CPUs without AVX-512, oneDNN; the paged decode kernel; mixed steps with prompt chunks):
+    the same greedy tokens and logprobs as the reference paths, and transformers' tokens."""
     from tests.test_parity import hf_greedy
+
+    monkeypatch.setenv(cpu_gemm.ENV_SWITCH, gemm)
 
     folder, model = tiny_model_factory(arch)
     rng = random.Random(0)

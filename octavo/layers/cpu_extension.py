@@ -1,8 +1,8 @@
 """Small C++ kernels for the CPU, built on first use with ``torch.utils.cpp_extension`` and cached
 on disk; and the on/off environment switches of the CPU fast paths.
 
-Used by the paged decode attention (``attention/cpu_paged.py``) and the fused RMSNorm / SiLU
-(``cpu_fused.py``). A kernel that cannot be built (no compiler, no headers) leaves its PyTorch
+Used by the paged decode attention (``attention/cpu_paged.py``), the fused RMSNorm / SiLU
+(``cpu_fused.py``) and the float32 GEMM (``cpu_gemm.py``). A kernel that cannot be built (no compiler, no headers) leaves its PyTorch
 form in place, with one warning.
 """
 

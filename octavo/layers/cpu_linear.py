@@ -7,8 +7,9 @@ weight is read, written to a packed buffer and read again. Three prepacked forms
 - 57..64 rows (a full decode batch of 64): MKL's packed GEMM (``torch.ops.mkl._mkl_linear`` on
   a weight packed once by ``cblas_sgemm_pack`` for 64 rows; fewer rows are padded to 64, since
   the packed weight serves that one row count only). ``OCTAVO_CPU_MKL_PACKED=0`` turns it off.
-- 2..512 rows otherwise: ``cpu_gemm``'s AVX-512 kernel (faster than oneDNN at every row count
-  measured, table there). ``OCTAVO_CPU_GEMM=0``, or a CPU without AVX-512F, leaves oneDNN.
+- 2..512 rows otherwise: ``cpu_gemm``'s AVX-512 kernel (faster than oneDNN and ``F.linear`` from
+  8 to 256 rows, even with them at 512, table there). ``OCTAVO_CPU_GEMM=0``, or a CPU without
+  AVX-512F, leaves the oneDNN form below.
 - without that kernel, oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise`` on a weight
   reordered once by ``_reorder_linear_weight``), where it beats ``F.linear``. Measured on a 2-core
   AVX-512 machine, SmolLM2-135M's shapes, all 30 layers' weights plus the 49152 x 576 output
@@ -27,7 +28,7 @@ weight is read, written to a packed buffer and read again. Three prepacked forms
   so ``use_onednn`` picks it for 2..48 rows, and above that only for wide layers (at least four
   outputs per input: the gate/up projection, the output projection) up to 128 rows.
 
-One row keeps ``F.linear`` (BLAS's GEMV reads the plain weight once, as fast as any), and so do
+One row keeps ``F.linear`` (BLAS's GEMV reads the plain weight once, about even with the kernel), and so do
 prompt chunks past 512 rows. The plain weight stays for those and for tied embeddings, so a
 prepacked layer holds its weight three times with MKL's copy (about 1.1 GB more than the plain
 weights for the default model), twice without.
@@ -72,6 +73,11 @@ def onednn_linear_available() -> bool:
         return torch.ops.mkldnn._reorder_linear_weight is not None
     except (AttributeError, RuntimeError):
         return False
+
+
+def prepacking_enabled() -> bool:
+    """The master switch: ``OCTAVO_CPU_ONEDNN_LINEAR=0`` keeps ``F.linear`` everywhere."""
+    return switch_on(ENV_SWITCH)
 
 
 def onednn_linear_enabled() -> bool:
@@ -126,8 +132,10 @@ class PrepackedLinearMethod(UnquantizedLinearMethod):
             if gemm_weight is not None:
                 if MIN_ROWS <= rows <= GEMM_MAX_ROWS:
                     return cpu_gemm.linear(x, gemm_weight, layer.out_features, bias)
-            elif use_onednn(rows, layer.out_features, layer.in_features):
-                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), layer.onednn_weight, bias, "none", [], "")
+            else:
+                onednn_weight = getattr(layer, "onednn_weight", None)
+                if onednn_weight is not None and use_onednn(rows, layer.out_features, layer.in_features):
+                    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), onednn_weight, bias, "none", [], "")
         return nn.functional.linear(x, layer.weight, bias)
 
 
@@ -149,16 +157,19 @@ def prepack_cpu_linears(model: nn.Module) -> int:
         return 0
     mkl = mkl_packed_enabled()
     gemm = cpu_gemm.load_gemm()
+    onednn = not gemm and onednn_linear_available()
+    if not (mkl or gemm or onednn):
+        return 0
     for module in modules:
         weight = module.weight.detach()
         with torch.no_grad():  # plain attributes: the packed copies are not parameters
             if gemm:
                 module.gemm_weight = cpu_gemm.pack(weight)
-            else:  # an opaque oneDNN tensor
+            elif onednn:  # an opaque oneDNN tensor
                 module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 8)
             if mkl:
                 module.mkl_weight = torch.ops.mkl._mkl_reorder_linear_weight(weight, MKL_PACKED_ROWS)
         module.quant_method = method
     logger.info("packed %d float32 linear weights for %s%s", len(modules),
-                "the AVX-512 GEMM" if gemm else "oneDNN", " and MKL" if mkl else "")
+                "the AVX-512 GEMM" if gemm else "oneDNN" if onednn else "no GEMM", " and MKL" if mkl else "")
     return len(modules)

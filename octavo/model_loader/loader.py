@@ -157,9 +157,9 @@ def build_model(
         # Quantized activations or bfloat16 linears: the reference forms' roundings.
         keep_pytorch_forms(model)
     if device.type == "cpu" and dtype == torch.float32:
-        from octavo.layers.cpu_linear import onednn_linear_enabled, prepack_cpu_linears
+        from octavo.layers.cpu_linear import prepack_cpu_linears, prepacking_enabled
 
-        if onednn_linear_enabled():  # OCTAVO_CPU_ONEDNN_LINEAR=0 keeps F.linear everywhere
+        if prepacking_enabled():  # OCTAVO_CPU_ONEDNN_LINEAR=0 keeps F.linear everywhere
             prepack_cpu_linears(model)
     return model.eval()
 
