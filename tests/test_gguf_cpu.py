@@ -10,7 +10,9 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from octavo import LLM, SamplingParams
 from octavo.layers.cpu_fused import fused_ops_enabled
+from octavo.layers import cpu_gemm
 from octavo.layers.quantization.gguf_cpu import (
+    PACKED_MAX_ROWS_WITH_GEMM,
     PACKED_MAX_TOKENS,
     GGUFCpuLinearMethod,
     GGUFPackedLinear,
@@ -45,8 +47,13 @@ def test_blocks_decode_to_the_loaders_float32_weights(tiny_q4):
         torch.testing.assert_close(method.dequantize(layer), reference[name + ".weight"], atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("tokens", [1, 5, PACKED_MAX_TOKENS, PACKED_MAX_TOKENS + 9])
-def test_packed_linear_matches_the_float32_linear(tiny_q4, tokens):
+@pytest.mark.parametrize("gemm", ["1", "0"])
+@pytest.mark.parametrize("tokens", [1, 5, PACKED_MAX_ROWS_WITH_GEMM, PACKED_MAX_ROWS_WITH_GEMM + 1, PACKED_MAX_TOKENS,
+                                    PACKED_MAX_TOKENS + 9])
+def test_packed_linear_matches_the_float32_linear(tiny_q4, tokens, gemm, monkeypatch):
+    """Few rows through the int4 kernel (bfloat16 activations); more through the float32 weight,
+    in the AVX-512 GEMM's layout where that is built, else decoded for the call."""
+    monkeypatch.setenv(cpu_gemm.ENV_SWITCH, gemm)
     reference = dict(iter_gguf_weights(tiny_q4, torch.float32))
     name = "model.layers.1.mlp.down_proj"
     q, scale, zero = quantized_linear_blocks(tiny_q4)[name]
@@ -54,15 +61,18 @@ def test_packed_linear_matches_the_float32_linear(tiny_q4, tokens):
     layer = GGUFPackedLinear(torch.nn.Linear(q.shape[1], q.shape[0], bias=False), method)
     method.load(layer, "weight", (q, scale, zero), "")
     method.process_after_loading(layer)
+    with_gemm = gemm == "1" and cpu_gemm.load_gemm()
+    assert hasattr(layer, "gemm_weight") == with_gemm
     x = torch.randn(tokens, q.shape[1], generator=torch.Generator().manual_seed(tokens))
     want = x @ reference[name + ".weight"].t()
     got = layer(x)
     assert got.dtype == torch.float32
     scale_of = want.abs().max()
-    if tokens > PACKED_MAX_TOKENS:  # decoded to float32 for the call: the reference's numbers
+    if tokens > (PACKED_MAX_ROWS_WITH_GEMM if with_gemm else PACKED_MAX_TOKENS):  # the reference's numbers
         torch.testing.assert_close(got, want, atol=1e-5 * scale_of, rtol=1e-5)
     else:
         assert (got - want).abs().max() <= PACKED_RTOL * scale_of
+        assert (got - want).abs().max() > 1e-5 * scale_of  # bfloat16 activations: not the float32 path
 
 
 def test_engine_packed_against_float32_reference(tiny_q4):

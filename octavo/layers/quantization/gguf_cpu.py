@@ -7,9 +7,11 @@ per group of 32 (its fast AVX-512 path takes bfloat16 activations, scales and ze
 file's 4-bit values are used as they are and only the scale and zero are rounded to bfloat16.
 
 That kernel reads 0.6 bytes per weight instead of float32's 4, which is what a decode step at
-small batch sizes is bound by. For a step of many tokens (a prompt chunk) a float32 GEMM is
-faster than the kernel, so such steps decode the 4-bit values to float32 on the fly, one layer
-at a time (above ``PACKED_MAX_TOKENS`` rows).
+small batch sizes is bound by. For a step of many tokens a float32 GEMM is faster than the
+kernel: where ``cpu_gemm``'s AVX-512 GEMM is built, each layer also keeps its weight decoded to
+float32 in that GEMM's layout (4 more bytes per weight) for steps of more than
+``PACKED_MAX_ROWS_WITH_GEMM`` rows (large decode batches, prompt chunks); elsewhere steps above
+``PACKED_MAX_TOKENS`` rows decode the 4-bit values to float32 on the fly, one layer at a time.
 
 The output projection (GGUF's Q8_0 or Q6_K ``output`` / tied ``token_embd``) runs in bfloat16
 beside them; the embedding lookup keeps its float32 rows.
@@ -28,6 +30,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from octavo.layers import cpu_gemm
+
 logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 32  # weights per GGUF Q4_0 / Q4_1 block
@@ -36,6 +40,13 @@ GROUP_SIZE = 32  # weights per GGUF Q4_0 / Q4_1 block
 # row count and pays off only where the GEMM is long (measured on a 2-core AVX-512 machine:
 # decoding per call at 32-row decode steps ran at 0.64x transformers' float32 speed).
 PACKED_MAX_TOKENS = 128
+# Where the AVX-512 float32 GEMM is built (``cpu_gemm``), a layer also holds its weight decoded to
+# float32 in the GEMM's layout, and steps of more rows than this go there: at a few rows a step
+# is bound by reading the weights (0.6 bytes each here against float32's 4), at more by
+# arithmetic, where the GEMM is faster than the int4 kernel, and prompt chunks need no decoding.
+# The default model's 120 layers on a 2-core AVX-512 machine, ms: int4 12.6 / 23.5 / 30.0 / 46.5
+# / 80.9 at 8 / 16 / 20 / 32 / 64 rows, the GEMM 18.4 / 25.0 / 27.8 / 35.5 / 53.2.
+PACKED_MAX_ROWS_WITH_GEMM = 16
 GGUF_WEIGHT_MODES = ("auto", "packed", "float32")
 
 _int4pack_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
@@ -68,7 +79,8 @@ def decode_q4_blocks(raw: torch.Tensor, ggml_type_name: str, rows: int, cols: in
 class GGUFCpuLinearMethod:
     """4-bit GGUF weights on the CPU. Layer state: ``int4_weight`` (the kernel's packed layout),
     ``int4_scales_zeros`` bf16 [in / 32, out, 2], and for long steps ``nibbles`` uint8
-    [out, in / 2] with ``scales`` / ``zeros`` float32 [out, in / 32]."""
+    [out, in / 2] with ``scales`` / ``zeros`` float32 [out, in / 32], and ``gemm_weight`` (the
+    weight those give, in ``cpu_gemm``'s layout) where that GEMM is built."""
 
     def create_weights(self, layer: nn.Module, dtype: torch.dtype) -> None:
         layer.q4_shards = {}  # shard -> (q, scale, zero) until every shard is in
@@ -101,6 +113,10 @@ class GGUFCpuLinearMethod:
         }
         for name, tensor in state.items():
             layer.register_buffer(name, tensor, persistent=False)
+        from octavo.layers.cpu_linear import prepacking_enabled
+
+        if layer.nibbles.device.type == "cpu" and prepacking_enabled() and cpu_gemm.load_gemm():
+            layer.register_buffer("gemm_weight", cpu_gemm.pack(self.dequantize(layer)), persistent=False)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """The float32 weight [out, in] the layer holds (float32 scales, as the reference has them)."""
@@ -110,6 +126,9 @@ class GGUFCpuLinearMethod:
         return weight.reshape(out_features, in_features)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        gemm_weight = getattr(layer, "gemm_weight", None)
+        if gemm_weight is not None and x.shape[0] > PACKED_MAX_ROWS_WITH_GEMM:
+            return cpu_gemm.linear(x.to(torch.float32), gemm_weight, layer.out_features, bias).to(x.dtype)
         if x.shape[0] > PACKED_MAX_TOKENS:
             return nn.functional.linear(x, self.dequantize(layer).to(x.dtype), bias)
         out = _int4pack_mm(x.to(torch.bfloat16), layer.int4_weight, GROUP_SIZE, layer.int4_scales_zeros).to(x.dtype)
