@@ -253,7 +253,7 @@ def test_cpu_greedy_ids_are_argmax_with_ties():
 def test_linear_benchmark_checks_and_times_every_form(capsys):
     from octavo.benchmarks import cpu_linear as bench
 
-    bench.main(["--rows", "1", "5", "64", "--hidden", "32", "--intermediate", "48", "--heads", "2", "--kv-heads", "1",
+    bench.main(["--rows", "1", "5", "64", "--hidden", "32", "--intermediate", "64", "--heads", "2", "--kv-heads", "1",
                 "--head-dim", "16", "--layers", "2", "--repeats", "1"])
     out = capsys.readouterr().out
     assert "F.linear" in out and [line.split()[0] for line in out.splitlines()[2:]] == ["1", "5", "64"]

@@ -6,8 +6,9 @@
 Times one decode step's linears (per layer the fused qkv, o, gate/up and down projections;
 ``--layers`` copies of each, so that, as in a real step, no weight is still in cache when it
 comes round again) through ``F.linear`` on the plain weight, oneDNN on its reordered weight,
-``cpu_gemm``'s AVX-512 kernel on its packed weight, and MKL's packed GEMM at the row count it is
-packed for (64). Random weights and inputs; the fastest of ``--repeats`` passes; every form is
+``cpu_gemm``'s AVX-512 kernel on its packed weight, MKL's packed GEMM at the row count it is
+packed for (64), and torch's int4 kernel on GGUF-style 4-bit blocks of the same shapes (what a
+GGUF model's layers run at few rows, ``gguf_cpu``). Random weights and inputs; the fastest of ``--repeats`` passes; every form is
 checked against ``F.linear`` first. Defaults: SmolLM2-135M (the embedded default model).
 """
 
@@ -20,12 +21,25 @@ from typing import Callable, Optional
 import torch
 
 from octavo.layers import cpu_gemm, cpu_linear
+from octavo.layers.quantization import gguf_cpu
 
 
 def layer_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> list[tuple[int, int]]:
     """(out_features, in_features) of a Llama layer's four linears."""
     return [((heads + 2 * kv_heads) * head_dim, hidden), (hidden, heads * head_dim), (2 * intermediate, hidden),
             (hidden, intermediate)]
+
+
+def _random_q4(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int4 kernel weight, its bfloat16 scales and zeros, the float32 weight they stand for)."""
+    q = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32)
+    scale = torch.rand(out_features, in_features // gguf_cpu.GROUP_SIZE) * 0.01
+    zero = -8 * scale
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    scale_b, zero_b = scale.to(torch.bfloat16).float(), zero.to(torch.bfloat16).float()
+    weight = ((q.float() - 8).reshape(out_features, -1, gguf_cpu.GROUP_SIZE) * scale_b[..., None]
+              + zero_b[..., None]).reshape(out_features, in_features)
+    return gguf_cpu._int4pack(q, 1), scales_zeros, weight
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -55,6 +69,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         packed = [[cpu_gemm.pack(w) for w in layer] for layer in weights]
         forms["AVX-512 GEMM"] = lambda layer, j, x: cpu_gemm.linear(x, packed[layer][j], weights[layer][j].shape[0],
                                                                     None)
+    if gguf_cpu.packed_kernels_available():  # GGUF Q4 blocks of the same shapes, random 4-bit values
+        int4 = [[_random_q4(out, inp) for out, inp in shapes] for _ in range(args.layers)]
+        forms["int4 (GGUF Q4)"] = lambda layer, j, x: gguf_cpu._int4pack_mm(
+            x.to(torch.bfloat16), int4[layer][j][0], gguf_cpu.GROUP_SIZE, int4[layer][j][1]).float()
     mkl = None
     if cpu_linear.mkl_packed_available():
         mkl = [[torch.ops.mkl._mkl_reorder_linear_weight(w, cpu_linear.MKL_PACKED_ROWS) for w in layer]
@@ -75,6 +93,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                 cells.append(f"{'':>20}")
                 continue
             for j, (_, inp) in enumerate(shapes):  # correct before fast
+                if name.startswith("int4"):  # bfloat16 activations: a dot product's relative error ~2**-8
+                    want = torch.nn.functional.linear(inputs[inp], int4[0][j][2])
+                    assert (form(0, j, inputs[inp]) - want).abs().max() <= 2e-2 * want.abs().max()
+                    continue
                 want = torch.nn.functional.linear(inputs[inp], weights[0][j])
                 torch.testing.assert_close(form(0, j, inputs[inp]), want, atol=1e-4, rtol=1e-4)
             best = float("inf")
