@@ -11,6 +11,7 @@ from gguf.constants import GGMLQuantizationType as Q
 from octavo import LLM, SamplingParams
 from octavo.layers.cpu_fused import fused_ops_enabled
 from octavo.layers import cpu_gemm
+from octavo.layers.quantization import gguf_cpu
 from octavo.layers.quantization.gguf_cpu import (
     PACKED_MAX_ROWS_WITH_GEMM,
     PACKED_MAX_TOKENS,
@@ -57,7 +58,7 @@ def test_packed_linear_matches_the_float32_linear(tiny_q4, tokens, gemm, monkeyp
     reference = dict(iter_gguf_weights(tiny_q4, torch.float32))
     name = "model.layers.1.mlp.down_proj"
     q, scale, zero = quantized_linear_blocks(tiny_q4)[name]
-    method = GGUFCpuLinearMethod()
+    method = GGUFCpuLinearMethod(keep_float32=gguf_cpu._float32_copy_fits(q.numel()))
     layer = GGUFPackedLinear(torch.nn.Linear(q.shape[1], q.shape[0], bias=False), method)
     method.load(layer, "weight", (q, scale, zero), "")
     method.process_after_loading(layer)
@@ -75,6 +76,19 @@ def test_packed_linear_matches_the_float32_linear(tiny_q4, tokens, gemm, monkeyp
         assert (got - want).abs().max() > 1e-5 * scale_of  # bfloat16 activations: not the float32 path
 
 
+def test_the_float32_copy_is_kept_only_where_it_fits(monkeypatch):
+    if not cpu_gemm.load_gemm():
+        pytest.skip("the AVX-512 GEMM does not build here")
+    monkeypatch.setattr(gguf_cpu, "available_memory_bytes", lambda: 40 << 30)
+    assert gguf_cpu._float32_copy_fits(100_000_000)  # 0.4 GB of 40 GiB
+    assert not gguf_cpu._float32_copy_fits(7_000_000_000)  # a 7B model's 28 GB
+    monkeypatch.setattr(gguf_cpu, "available_memory_bytes", lambda: None)
+    assert not gguf_cpu._float32_copy_fits(1000)  # unknown: keep the blocks alone
+    monkeypatch.setattr(gguf_cpu, "available_memory_bytes", lambda: 40 << 30)
+    monkeypatch.setenv(cpu_gemm.ENV_SWITCH, "0")
+    assert not gguf_cpu._float32_copy_fits(1000)
+
+
 def test_engine_packed_against_float32_reference(tiny_q4):
     """Fused q/k/v and gate/up shards (with LLaMA's rotary row order undone) through the whole
     engine: teacher-forced on the float32 path's own greedy continuation, the packed path's
@@ -86,6 +100,9 @@ def test_engine_packed_against_float32_reference(tiny_q4):
     for mode, llm in llms.items():
         modules = list(llm.llm_engine.core.model.modules())
         assert any(isinstance(m, GGUFPackedLinear) for m in modules) == (mode == "packed")
+        # prompts of 30 tokens: steps past PACKED_MAX_ROWS_WITH_GEMM rows, through the float32 copy
+        packed_layers = [m for m in modules if isinstance(m, GGUFPackedLinear)]
+        assert all(hasattr(m, "gemm_weight") == cpu_gemm.load_gemm() for m in packed_layers)
         # bfloat16 linears keep the PyTorch norm and activation forms (see cpu_fused.keep_pytorch_forms)
         assert any(getattr(m, "cpu_fused", False) for m in modules) == (mode == "float32" and fused_ops_enabled())
     continued = [p + o.outputs[0].token_ids for p, o in zip(prompts, llms["float32"].generate(

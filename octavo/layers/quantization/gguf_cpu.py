@@ -8,8 +8,9 @@ file's 4-bit values are used as they are and only the scale and zero are rounded
 
 That kernel reads 0.6 bytes per weight instead of float32's 4, which is what a decode step at
 small batch sizes is bound by. For a step of many tokens a float32 GEMM is faster than the
-kernel: where ``cpu_gemm``'s AVX-512 GEMM is built, each layer also keeps its weight decoded to
-float32 in that GEMM's layout (4 more bytes per weight) for steps of more than
+kernel: where ``cpu_gemm``'s AVX-512 GEMM is built and memory allows (``_float32_copy_fits``), each
+layer also keeps its weight decoded to float32 in that GEMM's layout (4 more bytes per weight) for
+steps of more than
 ``PACKED_MAX_ROWS_WITH_GEMM`` rows (large decode batches, prompt chunks); elsewhere steps above
 ``PACKED_MAX_TOKENS`` rows decode the 4-bit values to float32 on the fly, one layer at a time.
 
@@ -47,6 +48,7 @@ PACKED_MAX_TOKENS = 128
 # The default model's 120 layers on a 2-core AVX-512 machine, ms: int4 12.6 / 23.5 / 30.0 / 46.5
 # / 80.9 at 8 / 16 / 20 / 32 / 64 rows, the GEMM 18.4 / 25.0 / 27.8 / 35.5 / 53.2.
 PACKED_MAX_ROWS_WITH_GEMM = 16
+FLOAT32_COPY_MAX_SHARE = 0.25  # of the memory available at load, at most, for that copy
 GGUF_WEIGHT_MODES = ("auto", "packed", "float32")
 
 _int4pack_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
@@ -82,6 +84,9 @@ class GGUFCpuLinearMethod:
     [out, in / 2] with ``scales`` / ``zeros`` float32 [out, in / 32], and ``gemm_weight`` (the
     weight those give, in ``cpu_gemm``'s layout) where that GEMM is built."""
 
+    def __init__(self, keep_float32: bool = False) -> None:
+        self.keep_float32 = keep_float32  # also hold each weight in float32 for cpu_gemm (see above)
+
     def create_weights(self, layer: nn.Module, dtype: torch.dtype) -> None:
         layer.q4_shards = {}  # shard -> (q, scale, zero) until every shard is in
 
@@ -113,9 +118,7 @@ class GGUFCpuLinearMethod:
         }
         for name, tensor in state.items():
             layer.register_buffer(name, tensor, persistent=False)
-        from octavo.layers.cpu_linear import prepacking_enabled
-
-        if layer.nibbles.device.type == "cpu" and prepacking_enabled() and cpu_gemm.load_gemm():
+        if self.keep_float32 and layer.nibbles.device.type == "cpu":
             layer.register_buffer("gemm_weight", cpu_gemm.pack(self.dequantize(layer)), persistent=False)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
@@ -199,6 +202,34 @@ def _checkpoint_names(model: nn.Module, module_name: str, module: nn.Module) -> 
     return {shard: ".".join(filter(None, [parent, by_shard.get(shard, leaf)])) for shard in shards}
 
 
+def available_memory_bytes() -> Optional[int]:
+    """The kernel's estimate of memory available without swapping (MemAvailable); None off Linux."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _float32_copy_fits(num_weights: int) -> bool:
+    """Whether the layers keep a float32 copy for cpu_gemm: the GEMM is built, the packed forms are
+    on, and the copy takes at most FLOAT32_COPY_MAX_SHARE of the memory available now (a 7B model's
+    copy would be 28 GB: such models keep their 4-bit blocks alone)."""
+    from octavo.layers.cpu_linear import prepacking_enabled
+
+    if not (prepacking_enabled() and cpu_gemm.load_gemm()):
+        return False
+    available, needed = available_memory_bytes(), 4 * num_weights
+    if available is None or needed > FLOAT32_COPY_MAX_SHARE * available:
+        logger.info("the 4-bit layers keep no float32 copy: it would take %.1f GiB of %s available",
+                    needed / 2**30, "unknown" if available is None else f"{available / 2**30:.1f} GiB")
+        return False
+    return True
+
+
 def pack_gguf_linears(model: nn.Module, path: str | Path) -> int:
     """Swap every linear layer whose GGUF tensors are all Q4_0 / Q4_1 for a ``GGUFPackedLinear``
     holding those blocks; others (and the embedding / output matrix) keep their float weights.
@@ -206,7 +237,7 @@ def pack_gguf_linears(model: nn.Module, path: str | Path) -> int:
     from octavo.model_loader.gguf_loader import quantized_linear_blocks
 
     blocks = quantized_linear_blocks(path)
-    method = GGUFCpuLinearMethod()
+    method = GGUFCpuLinearMethod(keep_float32=_float32_copy_fits(sum(q.numel() for q, _, _ in blocks.values())))
     packed = 0
     for module_name, module in list(model.named_modules()):
         if not _is_float_linear(module) or module_name.endswith("lm_head"):
@@ -227,5 +258,7 @@ def pack_gguf_linears(model: nn.Module, path: str | Path) -> int:
     lm_head = getattr(model, "lm_head", None)
     if packed and lm_head is not None and _is_float_linear(lm_head) and lm_head.bias is None:
         model.lm_head = BFloat16OutputHead(model.lm_head.weight)  # a tied embedding keeps its float rows
-    logger.info("kept %d linear layers in GGUF 4-bit blocks", packed)
+    logger.info("kept %d linear layers in GGUF 4-bit blocks%s", packed,
+                " (and a float32 copy for steps of more than %d rows)" % PACKED_MAX_ROWS_WITH_GEMM
+                if method.keep_float32 else "")
     return packed
