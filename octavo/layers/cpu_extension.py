@@ -8,6 +8,7 @@ form in place, with one warning.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -25,17 +26,22 @@ def switch_on(name: str) -> bool:
     return os.environ.get(name, "1") not in ("0", "false", "off")
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> str:
+    """The ``flags`` line of /proc/cpuinfo ("" off Linux)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line for line in handle if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 def _build_tag(source: str) -> str:
     """A short hash of the CPU's flags (the build uses -march=native, so a cache shared with
     another kind of CPU must not hand over this one's binary), the source, torch, and the
     environment's prefix (torch's build cache keys on the include paths, so two virtual
     environments sharing one build folder would rebuild it in turn)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha256((flags + source + torch.__version__ + sys.prefix).encode()).hexdigest()[:12]
+    return hashlib.sha256((cpu_flags() + source + torch.__version__ + sys.prefix).encode()).hexdigest()[:12]
 
 
 class CppKernels:

@@ -38,7 +38,7 @@ from typing import Optional
 
 import torch
 
-from octavo.layers.cpu_extension import CppKernels, switch_on
+from octavo.layers.cpu_extension import CppKernels, cpu_flags, switch_on
 
 ENV_SWITCH = "OCTAVO_CPU_GEMM"
 BLOCK_COLUMNS = 32
@@ -195,12 +195,7 @@ _KERNELS = CppKernels("octavo_cpu_gemm", _SOURCE, "octavo_cpu_gemm", "linear",
 
 
 def cpu_has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "")
-    except OSError:  # not Linux: no way to tell here, so no kernel
-        return False
-    return " avx512f" in flags
+    return " avx512f" in cpu_flags()  # off Linux no way to tell here, so no kernel
 
 
 def gemm_enabled() -> bool:
