@@ -45,8 +45,9 @@ PACKED_MAX_TOKENS = 128
 # float32 in the GEMM's layout, and steps of more rows than this go there: at a few rows a step
 # is bound by reading the weights (0.6 bytes each here against float32's 4), at more by
 # arithmetic, where the GEMM is faster than the int4 kernel, and prompt chunks need no decoding.
-# The default model's 120 layers on a 2-core AVX-512 machine, ms: int4 12.6 / 23.5 / 30.0 / 46.5
-# / 80.9 at 8 / 16 / 20 / 32 / 64 rows, the GEMM 18.4 / 25.0 / 27.8 / 35.5 / 53.2.
+# `python -m octavo.benchmarks.cpu_linear --threads 2` (the default model's 120 linears, 2-core
+# AVX-512 machine), ms: int4 13.6 / 24.7 / 30.3 / 46.5 / 90.1 at 8 / 16 / 20 / 32 / 64 rows, the
+# GEMM 18.7 / 25.1 / 27.3 / 35.6 / 57.4.
 PACKED_MAX_ROWS_WITH_GEMM = 16
 FLOAT32_COPY_MAX_SHARE = 0.25  # of the memory available at load, at most, for that copy
 GGUF_WEIGHT_MODES = ("auto", "packed", "float32")
