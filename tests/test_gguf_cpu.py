@@ -62,11 +62,16 @@ def test_packed_linear_matches_the_float32_linear(tiny_q4, tokens, gemm, monkeyp
     layer = GGUFPackedLinear(torch.nn.Linear(q.shape[1], q.shape[0], bias=False), method)
     method.load(layer, "weight", (q, scale, zero), "")
     method.process_after_loading(layer)
-    with_gemm = gemm == "1" and cpu_gemm.load_gemm()
+    with_gemm = method.keep_float32
+    assert with_gemm == (gemm == "1" and gguf_cpu._float32_copy_fits(q.numel()))
     assert hasattr(layer, "gemm_weight") == with_gemm
     x = torch.randn(tokens, q.shape[1], generator=torch.Generator().manual_seed(tokens))
     want = x @ reference[name + ".weight"].t()
     got = layer(x)
+    bias = torch.randn(q.shape[0])  # a bias in another dtype than the float32 copy's arithmetic
+    got_16 = method.apply(layer, x.to(torch.bfloat16), bias.to(torch.bfloat16))
+    assert got_16.dtype == torch.bfloat16
+    assert (got_16.float() - (want + bias)).abs().max() <= 2 * PACKED_RTOL * (want + bias).abs().max()
     assert got.dtype == torch.float32
     scale_of = want.abs().max()
     if tokens > (PACKED_MAX_ROWS_WITH_GEMM if with_gemm else PACKED_MAX_TOKENS):  # the reference's numbers
@@ -89,11 +94,23 @@ def test_the_float32_copy_is_kept_only_where_it_fits(monkeypatch):
     assert not gguf_cpu._float32_copy_fits(1000)
 
 
-def test_engine_packed_against_float32_reference(tiny_q4):
+def test_a_model_whose_copy_does_not_fit_keeps_its_blocks_alone(tiny_q4, monkeypatch):
+    monkeypatch.setattr(gguf_cpu, "available_memory_bytes", lambda: 1 << 20)  # 1 MiB available
+    llm = LLM(str(tiny_q4), device="cpu", dtype="float32", max_model_len=64, block_size=4, gguf_weights="packed")
+    packed = [m for m in llm.llm_engine.core.model.modules() if isinstance(m, GGUFPackedLinear)]
+    assert packed and not any(hasattr(m, "gemm_weight") for m in packed)
+    out = llm.generate([{"prompt_token_ids": list(range(10, 40))}],
+                       SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("gemm", ["1", "0"])  # "0": every packed step of up to 128 rows in the int4 kernel
+def test_engine_packed_against_float32_reference(tiny_q4, gemm, monkeypatch):
     """Fused q/k/v and gate/up shards (with LLaMA's rotary row order undone) through the whole
     engine: teacher-forced on the float32 path's own greedy continuation, the packed path's
     logprobs stay within bfloat16 rounding and it picks the same top token almost everywhere.
     (A random tiny model has near-tied logits, so free-running greedy text may part ways.)"""
+    monkeypatch.setenv(cpu_gemm.ENV_SWITCH, gemm)
     prompts = [[5, 17, 42, 8, 99, 23, 4], [200, 3, 3, 150, 61], list(range(10, 40))]
     llms = {mode: LLM(str(tiny_q4), device="cpu", dtype="float32", max_model_len=64, block_size=4,
                       gguf_weights=mode) for mode in ("float32", "packed")}
@@ -102,7 +119,7 @@ def test_engine_packed_against_float32_reference(tiny_q4):
         assert any(isinstance(m, GGUFPackedLinear) for m in modules) == (mode == "packed")
         # prompts of 30 tokens: steps past PACKED_MAX_ROWS_WITH_GEMM rows, through the float32 copy
         packed_layers = [m for m in modules if isinstance(m, GGUFPackedLinear)]
-        assert all(hasattr(m, "gemm_weight") == cpu_gemm.load_gemm() for m in packed_layers)
+        assert all(hasattr(m, "gemm_weight") == (gemm == "1" and m.method.keep_float32) for m in packed_layers)
         # bfloat16 linears keep the PyTorch norm and activation forms (see cpu_fused.keep_pytorch_forms)
         assert any(getattr(m, "cpu_fused", False) for m in modules) == (mode == "float32" and fused_ops_enabled())
     continued = [p + o.outputs[0].token_ids for p, o in zip(prompts, llms["float32"].generate(

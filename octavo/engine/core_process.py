@@ -58,7 +58,7 @@ class CoreLoop:
         self.outbox = outbox
         self.parent_pid = parent_pid
         self._last_stats = 0.0
-        self._last_counts = (-1, -1)
+        self._last_counts: tuple = ()
 
     def run(self) -> None:
         core = self.core
@@ -92,7 +92,9 @@ class CoreLoop:
     def _stats_if_changed(self, refresh_sharing: bool = True) -> Optional[CoreStats]:
         """The gauges, when the running or waiting counts moved or the last ones are old."""
         now = time.monotonic()
-        counts = self.core.scheduler_counts()
+        # Going idle counts as a change: the sharing gauges, which may trail by an interval while
+        # requests run, must read zero once none holds a block (and no later step would send them).
+        counts = (*self.core.scheduler_counts(), self.core.has_unfinished_requests())
         if counts == self._last_counts and now - self._last_stats < STATS_INTERVAL_S:
             return None
         self._last_stats, self._last_counts = now, counts

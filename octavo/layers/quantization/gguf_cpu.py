@@ -83,7 +83,7 @@ class GGUFCpuLinearMethod:
     """4-bit GGUF weights on the CPU. Layer state: ``int4_weight`` (the kernel's packed layout),
     ``int4_scales_zeros`` bf16 [in / 32, out, 2], and for long steps ``nibbles`` uint8
     [out, in / 2] with ``scales`` / ``zeros`` float32 [out, in / 32], and ``gemm_weight`` (the
-    weight those give, in ``cpu_gemm``'s layout) where that GEMM is built."""
+    weight those give, in ``cpu_gemm``'s layout) with ``keep_float32`` (see ``_float32_copy_fits``)."""
 
     def __init__(self, keep_float32: bool = False) -> None:
         self.keep_float32 = keep_float32  # also hold each weight in float32 for cpu_gemm (see above)
@@ -132,7 +132,9 @@ class GGUFCpuLinearMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         gemm_weight = getattr(layer, "gemm_weight", None)
         if gemm_weight is not None and x.shape[0] > PACKED_MAX_ROWS_WITH_GEMM:
-            return cpu_gemm.linear(x.to(torch.float32), gemm_weight, layer.out_features, bias).to(x.dtype)
+            out = cpu_gemm.linear(x.to(torch.float32), gemm_weight, layer.out_features,
+                                  None if bias is None else bias.to(torch.float32))
+            return out.to(x.dtype)
         if x.shape[0] > PACKED_MAX_TOKENS:
             return nn.functional.linear(x, self.dequantize(layer).to(x.dtype), bias)
         out = _int4pack_mm(x.to(torch.bfloat16), layer.int4_weight, GROUP_SIZE, layer.int4_scales_zeros).to(x.dtype)
@@ -226,7 +228,7 @@ def _float32_copy_fits(num_weights: int) -> bool:
     available, needed = available_memory_bytes(), 4 * num_weights
     if available is None or needed > FLOAT32_COPY_MAX_SHARE * available:
         logger.info("the 4-bit layers keep no float32 copy: it would take %.1f GiB of %s available",
-                    needed / 2**30, "unknown" if available is None else f"{available / 2**30:.1f} GiB")
+                    needed / 2**30, "an unknown amount" if available is None else f"{available / 2**30:.1f} GiB")
         return False
     return True
 
@@ -261,5 +263,5 @@ def pack_gguf_linears(model: nn.Module, path: str | Path) -> int:
         model.lm_head = BFloat16OutputHead(model.lm_head.weight)  # a tied embedding keeps its float rows
     logger.info("kept %d linear layers in GGUF 4-bit blocks%s", packed,
                 " (and a float32 copy for steps of more than %d rows)" % PACKED_MAX_ROWS_WITH_GEMM
-                if method.keep_float32 else "")
+                if method.keep_float32 and packed else "")
     return packed
