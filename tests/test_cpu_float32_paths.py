@@ -259,3 +259,25 @@ def test_linear_benchmark_checks_and_times_every_form(capsys):
     assert "F.linear" in out and [line.split()[0] for line in out.splitlines()[2:]] == ["1", "5", "64"]
     if cpu_gemm.load_gemm():
         assert "AVX-512 GEMM" in out
+
+
+@needs_onednn
+def test_packed_copies_are_kept_only_as_far_as_they_fit(monkeypatch):
+    """Each copy of this layer is 64 KiB; half the available memory holds two, one or none."""
+    def prepacked(available: int) -> Linear:
+        monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: available)
+        layer = Linear(128, 128, bias=False)
+        prepack_cpu_linears(torch.nn.Sequential(layer))
+        return layer
+
+    roomy = prepacked(1 << 30)
+    assert isinstance(roomy.quant_method, PrepackedLinearMethod)
+    assert hasattr(roomy, "mkl_weight") == cpu_linear.mkl_packed_enabled()
+    if cpu_linear.mkl_packed_enabled():
+        one = prepacked(3 * 64 << 10)  # room for one copy: MKL's band goes first
+        assert isinstance(one.quant_method, PrepackedLinearMethod) and not hasattr(one, "mkl_weight")
+        assert hasattr(one, "gemm_weight") or hasattr(one, "onednn_weight")
+    tight = prepacked(64 << 10)
+    assert not isinstance(tight.quant_method, PrepackedLinearMethod)  # the plain weight alone
+    x = torch.randn(8, 128)
+    torch.testing.assert_close(tight(x), torch.nn.functional.linear(x, tight.weight))

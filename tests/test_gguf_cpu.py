@@ -10,7 +10,7 @@ from gguf.constants import GGMLQuantizationType as Q
 
 from octavo import LLM, SamplingParams
 from octavo.layers.cpu_fused import fused_ops_enabled
-from octavo.layers import cpu_gemm
+from octavo.layers import cpu_extension, cpu_gemm
 from octavo.layers.quantization import gguf_cpu
 from octavo.layers.quantization.gguf_cpu import (
     PACKED_MAX_ROWS_WITH_GEMM,
@@ -84,18 +84,18 @@ def test_packed_linear_matches_the_float32_linear(tiny_q4, tokens, gemm, monkeyp
 def test_the_float32_copy_is_kept_only_where_it_fits(monkeypatch):
     if not cpu_gemm.load_gemm():
         pytest.skip("the AVX-512 GEMM does not build here")
-    monkeypatch.setattr(gguf_cpu, "available_memory_bytes", lambda: 40 << 30)
+    monkeypatch.setattr(cpu_extension, "available_memory_bytes", lambda: 40 << 30)
     assert gguf_cpu._float32_copy_fits(100_000_000)  # 0.4 GB of 40 GiB
     assert not gguf_cpu._float32_copy_fits(7_000_000_000)  # a 7B model's 28 GB
-    monkeypatch.setattr(gguf_cpu, "available_memory_bytes", lambda: None)
+    monkeypatch.setattr(cpu_extension, "available_memory_bytes", lambda: None)
     assert not gguf_cpu._float32_copy_fits(1000)  # unknown: keep the blocks alone
-    monkeypatch.setattr(gguf_cpu, "available_memory_bytes", lambda: 40 << 30)
+    monkeypatch.setattr(cpu_extension, "available_memory_bytes", lambda: 40 << 30)
     monkeypatch.setenv(cpu_gemm.ENV_SWITCH, "0")
     assert not gguf_cpu._float32_copy_fits(1000)
 
 
 def test_a_model_whose_copy_does_not_fit_keeps_its_blocks_alone(tiny_q4, monkeypatch):
-    monkeypatch.setattr(gguf_cpu, "available_memory_bytes", lambda: 1 << 20)  # 1 MiB available
+    monkeypatch.setattr(cpu_extension, "available_memory_bytes", lambda: 1 << 20)  # 1 MiB available
     llm = LLM(str(tiny_q4), device="cpu", dtype="float32", max_model_len=64, block_size=4, gguf_weights="packed")
     packed = [m for m in llm.llm_engine.core.model.modules() if isinstance(m, GGUFPackedLinear)]
     assert packed and not any(hasattr(m, "gemm_weight") for m in packed)

@@ -36,6 +36,19 @@ def cpu_flags() -> str:
         return ""
 
 
+def available_memory_bytes() -> Optional[int]:
+    """The kernel's estimate of memory available without swapping (MemAvailable); None off Linux.
+    The packed weight copies of the CPU fast paths are kept only where they fit in a share of it."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _build_tag(source: str) -> str:
     """A short hash of the CPU's flags (the build uses -march=native, so a cache shared with
     another kind of CPU must not hand over this one's binary), the source, torch, and the

@@ -31,7 +31,9 @@ weight is read, written to a packed buffer and read again. Three prepacked forms
 One row keeps ``F.linear`` (BLAS's GEMV reads the plain weight once, about even with the kernel), and so do
 prompt chunks past 512 rows. The plain weight stays for those and for tied embeddings, so a
 prepacked layer holds its weight three times with MKL's copy (about 1.1 GB more than the plain
-weights for the default model), twice without.
+weights for the default model), twice without; the copies are kept only as far as they fit in
+half the memory available at load (MKL's goes first), so a large float32 model keeps its plain
+weights alone.
 
 ``OCTAVO_CPU_ONEDNN_LINEAR=0`` turns every prepacked form off (the reference: ``F.linear``
 everywhere). The GPU path never comes here: only float32 layers on the CPU are prepacked.
@@ -46,7 +48,7 @@ import torch
 from torch import nn
 
 from octavo.layers import cpu_gemm
-from octavo.layers.cpu_extension import switch_on
+from octavo.layers.cpu_extension import available_memory_bytes, switch_on
 from octavo.layers.quantization.base import UnquantizedLinearMethod
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ MKL_MIN_ROWS = 57  # from here to MKL_PACKED_ROWS rows, padded to MKL_PACKED_ROW
 MIN_ROWS = 2  # one row: the BLAS GEMV reads the plain weight once, faster than oneDNN
 MAX_ROWS_ANY = 48  # up to here oneDNN for every layer
 MAX_ROWS_WIDE = 128  # up to here for layers with out_features >= WIDE_RATIO * in_features
+COPIES_MAX_SHARE = 0.5  # of the memory available at load, at most, for the packed copies together
 GEMM_MAX_ROWS = 512  # cpu_gemm measured even with F.linear at 512 rows; longer chunks keep the plain weight
 WIDE_RATIO = 4
 
@@ -147,6 +150,20 @@ def _prepackable(module: nn.Module) -> bool:
             and module.weight.dtype == torch.float32 and module.weight.device.type == "cpu")
 
 
+def _copies_that_fit(copy_bytes: int, wanted: int) -> int:
+    """How many of ``wanted`` packed copies of ``copy_bytes`` each fit in COPIES_MAX_SHARE of the
+    memory available now (a large float32 model keeps its plain weights alone, with a warning)."""
+    available = available_memory_bytes()
+    if available is None:
+        return wanted  # off Linux: no way to tell, as before
+    fitting = min(wanted, int(COPIES_MAX_SHARE * available // max(copy_bytes, 1)))
+    if fitting < wanted:
+        logger.warning("%d of %d packed float32 weight copies (%.1f GiB each) fit in %.0f%% of the %.1f GiB "
+                       "available; the rest of the fast paths stay off", fitting, wanted, copy_bytes / 2**30,
+                       100 * COPIES_MAX_SHARE, available / 2**30)
+    return fitting
+
+
 def prepack_cpu_linears(model: nn.Module) -> int:
     """Give every float32 CPU ``Linear`` a prepacked copy of its weight (``cpu_gemm``'s layout,
     or oneDNN's where that kernel is not built; MKL's for full decode batches too) and the
@@ -158,8 +175,12 @@ def prepack_cpu_linears(model: nn.Module) -> int:
     mkl = mkl_packed_enabled()
     gemm = cpu_gemm.load_gemm()
     onednn = not gemm and onednn_linear_available()
-    if not (mkl or gemm or onednn):
+    copy_bytes = sum(module.weight.numel() * module.weight.element_size() for module in modules)
+    copies = _copies_that_fit(copy_bytes, 1 + mkl)
+    if copies == 0 or not (mkl or gemm or onednn):
         return 0
+    if copies == 1 and mkl and (gemm or onednn):
+        mkl = False  # the full-batch MKL band is the smaller gain: it goes first
     for module in modules:
         weight = module.weight.detach()
         with torch.no_grad():  # plain attributes: the packed copies are not parameters

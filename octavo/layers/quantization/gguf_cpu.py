@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from octavo.layers import cpu_gemm
+from octavo.layers import cpu_extension, cpu_gemm
 
 logger = logging.getLogger(__name__)
 
@@ -205,18 +205,6 @@ def _checkpoint_names(model: nn.Module, module_name: str, module: nn.Module) -> 
     return {shard: ".".join(filter(None, [parent, by_shard.get(shard, leaf)])) for shard in shards}
 
 
-def available_memory_bytes() -> Optional[int]:
-    """The kernel's estimate of memory available without swapping (MemAvailable); None off Linux."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _float32_copy_fits(num_weights: int) -> bool:
     """Whether the layers keep a float32 copy for cpu_gemm: the GEMM is built, the packed forms are
     on, and the copy takes at most FLOAT32_COPY_MAX_SHARE of the memory available now (a 7B model's
@@ -225,7 +213,7 @@ def _float32_copy_fits(num_weights: int) -> bool:
 
     if not (prepacking_enabled() and cpu_gemm.load_gemm()):
         return False
-    available, needed = available_memory_bytes(), 4 * num_weights
+    available, needed = cpu_extension.available_memory_bytes(), 4 * num_weights
     if available is None or needed > FLOAT32_COPY_MAX_SHARE * available:
         logger.info("the 4-bit layers keep no float32 copy: it would take %.1f GiB of %s available",
                     needed / 2**30, "an unknown amount" if available is None else f"{available / 2**30:.1f} GiB")
