@@ -128,6 +128,8 @@ def test_gemm_kernel_refuses_mismatches():
 def test_mkl_packed_switch(monkeypatch):
     monkeypatch.setenv(cpu_linear.MKL_ENV_SWITCH, "0")
     layer = Linear(32, 64, bias=False)
+    with torch.no_grad():
+        layer.weight.normal_()  # the layer's weight starts uninitialized
     prepack_cpu_linears(torch.nn.Sequential(layer))
     assert getattr(layer, "mkl_weight", None) is None
     x = torch.randn(64, 32)
@@ -267,6 +269,8 @@ def test_packed_copies_are_kept_only_as_far_as_they_fit(monkeypatch):
     def prepacked(available: int) -> Linear:
         monkeypatch.setattr(cpu_linear, "available_memory_bytes", lambda: available)
         layer = Linear(128, 128, bias=False)
+        with torch.no_grad():
+            layer.weight.normal_()  # the layer's weight starts uninitialized
         prepack_cpu_linears(torch.nn.Sequential(layer))
         return layer
 
