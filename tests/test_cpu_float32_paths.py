@@ -113,6 +113,25 @@ def test_gemm_kernel_matches_f_linear(out_features, in_features):
 
 
 @needs_gemm
+@pytest.mark.parametrize("out_features", [17, 96, 576])
+def test_gemm_kernel_row_bands_match_f_linear(out_features):
+    """Two threads (the suite may run on one): from 16 row tiles a band of rows per thread, and
+    with fewer column blocks than threads more bands; every row of every band is computed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(out_features)
+        weight, bias = torch.randn(out_features, 64), torch.randn(out_features)
+        packed = cpu_gemm.pack(weight)
+        for rows in (2, 13, 181, 200, 300):
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(cpu_gemm.linear(x, packed, out_features, bias),
+                                       torch.nn.functional.linear(x, weight, bias), atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_gemm
 def test_gemm_kernel_refuses_mismatches():
     packed = cpu_gemm.pack(torch.randn(40, 16))
     with pytest.raises(RuntimeError, match="features"):

@@ -8,8 +8,9 @@ Times one decode step's linears (per layer the fused qkv, o, gate/up and down pr
 comes round again) through ``F.linear`` on the plain weight, oneDNN on its reordered weight,
 ``cpu_gemm``'s AVX-512 kernel on its packed weight, MKL's packed GEMM at the row count it is
 packed for (64), and torch's int4 kernel on GGUF-style 4-bit blocks of the same shapes (what a
-GGUF model's layers run at few rows, ``gguf_cpu``). Random weights and inputs; the fastest of ``--repeats`` passes; every form is
-checked against ``F.linear`` first. Defaults: SmolLM2-135M (the embedded default model).
+GGUF model's layers run at few rows, ``gguf_cpu``). Random weights and inputs; the fastest of
+``--repeats`` passes; every form is checked against ``F.linear`` first. Defaults: SmolLM2-135M
+(the embedded default model).
 """
 
 from __future__ import annotations

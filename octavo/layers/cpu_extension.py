@@ -2,8 +2,8 @@
 on disk; and the on/off environment switches of the CPU fast paths.
 
 Used by the paged decode attention (``attention/cpu_paged.py``), the fused RMSNorm / SiLU
-(``cpu_fused.py``) and the float32 GEMM (``cpu_gemm.py``). A kernel that cannot be built (no compiler, no headers) leaves its PyTorch
-form in place, with one warning.
+(``cpu_fused.py``) and the float32 GEMM (``cpu_gemm.py``). A kernel that cannot be built (no
+compiler, no headers) leaves its PyTorch form in place, with one warning.
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ rows  F.linear  oneDNN  this one  MKL packed for 64 rows
 
 Each output is a plain sequential float32 sum over the inputs, a different order from BLAS's
 blocked sums: the rounding differences from ``F.linear`` are small and grow with K (against a
-float64 reference, about 2e-4 at K = 1536 where ``F.linear`` is at 3e-5). Built on first use like the other CPU kernels
-(``cpu_extension``), only where the CPU has AVX-512F; ``cpu_linear`` decides which rows come here.
+float64 reference, about 2e-4 at K = 1536 where ``F.linear`` is at 3e-5). Built on first use like
+the other CPU kernels (``cpu_extension``), only where the CPU has AVX-512F; ``cpu_linear`` decides
+which rows come here.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ import torch
 from octavo.layers.cpu_extension import CppKernels, cpu_flags, switch_on
 
 ENV_SWITCH = "OCTAVO_CPU_GEMM"
-BLOCK_COLUMNS = 32
 
 _SOURCE = r"""
 #include <ATen/ATen.h>

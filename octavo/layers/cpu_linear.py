@@ -28,8 +28,8 @@ weight is read, written to a packed buffer and read again. Three prepacked forms
   so ``use_onednn`` picks it for 2..48 rows, and above that only for wide layers (at least four
   outputs per input: the gate/up projection, the output projection) up to 128 rows.
 
-One row keeps ``F.linear`` (BLAS's GEMV reads the plain weight once, about even with the kernel), and so do
-prompt chunks past 512 rows. The plain weight stays for those and for tied embeddings, so a
+One row keeps ``F.linear`` (BLAS's GEMV reads the plain weight once, about even with the
+kernel), and so do prompt chunks past 512 rows. The plain weight stays for those and for tied embeddings, so a
 prepacked layer holds its weight three times with MKL's copy (about 1.1 GB more than the plain
 weights for the default model), twice without; the copies are kept only as far as they fit in
 half the memory available at load (MKL's goes first), so a large float32 model keeps its plain
@@ -85,7 +85,7 @@ def prepacking_enabled() -> bool:
 
 def onednn_linear_enabled() -> bool:
     """The switch (on unless ``OCTAVO_CPU_ONEDNN_LINEAR=0``) and the kernels being there."""
-    return switch_on(ENV_SWITCH) and onednn_linear_available()
+    return prepacking_enabled() and onednn_linear_available()
 
 
 def mkl_packed_available() -> bool:

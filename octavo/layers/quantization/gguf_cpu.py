@@ -8,11 +8,11 @@ file's 4-bit values are used as they are and only the scale and zero are rounded
 
 That kernel reads 0.6 bytes per weight instead of float32's 4, which is what a decode step at
 small batch sizes is bound by. For a step of many tokens a float32 GEMM is faster than the
-kernel: where ``cpu_gemm``'s AVX-512 GEMM is built and memory allows (``_float32_copy_fits``), each
-layer also keeps its weight decoded to float32 in that GEMM's layout (4 more bytes per weight) for
-steps of more than
-``PACKED_MAX_ROWS_WITH_GEMM`` rows (large decode batches, prompt chunks); elsewhere steps above
-``PACKED_MAX_TOKENS`` rows decode the 4-bit values to float32 on the fly, one layer at a time.
+kernel: where ``cpu_gemm``'s AVX-512 GEMM is built and memory allows (``_float32_copy_fits``),
+each layer also keeps its weight decoded to float32 in that GEMM's layout (4 more bytes per
+weight) for steps of more than ``PACKED_MAX_ROWS_WITH_GEMM`` rows (large decode batches, prompt
+chunks); elsewhere steps above ``PACKED_MAX_TOKENS`` rows decode the 4-bit values to float32 on
+the fly, one layer at a time.
 
 The output projection (GGUF's Q8_0 or Q6_K ``output`` / tied ``token_embd``) runs in bfloat16
 beside them; the embedding lookup keeps its float32 rows.
