@@ -11,10 +11,11 @@
 #                                      device ms) at 64, 256 and 512 sequences (PROFILE_SIZES); each stage under
 #                                      its own timeout (about 10 min); JSON and profiles into OUT
 #   scripts/gpu_check.sh followup [OUT] what the last device session left unmeasured, each stage under its
-#                                      own timeout (about 9 min): mixtral-8x7b fixed 256 with HF static on its
-#                                      first 64 requests, llama3-8b fixed 256 with W4A16 GPTQ (bf16 beside it),
-#                                      qwen3-0.6b 256 JSON-schema requests against unconstrained; JSON into OUT
-#                                      (then `families`, and `staging` for the input-staging check)
+#                                      own timeout (about 6 min): qwen3-0.6b 256 JSON-schema requests against
+#                                      unconstrained, llama3-8b fixed 256 in bf16, FP8 and W4A16 GPTQ; JSON into OUT
+#                                      (then `mixtral` and `families`, and `staging` for the input-staging check)
+#   scripts/gpu_check.sh mixtral [OUT] mixtral-8x7b (bf16, 93 GB) fixed 256 with HF static on its first 64
+#                                      requests (about 4 min); JSON into OUT
 #   scripts/gpu_check.sh staging [OUT] the async fork test FORK_RUNS (2) times with the input staging on and off
 #                                      (OCTAVO_INPUT_STAGING), every report into OUT/fork-tests.log
 #   scripts/gpu_check.sh moe [OUT]     fused-MoE kernels against the reference (1..8192 tokens, CUDA graphs), MoE
@@ -45,7 +46,7 @@
 # Runs from a source checkout without installing (PYTHONPATH), so it works where pip cannot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|limit|followup|staging|moe|families|serve|quant|structured|hostcost|dp|tp [OUT]}
+what=${1:?usage: scripts/gpu_check.sh kernels|engine|qwen3|llama3|limit|followup|mixtral|staging|moe|families|serve|quant|structured|hostcost|dp|tp [OUT]}
 out=${2:-gpu-results}
 mkdir -p "$out"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -198,21 +199,23 @@ followup)
         echo "=== $name (timeout ${seconds}s, at ${SECONDS}s)"
         timeout "$seconds" "$@" || { echo "=== $name FAILED (exit $?)"; failed+=("$name"); }
     }
-    # The stages' timeouts add up to 9.5 minutes, inside one device call's 10.
+    # The stages' timeouts add up to 6.5 minutes, inside one device call's 10.
     stage "structured, 256 requests" 110 python -m octavo.benchmarks.structured --model dummy:qwen3-0.6b \
         --num-prompts 256 --max-tokens 256 --output "$out/structured-256.json"
-    for quantization in auto gptq; do
+    for quantization in auto fp8 gptq; do
         stage "llama3-8b fixed 256, $quantization" 90 "${bench_cmd[@]}" --model dummy:llama3-8b --workload fixed \
             --num-prompts 256 --max-num-seqs 256 --quantization "$quantization" \
             --output "$out/llama3-8b-fixed-256-quant-$quantization.json"
     done
-    stage "mixtral-8x7b fixed 256 with HF static on 64" 280 "${bench_cmd[@]}" --model dummy:mixtral-8x7b \
-        --workload fixed --num-prompts 256 --max-num-seqs 256 --compare hf-static --peer-num-prompts 64 \
-        --gpu-memory-utilization 0.9 --output "$out/mixtral-8x7b-fixed-256.json"
     if [ ${#failed[@]} -gt 0 ]; then
         printf 'FAILED: %s\n' "${failed[@]}"
         exit 1
     fi
+    ;;
+mixtral)
+    timeout 290 python -m octavo.entrypoints.cli bench throughput --model dummy:mixtral-8x7b --workload fixed \
+        --num-prompts 256 --max-num-seqs 256 --compare hf-static --peer-num-prompts 64 \
+        --gpu-memory-utilization 0.9 --output "$out/mixtral-8x7b-fixed-256.json"
     ;;
 staging)
     # The first run compiles the kernels; a failure's whole report lands in the log.
@@ -314,7 +317,7 @@ tp)
     exit $status
     ;;
 *)
-    echo "unknown mode $what: use kernels, engine, qwen3, llama3, limit, followup, moe, families, serve, quant, structured, hostcost, dp or tp" >&2
+    echo "unknown mode $what: use kernels, engine, qwen3, llama3, limit, followup, mixtral, staging, moe, families, serve, quant, structured, hostcost, dp or tp" >&2
     exit 2
     ;;
 esac
