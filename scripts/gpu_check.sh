@@ -29,7 +29,8 @@
 #                                      and every dense family's parity with transformers on CUDA (about
 #                                      6 min on the H200); a table per test, JSON into OUT
 #   scripts/gpu_check.sh quant [OUT]   quantized weights: kernel and engine tests on CUDA, a decode micro-benchmark,
-#                                      llama3-8b fixed 256 in bf16, FP8 and W4A16 (GPTQ g128); JSON into OUT
+#                                      llama3-8b fixed 256 in bf16, FP8 and W4A16 (GPTQ g128; QUANT_FORMATS picks
+#                                      which, "auto fp8 gptq" by default; about 8 min); JSON into OUT
 #   scripts/gpu_check.sh structured [OUT]  qwen3-0.6b: 256 JSON-schema requests against the same requests
 #                                      unconstrained (tok/s and ratio, engine core in its own process), the
 #                                      constrained run again with the core in process for the bitmask-fill step
@@ -265,15 +266,22 @@ serve)
     serve_check "$out"
     ;;
 quant)
-    OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py
-    OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider tests/test_quantization.py \
-        -k "weight_only and gptq-v1-asym-act-order or w8a8 and ct-fp8-channel-token"
-    python -m octavo.benchmarks.quant_linear --output "$out/quant-linear.json"
-    for quantization in auto fp8 gptq; do
-        bench --model dummy:llama3-8b --workload fixed --num-prompts 256 --max-num-seqs 256 \
-            --quantization "$quantization" --output "$out/llama3-8b-fixed-256-quant-$quantization.json"
+    # Each stage under its own timeout; a failed one is reported and the next still run.
+    status=0
+    formats=${QUANT_FORMATS:-auto fp8 gptq}
+    OCTAVO_TEST_DEVICE=cuda timeout 200 python -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py \
+        || status=1
+    OCTAVO_TEST_DEVICE=cuda timeout 120 python -m pytest -q -p no:cacheprovider tests/test_quantization.py \
+        -k "weight_only and gptq-v1-asym-act-order or w8a8 and ct-fp8-channel-token" || status=1
+    timeout 150 python -m octavo.benchmarks.quant_linear --output "$out/quant-linear.json" || status=1
+    for quantization in $formats; do
+        timeout 100 python -m octavo.entrypoints.cli bench throughput --model dummy:llama3-8b --workload fixed \
+            --num-prompts 256 --max-num-seqs 256 --quantization "$quantization" \
+            --output "$out/llama3-8b-fixed-256-quant-$quantization.json" || status=1
     done
-    python -m octavo.benchmarks.quant_linear --summarize "$out"/llama3-8b-fixed-256-quant-{auto,fp8,gptq}.json
+    python -m octavo.benchmarks.quant_linear --summarize $(for q in $formats; do
+        echo "$out/llama3-8b-fixed-256-quant-$q.json"; done) || status=1
+    exit $status
     ;;
 structured)
     python -m octavo.benchmarks.structured --model dummy:qwen3-0.6b --num-prompts 256 --max-tokens 256 \

@@ -71,10 +71,33 @@ def test_wna16_gemm_split_k_tile_shapes_and_word_loads_agree():
     qweight, scales, zeros, weight = random_wna16(256, 64, 4, 64, True, torch.float32, DEVICE)
     x = torch.randn(3, 256, device=DEVICE)
     expected = x.double() @ weight
-    for config, split in [((16, 32, 32, 4, 2, False), 4), ((16, 64, 64, 4, 2, True), 2),
-                          ((32, 32, 16, 4, 2, False), 1), ((16, 32, 64, 4, 2, True), 1)]:
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, gather words, swap A and B); BLOCK_M < BLOCK_K
+    # scales after the dot, the others before it
+    for config, split in [((16, 32, 32, 4, 2, False, False), 4), ((16, 64, 64, 4, 2, True, False), 2),
+                          ((32, 32, 16, 4, 2, False, False), 1), ((16, 32, 64, 4, 2, True, False), 1),
+                          ((16, 32, 64, 4, 2, False, True), 2), ((16, 64, 32, 4, 2, True, True), 1),
+                          ((32, 32, 16, 4, 2, False, True), 4), ((32, 16, 32, 4, 2, True, True), 1)]:
         out = triton_kernels.wna16_gemm(x, qweight, scales, zeros, 64, 4, config=config, split_k=split)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5 * float(expected.abs().max()), rtol=0,
+                                   msg=lambda text: f"config {config}, split {split}: {text}")
+
+
+@pytest.mark.parametrize("with_zeros", [True, False])
+def test_wna16_matmul_paths_agree(with_zeros):
+    """Both paths the tuner chooses between (the fused kernel, or unpacking then one matmul) give
+    the dequantized product; below DEQUANTIZE_MIN_TOKENS only the fused kernel is a candidate."""
+    from octavo.layers.quantization import triton_kernels
+
+    qweight, scales, zeros, weight = random_wna16(128, 64, 4, 32, with_zeros, torch.float32, DEVICE)
+    x = torch.randn(40, 128, device=DEVICE)
+    expected = x.double() @ weight
+    for paths in [("fused",), ("dequantize",), ("fused", "dequantize")]:
+        out = triton_kernels.wna16_matmul(x, qweight, scales, zeros, 32, 4, paths)
         torch.testing.assert_close(out.double(), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+    few = triton_kernels._configs(triton_kernels.DEQUANTIZE_MIN_TOKENS - 1, 32, 128, 4, ("fused", "dequantize"))
+    many = triton_kernels._configs(triton_kernels.DEQUANTIZE_MIN_TOKENS, 32, 128, 4, ("fused", "dequantize"))
+    assert triton_kernels.DEQUANTIZE not in few and many[-1] == triton_kernels.DEQUANTIZE
+    assert triton_kernels._configs(1, 32, 128, 4, ("dequantize",)) == [triton_kernels.DEQUANTIZE]
 
 
 @pytest.mark.parametrize("bits,with_zeros", [(4, True), (4, False), (8, True)])
@@ -218,13 +241,16 @@ def test_the_tuner_skips_configs_that_do_not_fit_the_gpu():
 
     from octavo.layers.quantization.triton_kernels import fastest_config
 
-    times = {(128, 256, 64, 8, 3, False): None, (64, 128, 64, 4, 4, False): 2.0, (128, 128, 64, 8, 3, False): 1.5}
+    times = {(128, 256, 64, 8, 3, False, False): None, (64, 128, 64, 4, 4, False, False): 2.0,
+             (128, 128, 64, 8, 3, False, False): 1.5, "dequantize": 1.7}
 
     def time_config(config):
         if times[config] is None:
             raise OutOfResources(241664, 232448, "shared memory")
         return times[config]
 
-    assert fastest_config(list(times), time_config) == (128, 128, 64, 8, 3, False)
+    assert fastest_config(list(times), time_config) == (128, 128, 64, 8, 3, False, False)
+    times["dequantize"] = 1.2
+    assert fastest_config(list(times), time_config) == "dequantize"
     with pytest.raises(RuntimeError, match="no W4A16 kernel config fits"):
-        fastest_config([(128, 256, 64, 8, 3, False)], time_config)
+        fastest_config([(128, 256, 64, 8, 3, False, False)], time_config)

@@ -2,19 +2,21 @@
 per-token activation quantization for FP8 and INT8 W8A8.
 
 The GEMM reads the packed weight once per output tile and unpacks it in registers, so a decode
-step moves a quarter (4-bit) of the bytes a 16-bit weight would. Its tile shape is picked per
-(token bucket, N, K) by timing a few candidates on first use (outside CUDA-graph capture).
+step moves a quarter (4-bit) of the bytes a 16-bit weight would. Its tile shape, or unpacking the
+whole weight for one cuBLAS matmul instead, is picked per (token bucket, N, K) by timing the
+candidates on first use (outside CUDA-graph capture).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from octavo.layers.quantization.fp8 import FP8_MAX
@@ -38,31 +40,28 @@ def _shift_out(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
     return (words >> shifts[:, None]) & ((1 << BITS) - 1)
 
 
-@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every token count
-def _wna16_gemm_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr,
-    M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_split, stride_om,
-    GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, GATHER_WORDS: tl.constexpr,
-):
-    """out[split] = x @ dequant(W) over this split's K blocks; a block never spans two groups.
-    ``GATHER_WORDS``: every row of the tile loads its own copy of its word (cached loads) instead
-    of loading each word once and replicating it in registers; which is faster depends on the GPU."""
+@triton.jit
+def _centred_tile(qweight_ptr, zeros_ptr, k0, group, offs_n, n_mask, stride_qk, stride_zg,
+                  BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GATHER_WORDS: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Weight rows k0 .. k0 + BLOCK_K of columns ``offs_n``, unpacked and less their zero point:
+    small integers, exact in any float type. [BLOCK_K, BLOCK_N], or [BLOCK_N, BLOCK_K] when
+    TRANSPOSED (built in that order, not transposed after)."""
     PACK: tl.constexpr = 32 // BITS
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_words = tl.arange(0, BLOCK_K // PACK)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for block in range(pid_k, K // BLOCK_K, SPLIT_K):
-        k0 = block * BLOCK_K
-        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+    if TRANSPOSED:
+        shifts = (offs_k % PACK) * BITS
+        if GATHER_WORDS:
+            words = tl.load(qweight_ptr + ((k0 + offs_k) // PACK)[None, :] * stride_qk + offs_n[:, None],
+                            mask=n_mask[:, None], other=0)
+        else:
+            packed = tl.load(qweight_ptr + (k0 // PACK + offs_words)[None, :] * stride_qk + offs_n[:, None],
+                             mask=n_mask[:, None], other=0)
+            words = tl.reshape(tl.broadcast_to(packed[:, :, None], (BLOCK_N, BLOCK_K // PACK, PACK)),
+                               (BLOCK_N, BLOCK_K))
+        values = (words >> shifts[None, :]) & ((1 << BITS) - 1)
+    else:
         if GATHER_WORDS:
             words = tl.load(qweight_ptr + ((k0 + offs_k) // PACK)[:, None] * stride_qk + offs_n[None, :],
                             mask=n_mask[None, :], other=0)
@@ -71,17 +70,73 @@ def _wna16_gemm_kernel(
             packed = tl.load(qweight_ptr + (k0 // PACK + offs_words)[:, None] * stride_qk + offs_n[None, :],
                              mask=n_mask[None, :], other=0)
             values = _unpack_tile(packed, BITS, BLOCK_K, BLOCK_N)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=n_mask, other=0).to(tl.int32)
+    else:
+        zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.int32)
+    if TRANSPOSED:
+        return values - zero[:, None]
+    return values - zero[None, :]
+
+
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every token count
+def _wna16_gemm_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, out_ptr,
+    M, N, K, stride_xm, stride_qk, stride_sg, stride_zg, stride_split, stride_om,
+    GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GATHER_WORDS: tl.constexpr, SWAP_AB: tl.constexpr,
+    SCALE_AFTER_DOT: tl.constexpr,
+):
+    """out[split] = x @ dequant(W) over this split's K blocks; a block never spans two groups.
+
+    ``GATHER_WORDS``: every row of the tile loads its own copy of its word (cached loads) instead
+    of loading each word once and replicating it in registers; which is faster depends on the GPU.
+    ``SWAP_AB``: compute out^T = W^T x^T, so the unpacked weight, built in registers, is the
+    matmul's first operand (which the tensor cores can take from registers) and a few tokens make
+    its narrow second dimension. ``SCALE_AFTER_DOT``: a block's scales are one per column (a block
+    stays in one group), so they can multiply the block's [M, N] product instead of its [K, N]
+    weight: fewer multiplies where BLOCK_M < BLOCK_K."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for block in range(pid_k, K // BLOCK_K, SPLIT_K):
+        k0 = block * BLOCK_K
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=n_mask, other=0).to(tl.int32)
-            centred = values - zero[None, :]
+        centred = _centred_tile(qweight_ptr, zeros_ptr, k0, group, offs_n, n_mask, stride_qk, stride_zg,
+                                BITS, HAS_ZEROS, BLOCK_K, BLOCK_N, GATHER_WORDS, SWAP_AB)
+        if SWAP_AB:
+            x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=m_mask[None, :],
+                          other=0.0)
+            if SCALE_AFTER_DOT:
+                acc += tl.dot(centred.to(x_t.dtype), x_t, input_precision=DOT_PRECISION) * scale[:, None]
+            else:
+                weight_t = (centred.to(tl.float32) * scale[:, None]).to(x_t.dtype)
+                acc = tl.dot(weight_t, x_t, acc, input_precision=DOT_PRECISION)
         else:
-            centred = values - (1 << (BITS - 1))
-        weight = (centred.to(tl.float32) * scale[None, :]).to(a.dtype)
-        acc += tl.dot(a, weight, input_precision=DOT_PRECISION)
-    out_ptrs = out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None],
+                        other=0.0)
+            if SCALE_AFTER_DOT:
+                acc += tl.dot(a, centred.to(a.dtype), input_precision=DOT_PRECISION) * scale[None, :]
+            else:
+                weight = (centred.to(tl.float32) * scale[None, :]).to(a.dtype)
+                acc = tl.dot(a, weight, acc, input_precision=DOT_PRECISION)
+    if SWAP_AB:
+        out_ptrs = out_ptr + pid_k * stride_split + offs_m[None, :] * stride_om + offs_n[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+    else:
+        out_ptrs = out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit
@@ -155,18 +210,27 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- W4A16 / W8A16 ----------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, gather words) candidates per token bucket,
-# best guess first.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, gather words, swap A and B) candidates per
+# token bucket, best guess first.
 _CANDIDATES = {
-    16: [(16, 64, 128, 4, 4, False), (16, 128, 128, 4, 4, False), (16, 64, 64, 4, 4, False),
-         (16, 64, 128, 4, 4, True), (16, 128, 128, 4, 4, True)],
-    64: [(32, 64, 128, 4, 4, False), (64, 64, 128, 4, 4, False), (32, 128, 128, 4, 4, False),
-         (64, 128, 64, 4, 4, False), (32, 64, 128, 4, 4, True)],
-    256: [(64, 128, 64, 4, 4, False), (128, 128, 64, 8, 4, False), (64, 64, 128, 4, 4, False),
-          (128, 64, 64, 4, 4, False), (64, 128, 64, 4, 4, True)],
-    1 << 30: [(128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False), (64, 128, 64, 4, 4, False),
-              (128, 128, 64, 8, 3, True)],
+    16: [(16, 64, 128, 4, 4, False, False), (16, 128, 128, 4, 4, False, False), (16, 64, 64, 4, 4, False, False),
+         (16, 64, 128, 4, 4, True, False), (16, 128, 128, 4, 4, True, False),
+         (16, 64, 128, 4, 4, False, True), (16, 128, 128, 4, 4, False, True)],
+    64: [(32, 64, 128, 4, 4, False, False), (64, 64, 128, 4, 4, False, False), (32, 128, 128, 4, 4, False, False),
+         (64, 128, 64, 4, 4, False, False), (32, 64, 128, 4, 4, True, False),
+         (64, 64, 128, 4, 4, False, True), (32, 128, 128, 4, 4, False, True)],
+    256: [(64, 128, 64, 4, 4, False, False), (128, 128, 64, 8, 4, False, False), (64, 64, 128, 4, 4, False, False),
+          (128, 64, 64, 4, 4, False, False), (64, 128, 64, 4, 4, True, False),
+          (64, 128, 64, 4, 3, False, True), (128, 128, 64, 8, 3, False, True)],
+    1 << 30: [(128, 128, 64, 8, 3, False, False), (128, 256, 64, 8, 3, False, False), (64, 128, 64, 4, 4, False, False),
+              (128, 128, 64, 8, 3, True, False), (128, 128, 64, 8, 3, False, True)],
 }
+# The other path: unpack the whole weight once, then one cuBLAS matmul. A candidate from this
+# many tokens on, where the fused kernel's tensor-core rate can fall below cuBLAS's.
+DEQUANTIZE = "dequantize"
+DEQUANTIZE_MIN_TOKENS = 33
+
+Config = Union[tuple, str]  # a fused-kernel config (a tuple like those of _CANDIDATES) or DEQUANTIZE
 
 
 def _bucket(tokens: int) -> int:
@@ -206,7 +270,7 @@ def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
             group_size: int, bits: int, config: tuple[int, ...], split_k: Optional[int] = None) -> torch.Tensor:
-    block_m, block_n, block_k, num_warps, num_stages, gather_words = config
+    block_m, block_n, block_k, num_warps, num_stages, gather_words, swap_ab = config
     tokens, in_features = x.shape
     out_features = qweight.shape[1]
     tiles = triton.cdiv(tokens, block_m) * triton.cdiv(out_features, block_n)
@@ -220,56 +284,77 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         GROUP_SIZE=group_size, BITS=bits, HAS_ZEROS=zeros is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATHER_WORDS=gather_words,
+        SWAP_AB=swap_ab, SCALE_AFTER_DOT=block_m < block_k,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
 
 
-_TUNED: dict[tuple, tuple[int, ...]] = {}
+def _dequantize_then_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                            zeros: Optional[torch.Tensor], group_size: int, bits: int) -> torch.Tensor:
+    return x @ wna16_dequantize(qweight, scales, zeros, group_size, bits, x.dtype)
 
 
-def _configs(tokens: int, group_size: int, in_features: int, bits: int) -> list[tuple[int, ...]]:
-    configs = []
-    for block_m, block_n, block_k, warps, stages, gather in _CANDIDATES[_bucket(tokens)]:
-        block_k = _block_k(block_k, group_size, in_features, bits)
-        if block_k is not None and (block_m, block_n, block_k, warps, stages, gather) not in configs:
-            configs.append((block_m, block_n, block_k, warps, stages, gather))
+_TUNED: dict[tuple, Config] = {}
+
+
+def _configs(tokens: int, group_size: int, in_features: int, bits: int, paths: tuple[str, ...]) -> list[Config]:
+    configs: list[Config] = []
+    if "fused" in paths:
+        for block_m, block_n, block_k, warps, stages, gather, swap in _CANDIDATES[_bucket(tokens)]:
+            block_k = _block_k(block_k, group_size, in_features, bits)
+            config = (block_m, block_n, block_k, warps, stages, gather, swap)
+            if block_k is not None and config not in configs:
+                configs.append(config)
+    if DEQUANTIZE in paths and (tokens >= DEQUANTIZE_MIN_TOKENS or not configs):
+        configs.append(DEQUANTIZE)
     return configs
 
 
+def _run(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+         group_size: int, bits: int, config: Config) -> torch.Tensor:
+    if config == DEQUANTIZE:
+        return _dequantize_then_matmul(x, qweight, scales, zeros, group_size, bits)
+    return _launch(x, qweight, scales, zeros, group_size, bits, config)
+
+
 def _tuned_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                  group_size: int, bits: int) -> tuple[int, ...]:
+                  group_size: int, bits: int, paths: tuple[str, ...]) -> Config:
     tokens, in_features = x.shape
-    configs = _configs(tokens, group_size, in_features, bits)
-    key = (_bucket(tokens), qweight.shape[1], in_features, group_size, bits, zeros is not None, x.dtype)
+    configs = _configs(tokens, group_size, in_features, bits, paths)
+    key = (_bucket(tokens), qweight.shape[1], in_features, group_size, bits, zeros is not None, x.dtype,
+           tuple(configs))
     if key in _TUNED:
         return _TUNED[key]
     if not x.is_cuda or len(configs) == 1 or torch.cuda.is_current_stream_capturing():
         return configs[0]  # no timing in the interpreter or inside a graph capture
-    def time_config(config: tuple[int, ...]) -> float:
-        _launch(x, qweight, scales, zeros, group_size, bits, config)  # compile and warm up
+    def time_config(config: Config) -> float:
+        _run(x, qweight, scales, zeros, group_size, bits, config)  # compile and warm up
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(5):
-            _launch(x, qweight, scales, zeros, group_size, bits, config)
+            _run(x, qweight, scales, zeros, group_size, bits, config)
         end.record()
         end.synchronize()
         return start.elapsed_time(end)
 
     _TUNED[key] = fastest_config(configs, time_config)
+    logger.debug("W4A16 %d tokens, [%d, %d]: %s", tokens, in_features, qweight.shape[1], _TUNED[key])
     return _TUNED[key]
 
 
-def fastest_config(configs: list[tuple[int, ...]], time_config: Callable[[tuple[int, ...]], float]
-                   ) -> tuple[int, ...]:
+def fastest_config(configs: list[Config], time_config: Callable[[Config], float]) -> Config:
     """The config with the least time; one whose tiles need more shared memory than this card has
-    (Triton's OutOfResources, e.g. deep pipelines on large tiles) is skipped, not fatal."""
-    timings: dict[tuple[int, ...], float] = {}
+    (Triton's OutOfResources, e.g. deep pipelines on large tiles), or that this Triton cannot
+    compile for this card, is skipped, not fatal."""
+    timings: dict[Config, float] = {}
     for config in configs:
         try:
             timings[config] = time_config(config)
         except OutOfResources as error:
             logger.debug("W4A16 config %s does not fit this GPU: %s", config, error)
+        except CompilationError as error:
+            logger.warning("W4A16 config %s does not compile here, skipped: %s", config, error)
     if not timings:
         raise RuntimeError(f"no W4A16 kernel config fits this GPU (tried {configs}).")
     return min(timings, key=timings.get)
@@ -279,11 +364,20 @@ def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                group_size: int, bits: int, config: Optional[tuple[int, ...]] = None,
                split_k: Optional[int] = None) -> torch.Tensor:
     """``x [M, K] @ dequant(qweight)`` -> [M, N] in x's dtype, unpacking the weight in registers.
-    ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, gather words) and ``split_k`` override
-    the tuned choice."""
+    ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, gather words, swap A and B) and
+    ``split_k`` override the tuned choice."""
     x = x.contiguous()
-    config = config or _tuned_config(x, qweight, scales, zeros, group_size, bits)
+    config = config or _tuned_config(x, qweight, scales, zeros, group_size, bits, ("fused",))
     return _launch(x, qweight, scales, zeros, group_size, bits, config, split_k)
+
+
+def wna16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                 group_size: int, bits: int, paths: tuple[str, ...] = ("fused", DEQUANTIZE)) -> torch.Tensor:
+    """``x @ dequant(qweight)`` by whichever of ``paths`` ("fused": the in-register kernel at its
+    fastest tile; DEQUANTIZE: unpack, then cuBLAS) measured fastest for this shape on first use."""
+    x = x.contiguous()
+    return _run(x, qweight, scales, zeros, group_size, bits, _tuned_config(x, qweight, scales, zeros,
+                                                                           group_size, bits, paths))
 
 
 def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],

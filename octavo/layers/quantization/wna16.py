@@ -22,8 +22,8 @@ from octavo.layers.quantization.base import LinearMethod, copy_rows
 from octavo.layers.quantization.packing import pack_int32, unpack_int32
 
 # Above this many tokens, unpacking the whole weight once and running cuBLAS beats unpacking
-# tiles in every program of the fused kernel (prefill); at or below it the fused kernel reads
-# the packed weight only once (decode).
+# tiles in every program of the fused kernel (prefill); at or below it the faster of the two,
+# measured per shape on first use (decode: the fused kernel reads the packed weight only once).
 FUSED_MAX_TOKENS = 1024
 
 
@@ -31,6 +31,7 @@ class WNA16LinearMethod(LinearMethod):
     """The shared layout, dequantization and kernels; subclasses read one checkpoint format."""
 
     fused_max_tokens = FUSED_MAX_TOKENS
+    paths: tuple[str, ...] = ("fused", "dequantize")  # what the tuner may choose from, up to fused_max_tokens
 
     def __init__(self, bits: int, group_size: int, symmetric: bool, act_order: bool) -> None:
         if bits not in (4, 8):
@@ -135,8 +136,8 @@ class WNA16LinearMethod(LinearMethod):
             from octavo.layers.quantization import triton_kernels
 
             if x.shape[0] <= self.fused_max_tokens and triton_kernels.wna16_supported(layer, self):
-                out = triton_kernels.wna16_gemm(x, layer.qweight, layer.scales, layer.zeros,
-                                                self.layer_group_size(layer), self.bits)
+                out = triton_kernels.wna16_matmul(x, layer.qweight, layer.scales, layer.zeros,
+                                                  self.layer_group_size(layer), self.bits, self.paths)
                 return out if bias is None else out + bias
             weight = triton_kernels.wna16_dequantize(layer.qweight, layer.scales, layer.zeros,
                                                      self.layer_group_size(layer), self.bits, x.dtype)
