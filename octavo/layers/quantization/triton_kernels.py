@@ -74,9 +74,11 @@ def _centred_tile(qweight_ptr, zeros_ptr, k0, group, offs_n, n_mask, stride_qk, 
         zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=n_mask, other=0).to(tl.int32)
     else:
         zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.int32)
-    if TRANSPOSED:
-        return values - zero[:, None]
-    return values - zero[None, :]
+    if TRANSPOSED:  # one return: the compiler follows code past a return inside a constexpr branch
+        centred = values - zero[:, None]
+    else:
+        centred = values - zero[None, :]
+    return centred
 
 
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel for every token count
