@@ -298,6 +298,8 @@ def _dequantize_then_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torc
 
 
 _TUNED: dict[tuple, Config] = {}
+_TIMED_RUNS = 10
+_QUEUE_CYCLES = 5_000_000  # a few milliseconds of GPU clock: longer than launching _TIMED_RUNS runs
 
 
 def _configs(tokens: int, group_size: int, in_features: int, bits: int, paths: tuple[str, ...]) -> list[Config]:
@@ -332,9 +334,13 @@ def _tuned_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         return configs[0]  # no timing in the interpreter or inside a graph capture
     def time_config(config: Config) -> float:
         _run(x, qweight, scales, zeros, group_size, bits, config)  # compile and warm up
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # Hold the stream while the timed launches queue up behind it: small shapes run faster than
+        # the host launches them, and launch gaps would otherwise decide between the candidates.
+        torch.cuda._sleep(_QUEUE_CYCLES)
         start.record()
-        for _ in range(5):
+        for _ in range(_TIMED_RUNS):
             _run(x, qweight, scales, zeros, group_size, bits, config)
         end.record()
         end.synchronize()
