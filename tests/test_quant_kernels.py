@@ -82,6 +82,35 @@ def test_wna16_gemm_split_k_tile_shapes_and_word_loads_agree():
                                    msg=lambda text: f"config {config}, split {split}: {text}")
 
 
+@pytest.mark.parametrize("dtype,bits", [(torch.float16, 4), (torch.float16, 8), (torch.bfloat16, 4),
+                                        (torch.float32, 4), (torch.float32, 8)])
+def test_magic_bits_hold_every_value_exactly(dtype, bits):
+    """The kernel turns unpacked values into floats by OR-ing them into a power of two's mantissa
+    and subtracting the zero point built the same way; every value must come out exact."""
+    from octavo.layers.quantization import triton_kernels
+
+    magic = triton_kernels.magic_bits(dtype, bits)
+    values = torch.arange(1 << bits, dtype=torch.int32)
+    as_bits = torch.int16 if dtype.itemsize == 2 else torch.int32
+    floats = (values | magic).to(as_bits).view(dtype)
+    zero = (torch.tensor([1 << (bits - 1)], dtype=torch.int32) | magic).to(as_bits).view(dtype)
+    assert torch.equal((floats - zero).double(), (values - (1 << (bits - 1))).double())
+    assert triton_kernels.magic_bits(torch.bfloat16, 8) == 0  # 8-bit values overflow its 7-bit mantissa
+
+
+def test_wna16_gemm_without_the_mantissa_trick(monkeypatch):
+    """Where no power of two holds the values (8-bit in bfloat16), the kernel converts instead."""
+    from octavo.layers.quantization import triton_kernels
+
+    monkeypatch.setattr(triton_kernels, "magic_bits", lambda dtype, bits: 0)
+    qweight, scales, zeros, weight = random_wna16(128, 64, 8, 32, True, torch.float16, DEVICE)
+    x = torch.randn(5, 128, device=DEVICE).to(torch.float16)
+    expected = x.double() @ weight.to(torch.float16).double()
+    for config in [(16, 32, 32, 4, 2, False, False), (16, 32, 32, 4, 2, True, True), (32, 32, 16, 4, 2, False, True)]:
+        out = triton_kernels.wna16_gemm(x, qweight, scales, zeros, 32, 8, config=config, split_k=1)
+        torch.testing.assert_close(out.double(), expected, atol=2e-3 * float(expected.abs().max()), rtol=0)
+
+
 @pytest.mark.parametrize("with_zeros", [True, False])
 def test_wna16_matmul_paths_agree(with_zeros):
     """Both paths the tuner chooses between (the fused kernel, or unpacking then one matmul) give

@@ -41,12 +41,25 @@ def _shift_out(words, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _exact_float(ints, MAGIC: tl.constexpr, FLOAT_T: tl.constexpr):
+    """Non-negative ints that fit the mantissa -> (the power of two MAGIC encodes) + ints, in FLOAT_T:
+    the ints are OR-ed into its mantissa bits, so no int-to-float conversion runs (that unit's low
+    throughput bounds an unpacking kernel)."""
+    if FLOAT_T.primitive_bitwidth == 16:  # one return: the compiler follows code past a branch's return
+        floats = (ints | MAGIC).to(tl.int16).to(FLOAT_T, bitcast=True)
+    else:
+        floats = (ints | MAGIC).to(FLOAT_T, bitcast=True)
+    return floats
+
+
+@triton.jit
 def _centred_tile(qweight_ptr, zeros_ptr, k0, group, offs_n, n_mask, stride_qk, stride_zg,
                   BITS: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                  GATHER_WORDS: tl.constexpr, TRANSPOSED: tl.constexpr):
+                  GATHER_WORDS: tl.constexpr, TRANSPOSED: tl.constexpr, MAGIC: tl.constexpr,
+                  FLOAT_T: tl.constexpr):
     """Weight rows k0 .. k0 + BLOCK_K of columns ``offs_n``, unpacked and less their zero point:
-    small integers, exact in any float type. [BLOCK_K, BLOCK_N], or [BLOCK_N, BLOCK_K] when
-    TRANSPOSED (built in that order, not transposed after)."""
+    small integers, exact in FLOAT_T. [BLOCK_K, BLOCK_N], or [BLOCK_N, BLOCK_K] when TRANSPOSED
+    (built in that order, not transposed after). MAGIC: see _exact_float (0: convert instead)."""
     PACK: tl.constexpr = 32 // BITS
     offs_k = tl.arange(0, BLOCK_K)
     offs_words = tl.arange(0, BLOCK_K // PACK)
@@ -74,10 +87,17 @@ def _centred_tile(qweight_ptr, zeros_ptr, k0, group, offs_n, n_mask, stride_qk, 
         zero = tl.load(zeros_ptr + group * stride_zg + offs_n, mask=n_mask, other=0).to(tl.int32)
     else:
         zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.int32)
-    if TRANSPOSED:  # one return: the compiler follows code past a return inside a constexpr branch
-        centred = values - zero[:, None]
+    if MAGIC != 0:
+        # both sides carry the same power of two, so the difference is exact
+        if TRANSPOSED:
+            centred = _exact_float(values, MAGIC, FLOAT_T) - _exact_float(zero, MAGIC, FLOAT_T)[:, None]
+        else:
+            centred = _exact_float(values, MAGIC, FLOAT_T) - _exact_float(zero, MAGIC, FLOAT_T)[None, :]
     else:
-        centred = values - zero[None, :]
+        if TRANSPOSED:
+            centred = (values - zero[:, None]).to(FLOAT_T)
+        else:
+            centred = (values - zero[None, :]).to(FLOAT_T)
     return centred
 
 
@@ -88,7 +108,7 @@ def _wna16_gemm_kernel(
     GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, GATHER_WORDS: tl.constexpr, SWAP_AB: tl.constexpr,
-    SCALE_AFTER_DOT: tl.constexpr,
+    SCALE_AFTER_DOT: tl.constexpr, MAGIC: tl.constexpr,
 ):
     """out[split] = x @ dequant(W) over this split's K blocks; a block never spans two groups.
 
@@ -98,7 +118,9 @@ def _wna16_gemm_kernel(
     matmul's first operand (which the tensor cores can take from registers) and a few tokens make
     its narrow second dimension. ``SCALE_AFTER_DOT``: a block's scales are one per column (a block
     stays in one group), so they can multiply the block's [M, N] product instead of its [K, N]
-    weight: fewer multiplies where BLOCK_M < BLOCK_K."""
+    weight: fewer multiplies where BLOCK_M < BLOCK_K. ``MAGIC``: how unpacked values become floats
+    (_exact_float; 0: by conversion)."""
+    FLOAT_T: tl.constexpr = x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -114,25 +136,25 @@ def _wna16_gemm_kernel(
     for block in range(pid_k, K // BLOCK_K, SPLIT_K):
         k0 = block * BLOCK_K
         group = k0 // GROUP_SIZE
-        scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        scale = tl.load(scales_ptr + group * stride_sg + offs_n, mask=n_mask, other=0.0)
         centred = _centred_tile(qweight_ptr, zeros_ptr, k0, group, offs_n, n_mask, stride_qk, stride_zg,
-                                BITS, HAS_ZEROS, BLOCK_K, BLOCK_N, GATHER_WORDS, SWAP_AB)
+                                BITS, HAS_ZEROS, BLOCK_K, BLOCK_N, GATHER_WORDS, SWAP_AB, MAGIC, FLOAT_T)
+        # One rounding of value x scale either way: the product of an exact integer and a scale
+        # rounded to FLOAT_T, or the block's fp32 product scaled in fp32.
         if SWAP_AB:
             x_t = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=m_mask[None, :],
                           other=0.0)
             if SCALE_AFTER_DOT:
-                acc += tl.dot(centred.to(x_t.dtype), x_t, input_precision=DOT_PRECISION) * scale[:, None]
+                acc += tl.dot(centred, x_t, input_precision=DOT_PRECISION) * scale.to(tl.float32)[:, None]
             else:
-                weight_t = (centred.to(tl.float32) * scale[:, None]).to(x_t.dtype)
-                acc = tl.dot(weight_t, x_t, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(centred * scale.to(FLOAT_T)[:, None], x_t, acc, input_precision=DOT_PRECISION)
         else:
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=m_mask[:, None],
                         other=0.0)
             if SCALE_AFTER_DOT:
-                acc += tl.dot(a, centred.to(a.dtype), input_precision=DOT_PRECISION) * scale[None, :]
+                acc += tl.dot(a, centred, input_precision=DOT_PRECISION) * scale.to(tl.float32)[None, :]
             else:
-                weight = (centred.to(tl.float32) * scale[None, :]).to(a.dtype)
-                acc = tl.dot(a, weight, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(a, centred * scale.to(FLOAT_T)[None, :], acc, input_precision=DOT_PRECISION)
     if SWAP_AB:
         out_ptrs = out_ptr + pid_k * stride_split + offs_m[None, :] * stride_om + offs_n[:, None]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
@@ -270,6 +292,18 @@ def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     return split
 
 
+def magic_bits(dtype: torch.dtype, bits: int) -> int:
+    """The bits of a power of two whose mantissa holds every ``bits``-wide value exactly, in
+    ``dtype`` (the kernel ORs values into it); 0 where none does (8-bit values in bfloat16)."""
+    if dtype == torch.float16:
+        return 0x6400  # 1024: 10 mantissa bits, unit steps
+    if dtype == torch.float32:
+        return 0x4B000000  # 2**23: 23 mantissa bits
+    if dtype == torch.bfloat16 and bits <= 7:
+        return 0x4300  # 128: 7 mantissa bits
+    return 0
+
+
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
             group_size: int, bits: int, config: tuple[int, ...], split_k: Optional[int] = None) -> torch.Tensor:
     block_m, block_n, block_k, num_warps, num_stages, gather_words, swap_ab = config
@@ -286,7 +320,7 @@ def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         GROUP_SIZE=group_size, BITS=bits, HAS_ZEROS=zeros is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", GATHER_WORDS=gather_words,
-        SWAP_AB=swap_ab, SCALE_AFTER_DOT=block_m < block_k,
+        SWAP_AB=swap_ab, SCALE_AFTER_DOT=block_m < block_k, MAGIC=magic_bits(x.dtype, bits),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out[0] if split == 1 else out.sum(0).to(x.dtype)
