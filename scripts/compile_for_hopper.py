@@ -5,7 +5,8 @@
 Triton's interpreter, which the CPU tests run the kernels in, accepts code its compiler refuses;
 on a GPU the tuner skips a candidate that fails to compile, so such a failure would only show as
 a slower kernel. Prints one line per candidate (the MMA instruction it got, shared memory, and
-whether int-to-float conversions remain) and exits 1 if any fails. Run without TRITON_INTERPRET.
+whether int-to-float conversions remain) and exits 1 if any fails or needs more shared memory than
+Hopper has. Run without TRITON_INTERPRET.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import re
 import sys
 
 import torch
+
+
+HOPPER_SHARED_MEMORY = 232_448  # bytes a block may use on sm_90 (227 KiB)
 
 
 def compile_candidate(kernel, dtype: str, constants: dict, num_warps: int, num_stages: int):
@@ -60,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                         failures += 1
                         cause = error.__cause__ or error.__context__ or error
                         print(f"FAILED {dtype} {bits}-bit {config}: {str(cause).strip().splitlines()[-1]}")
+                        continue
+                    if binary.metadata.shared > HOPPER_SHARED_MEMORY:
+                        failures += 1
+                        print(f"FAILED {dtype} {bits}-bit {config}: needs {binary.metadata.shared} B of shared "
+                              f"memory, over Hopper's {HOPPER_SHARED_MEMORY}; it can never be chosen there")
                         continue
                     ptx = binary.asm["ptx"]
                     mma = re.search(r"\b(wgmma|mma)\.", ptx)

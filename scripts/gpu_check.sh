@@ -30,7 +30,8 @@
 #                                      6 min on the H200); a table per test, JSON into OUT
 #   scripts/gpu_check.sh quant [OUT]   quantized weights: kernel and engine tests on CUDA, a decode micro-benchmark,
 #                                      llama3-8b fixed 256 in bf16, FP8 and W4A16 (GPTQ g128; QUANT_FORMATS picks
-#                                      which, "auto fp8 gptq" by default; about 8 min); JSON into OUT
+#                                      which, "auto fp8 gptq" by default; each stage under its own timeout, about
+#                                      9 min, QUANT_FORMATS="auto gptq" about 7); JSON into OUT
 #   scripts/gpu_check.sh structured [OUT]  qwen3-0.6b: 256 JSON-schema requests against the same requests
 #                                      unconstrained (tok/s and ratio, engine core in its own process), the
 #                                      constrained run again with the core in process for the bitmask-fill step
@@ -79,15 +80,25 @@ PY
     return $status
 }
 
+# One stage of a mode under its own timeout: a failed stage is named in `failed` and the next ones still run
+# (the GPU time is spent either way). Call it as `stage NAME SECONDS COMMAND...`; end with `finish`.
+failed=()
+stage() {
+    local name=$1 seconds=$2
+    shift 2
+    echo "=== $name (timeout ${seconds}s, at ${SECONDS}s)"
+    timeout "$seconds" "$@" || { echo "=== $name FAILED (exit $?)"; failed+=("$name"); }
+}
+finish() {
+    if [ ${#failed[@]} -gt 0 ]; then
+        printf 'FAILED: %s\n' "${failed[@]}"
+        exit 1
+    fi
+}
+
 # serve: each stage under its own timeout; a failed stage is reported and the next ones still run.
 serve_check() {
-    local out=$1 failed=() model="$1/qwen3-0.6b-dummy" url port server
-    stage() {
-        local name=$1 seconds=$2
-        shift 2
-        echo "=== $name (timeout ${seconds}s)"
-        timeout "$seconds" "$@" || { echo "=== $name FAILED (exit $?)"; failed+=("$name"); }
-    }
+    local out=$1 model="$1/qwen3-0.6b-dummy" url port server
     # The same engine options for the server and the offline run.
     local engine=(--load-format dummy --device cuda --max-num-seqs 512 --max-model-len 8192)
     stage "dummy model and tokenizer" 120 python -c "import sys; from pathlib import Path
@@ -165,14 +176,7 @@ qwen3)
         --output "$out/qwen3-var-256.json"
     ;;
 limit)
-    failed=()
     bench_cmd=(python -m octavo.entrypoints.cli bench throughput)  # timeout runs commands, not functions
-    stage() {
-        local name=$1 seconds=$2
-        shift 2
-        echo "=== $name (timeout ${seconds}s, at ${SECONDS}s)"
-        timeout "$seconds" "$@" || { echo "=== $name FAILED (exit $?)"; failed+=("$name"); }
-    }
     stage "qwen3-0.6b fixed 512" 200 "${bench_cmd[@]}" --model dummy:qwen3-0.6b --workload fixed --num-prompts 512 \
         --max-num-seqs 512 --with-tokenizer --compare hf-static --peer-num-prompts 64 \
         --output "$out/qwen3-fixed-512.json"
@@ -186,20 +190,10 @@ limit)
             dummy:qwen3-0.6b --num-prompts $n --max-num-seqs $n > '$out/step-profile-$n.txt' 2>&1"
         tail -n 12 "$out/step-profile-$n.txt"
     done
-    if [ ${#failed[@]} -gt 0 ]; then
-        printf 'FAILED: %s\n' "${failed[@]}"
-        exit 1
-    fi
+    finish
     ;;
 followup)
-    failed=()
     bench_cmd=(python -m octavo.entrypoints.cli bench throughput)
-    stage() {
-        local name=$1 seconds=$2
-        shift 2
-        echo "=== $name (timeout ${seconds}s, at ${SECONDS}s)"
-        timeout "$seconds" "$@" || { echo "=== $name FAILED (exit $?)"; failed+=("$name"); }
-    }
     # The stages' timeouts add up to 6.5 minutes, inside one device call's 10.
     stage "structured, 256 requests" 110 python -m octavo.benchmarks.structured --model dummy:qwen3-0.6b \
         --num-prompts 256 --max-tokens 256 --output "$out/structured-256.json"
@@ -208,10 +202,7 @@ followup)
             --num-prompts 256 --max-num-seqs 256 --quantization "$quantization" \
             --output "$out/llama3-8b-fixed-256-quant-$quantization.json"
     done
-    if [ ${#failed[@]} -gt 0 ]; then
-        printf 'FAILED: %s\n' "${failed[@]}"
-        exit 1
-    fi
+    finish
     ;;
 mixtral)
     timeout 290 python -m octavo.entrypoints.cli bench throughput --model dummy:mixtral-8x7b --workload fixed \
@@ -266,22 +257,21 @@ serve)
     serve_check "$out"
     ;;
 quant)
-    # Each stage under its own timeout; a failed one is reported and the next still run.
-    status=0
     formats=${QUANT_FORMATS:-auto fp8 gptq}
-    OCTAVO_TEST_DEVICE=cuda timeout 200 python -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py \
-        || status=1
-    OCTAVO_TEST_DEVICE=cuda timeout 120 python -m pytest -q -p no:cacheprovider tests/test_quantization.py \
-        -k "weight_only and gptq-v1-asym-act-order or w8a8 and ct-fp8-channel-token" || status=1
-    timeout 150 python -m octavo.benchmarks.quant_linear --output "$out/quant-linear.json" || status=1
+    stage "quantized-linear kernels on CUDA" 150 env OCTAVO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider \
+        tests/test_quant_kernels.py
+    stage "quantized layers against transformers" 90 env OCTAVO_TEST_DEVICE=cuda python -m pytest -q \
+        -p no:cacheprovider tests/test_quantization.py \
+        -k "weight_only and gptq-v1-asym-act-order or w8a8 and ct-fp8-channel-token"
+    stage "decode micro-benchmark" 120 python -m octavo.benchmarks.quant_linear --output "$out/quant-linear.json"
     for quantization in $formats; do
-        timeout 100 python -m octavo.entrypoints.cli bench throughput --model dummy:llama3-8b --workload fixed \
-            --num-prompts 256 --max-num-seqs 256 --quantization "$quantization" \
-            --output "$out/llama3-8b-fixed-256-quant-$quantization.json" || status=1
+        stage "llama3-8b fixed 256, $quantization" 90 python -m octavo.entrypoints.cli bench throughput \
+            --model dummy:llama3-8b --workload fixed --num-prompts 256 --max-num-seqs 256 \
+            --quantization "$quantization" --output "$out/llama3-8b-fixed-256-quant-$quantization.json"
     done
     python -m octavo.benchmarks.quant_linear --summarize $(for q in $formats; do
-        echo "$out/llama3-8b-fixed-256-quant-$q.json"; done) || status=1
-    exit $status
+        echo "$out/llama3-8b-fixed-256-quant-$q.json"; done) || true
+    finish
     ;;
 structured)
     python -m octavo.benchmarks.structured --model dummy:qwen3-0.6b --num-prompts 256 --max-tokens 256 \

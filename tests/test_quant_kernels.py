@@ -71,7 +71,7 @@ def test_wna16_gemm_matches_dequantized_matmul(bits, group_size, with_zeros, dty
 def test_wna16_gemm_split_k_tile_shapes_and_word_loads_agree():
     from octavo.layers.quantization import triton_kernels
 
-    qweight, scales, zeros, weight = random_wna16(256, 64, 4, 64, True, torch.float32, DEVICE)
+    qweight, scales, zeros, weight = random_wna16(256, 80, 4, 64, True, torch.float32, DEVICE)  # ragged N
     x = torch.randn(3, 256, device=DEVICE)
     expected = x.double() @ weight
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, gather words, swap A and B); BLOCK_M < BLOCK_K
@@ -96,8 +96,8 @@ def test_magic_bits_hold_every_value_exactly(dtype, bits):
     values = torch.arange(1 << bits, dtype=torch.int32)
     as_bits = torch.int16 if dtype.itemsize == 2 else torch.int32
     floats = (values | magic).to(as_bits).view(dtype)
-    zero = (torch.tensor([1 << (bits - 1)], dtype=torch.int32) | magic).to(as_bits).view(dtype)
-    assert torch.equal((floats - zero).double(), (values - (1 << (bits - 1))).double())
+    # every value against every zero point (the checkpoints' zeros are values of the same width)
+    assert torch.equal((floats[:, None] - floats[None, :]).double(), (values[:, None] - values[None, :]).double())
     assert triton_kernels.magic_bits(torch.bfloat16, 8) == 0  # 8-bit values overflow its 7-bit mantissa
 
 
@@ -128,7 +128,7 @@ def test_every_wna16_tile_candidate_compiles_for_hopper():
     lines = result.stdout.splitlines()
     assert len(lines) == 2 * sum(len(configs) for configs in triton_kernels._CANDIDATES.values())
     assert all("conversions 0" in line for line in lines if " 4-bit " in line), result.stdout
-    assert any("wgmma" in line for line in lines) and any("mma," in line for line in lines)
+    assert any(": wgmma," in line for line in lines) and any(": mma," in line for line in lines)
 
 
 @pytest.mark.parametrize("with_zeros", [True, False])
@@ -143,6 +143,10 @@ def test_wna16_matmul_paths_agree(with_zeros):
     for paths in [("fused",), ("dequantize",), ("fused", "dequantize")]:
         out = triton_kernels.wna16_matmul(x, qweight, scales, zeros, 32, 4, paths)
         torch.testing.assert_close(out.double(), expected, atol=1e-5 * float(expected.abs().max()), rtol=0)
+    with pytest.raises(ValueError, match="unknown W4A16 paths"):
+        triton_kernels.wna16_matmul(x, qweight, scales, zeros, 32, 4, ("dequant",))
+    with pytest.raises(ValueError, match="must divide the group size"):
+        triton_kernels.wna16_gemm(x, qweight, scales, zeros, 32, 4, config=(16, 32, 64, 4, 2, False, False))
     few = triton_kernels._configs(triton_kernels.DEQUANTIZE_MIN_TOKENS - 1, 32, 128, 4, ("fused", "dequantize"))
     many = triton_kernels._configs(triton_kernels.DEQUANTIZE_MIN_TOKENS, 32, 128, 4, ("fused", "dequantize"))
     assert triton_kernels.DEQUANTIZE not in few and many[-1] == triton_kernels.DEQUANTIZE
@@ -156,6 +160,13 @@ def test_wna16_dequantize_kernel_is_exact(bits, with_zeros):
     qweight, scales, zeros, weight = random_wna16(128, 80, bits, 32, with_zeros, torch.float16, DEVICE)
     out = triton_kernels.wna16_dequantize(qweight, scales, zeros, 32, bits, torch.float16)
     assert torch.equal(out, weight.to(torch.float16))
+
+
+def test_tuned_choices_are_kept_per_graph_batch_size_then_per_power_of_two():
+    from octavo.layers.quantization.triton_kernels import _tuning_tokens
+
+    assert [_tuning_tokens(n) for n in (1, 16, 17, 240, 241, 256)] == [16, 16, 32, 240, 256, 256]
+    assert [_tuning_tokens(n) for n in (257, 512, 513, 1024)] == [512, 512, 1024, 1024]
 
 
 def test_int8_activation_kernel_matches_reference():
@@ -240,6 +251,44 @@ def test_static_input_scale_is_the_shard_maximum():
         layer.load_shard(shard, "input_scale", torch.tensor(value))
     layer.process_after_loading()
     assert float(layer.input_scale) == pytest.approx(0.03)
+
+
+@cuda_only
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_every_tuner_candidate_on_gpu(bits, dtype):
+    """Each candidate the tuner may pick, compiled for this GPU, against the dequantized product:
+    random zero points, a ragged last column tile, split K where the grid is small."""
+    from triton.runtime.errors import OutOfResources
+
+    from octavo.layers.quantization import triton_kernels
+
+    qweight, scales, zeros, weight = random_wna16(512, 200, bits, 128, True, dtype, DEVICE)
+    checked = 0
+    for bucket in triton_kernels._CANDIDATES:
+        tokens = min(bucket, 300)
+        x = torch.randn(tokens, 512, device=DEVICE, dtype=dtype)
+        expected = x.double() @ weight.double()
+        for config in triton_kernels._configs(tokens, 128, 512, bits, ("fused",)):
+            for split in (1, 2):
+                try:
+                    out = triton_kernels.wna16_gemm(x, qweight, scales, zeros, 128, bits, config=config, split_k=split)
+                except OutOfResources:
+                    continue  # the tuner skips it the same way
+                torch.testing.assert_close(out.double(), expected, atol=1e-2 * float(expected.abs().max()), rtol=0,
+                                           msg=lambda text: f"config {config}, split {split}: {text}")
+                checked += 1
+    assert checked >= 30
+
+
+@cuda_only
+def test_pretune_fills_every_token_count_at_load():
+    from octavo.layers.quantization import triton_kernels
+
+    qweight, scales, zeros, _ = random_wna16(512, 256, 4, 128, True, torch.bfloat16, DEVICE)
+    triton_kernels.pretune(qweight, scales, zeros, 128, 4, torch.bfloat16, 1024)
+    tuned = {key[0] for key in triton_kernels._TUNED if key[1:3] == (256, 512) and key[6] == torch.bfloat16}
+    assert tuned >= set(range(16, 257, 16)) | {512, 1024}
 
 
 @cuda_only

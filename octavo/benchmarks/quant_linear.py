@@ -121,9 +121,11 @@ def run(model: str, tokens: list[int], device: torch.device) -> dict:
 
 
 def format_table(result: dict) -> str:
+    from octavo.layers.quantization.triton_kernels import DEQUANTIZE_MIN_TOKENS
+
     lines = [f"{result['model']} one decoder layer's projections on {result['device']}, microseconds "
-             f"(W4A16: the faster of its fused kernel and dequantize + cuBLAS up to {result['fused_max_tokens']} "
-             "tokens, dequantize + cuBLAS above; then each alone)",
+             f"(W4A16: its fused kernel below {DEQUANTIZE_MIN_TOKENS} tokens, the faster of it and dequantize + "
+             f"cuBLAS up to {result['fused_max_tokens']}, dequantize + cuBLAS above; then each alone)",
              f"{'tokens':>6} {'bf16':>9} {'w4a16':>9} {'x bf16':>7} {'fused':>9} {'dequant':>9} {'fp8':>9} "
              f"{'x bf16':>7} {'int8':>9} {'x bf16':>7}"]
     for row in result["rows"]:

@@ -16,7 +16,6 @@ from typing import Callable, Optional, Union
 import torch
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from octavo.layers.quantization.fp8 import FP8_MAX
@@ -238,7 +237,7 @@ def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # token bucket, best guess first.
 _CANDIDATES = {
     16: [(16, 64, 128, 4, 4, False, False), (16, 128, 128, 4, 4, False, False), (16, 64, 64, 4, 4, False, False),
-         (16, 64, 128, 4, 4, True, False), (16, 128, 128, 4, 4, True, False),
+         (16, 64, 128, 4, 4, True, False),
          (16, 64, 128, 4, 4, False, True), (16, 128, 128, 4, 4, False, True)],
     64: [(32, 64, 128, 4, 4, False, False), (64, 64, 128, 4, 4, False, False), (32, 128, 128, 4, 4, False, False),
          (64, 128, 64, 4, 4, False, False), (32, 64, 128, 4, 4, True, False),
@@ -249,12 +248,17 @@ _CANDIDATES = {
     1 << 30: [(128, 128, 64, 8, 3, False, False), (128, 256, 64, 8, 3, False, False), (64, 128, 64, 4, 4, False, False),
               (128, 128, 64, 8, 3, True, False), (128, 128, 64, 8, 3, False, True)],
 }
-# The other path: unpack the whole weight once, then one cuBLAS matmul. A candidate from this
-# many tokens on, where the fused kernel's tensor-core rate can fall below cuBLAS's.
+# The two paths: the in-register kernel, or unpacking the whole weight once and one cuBLAS matmul.
+# The latter is a candidate from DEQUANTIZE_MIN_TOKENS on, where the fused kernel's tensor-core
+# rate can fall below cuBLAS's.
+FUSED = "fused"
 DEQUANTIZE = "dequantize"
+PATHS = (FUSED, DEQUANTIZE)
 DEQUANTIZE_MIN_TOKENS = 33
 
-Config = Union[tuple, str]  # a fused-kernel config (a tuple like those of _CANDIDATES) or DEQUANTIZE
+# A fused-kernel config (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, gather words, swap A and B), or DEQUANTIZE.
+FusedConfig = tuple[int, int, int, int, int, bool, bool]
+Config = Union[FusedConfig, str]
 
 
 def _bucket(tokens: int) -> int:
@@ -305,9 +309,12 @@ def magic_bits(dtype: torch.dtype, bits: int) -> int:
 
 
 def _launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-            group_size: int, bits: int, config: tuple[int, ...], split_k: Optional[int] = None) -> torch.Tensor:
+            group_size: int, bits: int, config: FusedConfig, split_k: Optional[int] = None) -> torch.Tensor:
     block_m, block_n, block_k, num_warps, num_stages, gather_words, swap_ab = config
     tokens, in_features = x.shape
+    if group_size % block_k or in_features % block_k:
+        raise ValueError(f"BLOCK_K {block_k} must divide the group size ({group_size}) and the input width "
+                         f"({in_features}): a block may not span two groups.")
     out_features = qweight.shape[1]
     tiles = triton.cdiv(tokens, block_m) * triton.cdiv(out_features, block_n)
     split = split_k or _split_k(tiles, in_features // block_k, x.device)
@@ -333,12 +340,25 @@ def _dequantize_then_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torc
 
 _TUNED: dict[tuple, Config] = {}
 _TIMED_RUNS = 10
+_TIMING_REPEATS = 3  # the least of these, each over _TIMED_RUNS runs
 _QUEUE_CYCLES = 5_000_000  # a few milliseconds of GPU clock: longer than launching _TIMED_RUNS runs
 
 
+def _tuning_tokens(tokens: int) -> int:
+    """The token counts one tuned choice serves: multiples of 16 up to 256 (the decode graphs'
+    batch sizes), powers of two above; the paths' relative speed changes too much across a
+    whole candidate bucket (65-256 tokens) for one choice."""
+    if tokens <= 256:
+        return -(-tokens // 16) * 16
+    return 1 << (tokens - 1).bit_length()
+
+
 def _configs(tokens: int, group_size: int, in_features: int, bits: int, paths: tuple[str, ...]) -> list[Config]:
+    unknown = set(paths) - set(PATHS)
+    if unknown or not paths:
+        raise ValueError(f"unknown W4A16 paths {sorted(unknown) or paths}; choose from {PATHS}.")
     configs: list[Config] = []
-    if "fused" in paths:
+    if FUSED in paths:
         for block_m, block_n, block_k, warps, stages, gather, swap in _CANDIDATES[_bucket(tokens)]:
             block_k = _block_k(block_k, group_size, in_features, bits)
             config = (block_m, block_n, block_k, warps, stages, gather, swap)
@@ -360,7 +380,7 @@ def _tuned_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   group_size: int, bits: int, paths: tuple[str, ...]) -> Config:
     tokens, in_features = x.shape
     configs = _configs(tokens, group_size, in_features, bits, paths)
-    key = (_bucket(tokens), qweight.shape[1], in_features, group_size, bits, zeros is not None, x.dtype,
+    key = (_tuning_tokens(tokens), qweight.shape[1], in_features, group_size, bits, zeros is not None, x.dtype,
            tuple(configs))
     if key in _TUNED:
         return _TUNED[key]
@@ -372,13 +392,16 @@ def _tuned_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         # Hold the stream while the timed launches queue up behind it: small shapes run faster than
         # the host launches them, and launch gaps would otherwise decide between the candidates.
-        torch.cuda._sleep(_QUEUE_CYCLES)
-        start.record()
-        for _ in range(_TIMED_RUNS):
-            _run(x, qweight, scales, zeros, group_size, bits, config)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
+        timings = []
+        for _ in range(_TIMING_REPEATS):
+            torch.cuda._sleep(_QUEUE_CYCLES)
+            start.record()
+            for _ in range(_TIMED_RUNS):
+                _run(x, qweight, scales, zeros, group_size, bits, config)
+            end.record()
+            end.synchronize()
+            timings.append(start.elapsed_time(end))
+        return min(timings)
 
     _TUNED[key] = fastest_config(configs, time_config)
     logger.debug("W4A16 %d tokens, [%d, %d]: %s", tokens, in_features, qweight.shape[1], _TUNED[key])
@@ -387,39 +410,50 @@ def _tuned_config(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 def fastest_config(configs: list[Config], time_config: Callable[[Config], float]) -> Config:
     """The config with the least time; one whose tiles need more shared memory than this card has
-    (Triton's OutOfResources, e.g. deep pipelines on large tiles), or that this Triton cannot
-    compile for this card, is skipped, not fatal."""
+    (Triton's OutOfResources, e.g. deep pipelines on large tiles) is skipped, not fatal. Errors in
+    the kernel's source are not: they do not depend on the card (scripts/compile_for_hopper.py
+    finds them without one)."""
     timings: dict[Config, float] = {}
     for config in configs:
         try:
             timings[config] = time_config(config)
         except OutOfResources as error:
             logger.debug("W4A16 config %s does not fit this GPU: %s", config, error)
-        except CompilationError as error:
-            logger.warning("W4A16 config %s does not compile here, skipped: %s", config, error)
     if not timings:
         raise RuntimeError(f"no W4A16 kernel config fits this GPU (tried {configs}).")
     return min(timings, key=timings.get)
 
 
 def wna16_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-               group_size: int, bits: int, config: Optional[tuple[int, ...]] = None,
+               group_size: int, bits: int, config: Optional[FusedConfig] = None,
                split_k: Optional[int] = None) -> torch.Tensor:
     """``x [M, K] @ dequant(qweight)`` -> [M, N] in x's dtype, unpacking the weight in registers.
     ``config`` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, gather words, swap A and B) and
     ``split_k`` override the tuned choice."""
     x = x.contiguous()
-    config = config or _tuned_config(x, qweight, scales, zeros, group_size, bits, ("fused",))
+    config = config or _tuned_config(x, qweight, scales, zeros, group_size, bits, (FUSED,))
     return _launch(x, qweight, scales, zeros, group_size, bits, config, split_k)
 
 
 def wna16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                 group_size: int, bits: int, paths: tuple[str, ...] = ("fused", DEQUANTIZE)) -> torch.Tensor:
-    """``x @ dequant(qweight)`` by whichever of ``paths`` ("fused": the in-register kernel at its
+                 group_size: int, bits: int, paths: tuple[str, ...] = PATHS) -> torch.Tensor:
+    """``x @ dequant(qweight)`` by whichever of ``paths`` (FUSED: the in-register kernel at its
     fastest tile; DEQUANTIZE: unpack, then cuBLAS) measured fastest for this shape on first use."""
     x = x.contiguous()
     return _run(x, qweight, scales, zeros, group_size, bits, _tuned_config(x, qweight, scales, zeros,
                                                                            group_size, bits, paths))
+
+
+def pretune(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group_size: int,
+            bits: int, dtype: torch.dtype, max_tokens: int, paths: tuple[str, ...] = PATHS) -> None:
+    """Tune every token count a step can bring up to ``max_tokens`` now (at load), rather than
+    in the first step that brings it, where compiling and timing the candidates would stall
+    serving for seconds. Shapes already tuned cost nothing."""
+    in_features = qweight.shape[0] * (32 // bits)
+    counts = sorted({_tuning_tokens(tokens) for tokens in range(1, max_tokens + 1)})
+    for tokens in counts:
+        x = torch.zeros(tokens, in_features, dtype=dtype, device=qweight.device)
+        _tuned_config(x, qweight, scales, zeros, group_size, bits, paths)
 
 
 def wna16_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],

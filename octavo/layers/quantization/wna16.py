@@ -31,7 +31,7 @@ class WNA16LinearMethod(LinearMethod):
     """The shared layout, dequantization and kernels; subclasses read one checkpoint format."""
 
     fused_max_tokens = FUSED_MAX_TOKENS
-    paths: tuple[str, ...] = ("fused", "dequantize")  # what the tuner may choose from, up to fused_max_tokens
+    paths: tuple[str, ...] = ("fused", "dequantize")  # triton_kernels.PATHS: the tuner's choice up to fused_max_tokens
 
     def __init__(self, bits: int, group_size: int, symmetric: bool, act_order: bool) -> None:
         if bits not in (4, 8):
@@ -86,6 +86,16 @@ class WNA16LinearMethod(LinearMethod):
     # --- after loading ------------------------------------------------------------------
 
     def process_after_loading(self, layer: nn.Module) -> None:
+        self._apply_act_order(layer)
+        if layer.qweight.is_cuda:
+            from octavo.layers.quantization import triton_kernels
+
+            if self.fused_max_tokens > 0 and triton_kernels.wna16_supported(layer, self):
+                triton_kernels.pretune(layer.qweight, layer.scales, layer.zeros, self.layer_group_size(layer),
+                                       self.bits, layer.scales.dtype, self.fused_max_tokens, self.paths)
+
+    def _apply_act_order(self, layer: nn.Module) -> None:
+        """Act-order checkpoints: one input permutation for the layer (the fused shards must agree)."""
         if layer.g_idx is None:
             return
         g_idx = layer.g_idx
