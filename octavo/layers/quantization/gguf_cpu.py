@@ -7,12 +7,19 @@ per group of 32 (its fast AVX-512 path takes bfloat16 activations, scales and ze
 file's 4-bit values are used as they are and only the scale and zero are rounded to bfloat16.
 
 That kernel reads 0.6 bytes per weight instead of float32's 4, which is what a decode step at
-small batch sizes is bound by. For a step of many tokens a float32 GEMM is faster than the
-kernel: where ``cpu_gemm``'s AVX-512 GEMM is built and memory allows (``_float32_copy_fits``),
-each layer also keeps its weight decoded to float32 in that GEMM's layout (4 more bytes per
-weight) for steps of more than ``PACKED_MAX_ROWS_WITH_GEMM`` rows (large decode batches, prompt
-chunks); elsewhere steps above ``PACKED_MAX_TOKENS`` rows decode the 4-bit values to float32 on
-the fly, one layer at a time.
+small batch sizes is bound by. For a step of many tokens a GEMM is faster than the kernel, so
+where memory allows (``_copy_kind``) each layer also keeps its weight decoded for one:
+
+- on CPUs with AMX's bfloat16 tiles (``amx_bf16``), decoded to bfloat16 in oneDNN's blocked
+  layout (2 more bytes per weight), for steps of more than ``PACKED_MAX_ROWS_WITH_BFLOAT16``
+  rows: the tiles multiply bfloat16 several times faster than the AVX-512 float32 GEMM, and the
+  int4 kernel already rounds activations to bfloat16. ``OCTAVO_CPU_GGUF_BF16=0`` takes the
+  float32 copy below instead;
+- otherwise, where ``cpu_gemm``'s AVX-512 GEMM is built, decoded to float32 in that GEMM's
+  layout (4 more bytes per weight) for steps of more than ``PACKED_MAX_ROWS_WITH_GEMM`` rows.
+
+Without either, steps above ``PACKED_MAX_TOKENS`` rows decode the 4-bit values to float32 on the
+fly, one layer at a time.
 
 The output projection (GGUF's Q8_0 or Q6_K ``output`` / tied ``token_embd``) runs in bfloat16
 beside them; the embedding lookup keeps its float32 rows.
@@ -49,7 +56,15 @@ PACKED_MAX_TOKENS = 128
 # AVX-512 machine), ms: int4 13.6 / 24.7 / 30.3 / 46.5 / 90.1 at 8 / 16 / 20 / 32 / 64 rows, the
 # GEMM 18.7 / 25.1 / 27.3 / 35.6 / 57.4.
 PACKED_MAX_ROWS_WITH_GEMM = 16
-FLOAT32_COPY_MAX_SHARE = 0.25  # of the memory available at load, at most, for that copy
+# With AMX, a layer holds its weight in bfloat16 instead (oneDNN's reordered layout) and steps of
+# more rows than this go there. Same machine, 2 threads, the 120 linears, ms: int4 4.9 / 13.6 /
+# 24.7 / 46.6 / 89.9 at 1 / 8 / 16 / 32 / 64 rows, the bfloat16 copy 13.4 / 14.4 / 15.3 / 19.2 /
+# 23.8, and 80 at 512 rows against the float32 GEMM's 354.
+PACKED_MAX_ROWS_WITH_BFLOAT16 = 8
+BFLOAT16_REORDER_ROWS = 16  # the row count oneDNN's layout of the bfloat16 copy is chosen for
+BFLOAT16_ENV_SWITCH = "OCTAVO_CPU_GGUF_BF16"
+FLOAT32_COPY_MAX_SHARE = 0.25  # of the memory available at load, at most, for the decoded copy
+COPY_BYTES = {"float32": 4, "bfloat16": 2}  # per weight
 GGUF_WEIGHT_MODES = ("auto", "packed", "float32")
 
 _int4pack_mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
@@ -82,11 +97,23 @@ def decode_q4_blocks(raw: torch.Tensor, ggml_type_name: str, rows: int, cols: in
 class GGUFCpuLinearMethod:
     """4-bit GGUF weights on the CPU. Layer state: ``int4_weight`` (the kernel's packed layout),
     ``int4_scales_zeros`` bf16 [in / 32, out, 2], and for long steps ``nibbles`` uint8
-    [out, in / 2] with ``scales`` / ``zeros`` float32 [out, in / 32], and ``gemm_weight`` (the
-    weight those give, in ``cpu_gemm``'s layout) with ``keep_float32`` (see ``_float32_copy_fits``)."""
+    [out, in / 2] with ``scales`` / ``zeros`` float32 [out, in / 32], and the weight those give
+    decoded as ``copy`` says (see ``_copy_kind``): ``gemm_weight`` (float32, ``cpu_gemm``'s layout)
+    or ``bf16_weight`` (bfloat16, oneDNN's). ``keep_float32=True`` is ``copy="float32"``."""
 
-    def __init__(self, keep_float32: bool = False) -> None:
-        self.keep_float32 = keep_float32  # also hold each weight in float32 for cpu_gemm (see above)
+    def __init__(self, keep_float32: bool = False, copy: Optional[str] = None) -> None:
+        if copy is None and keep_float32:
+            copy = "float32"
+        if copy not in (None, *COPY_BYTES):
+            raise ValueError(f"copy must be None, 'float32' or 'bfloat16', got {copy!r}.")
+        self.copy = copy  # also hold each weight decoded for a GEMM (see above)
+        self.keep_float32 = copy == "float32"
+
+    @property
+    def max_packed_rows(self) -> int:
+        """Steps of up to this many rows run in the int4 kernel, longer ones on the decoded weight."""
+        return {"bfloat16": PACKED_MAX_ROWS_WITH_BFLOAT16, "float32": PACKED_MAX_ROWS_WITH_GEMM}.get(
+            self.copy, PACKED_MAX_TOKENS)
 
     def create_weights(self, layer: nn.Module, dtype: torch.dtype) -> None:
         layer.q4_shards = {}  # shard -> (q, scale, zero) until every shard is in
@@ -119,8 +146,13 @@ class GGUFCpuLinearMethod:
         }
         for name, tensor in state.items():
             layer.register_buffer(name, tensor, persistent=False)
-        if self.keep_float32 and layer.nibbles.device.type == "cpu":
+        if layer.nibbles.device.type != "cpu":
+            return
+        if self.copy == "float32":
             layer.register_buffer("gemm_weight", cpu_gemm.pack(self.dequantize(layer)), persistent=False)
+        elif self.copy == "bfloat16":  # an opaque oneDNN tensor: a plain attribute, as in cpu_linear
+            layer.bf16_weight = torch.ops.mkldnn._reorder_linear_weight(self.dequantize(layer).to(torch.bfloat16),
+                                                                        BFLOAT16_REORDER_ROWS)
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """The float32 weight [out, in] the layer holds (float32 scales, as the reference has them)."""
@@ -130,6 +162,11 @@ class GGUFCpuLinearMethod:
         return weight.reshape(out_features, in_features)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        bf16_weight = getattr(layer, "bf16_weight", None)
+        if bf16_weight is not None and x.shape[0] > PACKED_MAX_ROWS_WITH_BFLOAT16:
+            out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), bf16_weight, None, "none",
+                                                     [], "").to(x.dtype)
+            return out if bias is None else out + bias
         gemm_weight = getattr(layer, "gemm_weight", None)
         if gemm_weight is not None and x.shape[0] > PACKED_MAX_ROWS_WITH_GEMM:
             out = cpu_gemm.linear(x.to(torch.float32), gemm_weight, layer.out_features,
@@ -205,20 +242,41 @@ def _checkpoint_names(model: nn.Module, module_name: str, module: nn.Module) -> 
     return {shard: ".".join(filter(None, [parent, by_shard.get(shard, leaf)])) for shard in shards}
 
 
-def _float32_copy_fits(num_weights: int) -> bool:
-    """Whether the layers keep a float32 copy for cpu_gemm: the GEMM is built, the packed forms are
-    on, and the copy takes at most FLOAT32_COPY_MAX_SHARE of the memory available now (a 7B model's
-    copy would be 28 GB: such models keep their 4-bit blocks alone)."""
-    from octavo.layers.cpu_linear import prepacking_enabled
+def bfloat16_copy_enabled() -> bool:
+    """Whether the layers' decoded copy is bfloat16 for oneDNN: the switch (on unless
+    ``OCTAVO_CPU_GGUF_BF16=0``), AMX's bfloat16 tiles (without them oneDNN's bfloat16 GEMM is no
+    faster than the float32 one) and oneDNN's prepacked linear."""
+    from octavo.layers.cpu_linear import onednn_linear_enabled
 
-    if not (prepacking_enabled() and cpu_gemm.load_gemm()):
-        return False
-    available, needed = cpu_extension.available_memory_bytes(), 4 * num_weights
+    return (cpu_extension.switch_on(BFLOAT16_ENV_SWITCH) and " amx_bf16" in cpu_extension.cpu_flags()
+            and onednn_linear_enabled())
+
+
+def _copy_fits(kind: str, num_weights: int) -> bool:
+    """Whether a decoded copy of ``kind`` takes at most FLOAT32_COPY_MAX_SHARE of the memory
+    available now (a 7B model's float32 copy would be 28 GB: such models keep their blocks alone)."""
+    available, needed = cpu_extension.available_memory_bytes(), COPY_BYTES[kind] * num_weights
     if available is None or needed > FLOAT32_COPY_MAX_SHARE * available:
-        logger.info("the 4-bit layers keep no float32 copy: it would take %.1f GiB of %s available",
+        logger.info("the 4-bit layers keep no %s copy: it would take %.1f GiB of %s available", kind,
                     needed / 2**30, "an unknown amount" if available is None else f"{available / 2**30:.1f} GiB")
         return False
     return True
+
+
+def _float32_copy_fits(num_weights: int) -> bool:
+    """Whether the layers can keep a float32 copy for cpu_gemm: the GEMM is built, the packed forms
+    are on, and the copy fits (``_copy_fits``)."""
+    from octavo.layers.cpu_linear import prepacking_enabled
+
+    return prepacking_enabled() and cpu_gemm.load_gemm() and _copy_fits("float32", num_weights)
+
+
+def _copy_kind(num_weights: int) -> Optional[str]:
+    """The decoded copy the layers keep for long steps: ``"bfloat16"`` where
+    ``bfloat16_copy_enabled`` and it fits, else ``"float32"`` where ``_float32_copy_fits``, else None."""
+    if bfloat16_copy_enabled():
+        return "bfloat16" if _copy_fits("bfloat16", num_weights) else None
+    return "float32" if _float32_copy_fits(num_weights) else None
 
 
 def pack_gguf_linears(model: nn.Module, path: str | Path) -> int:
@@ -228,7 +286,7 @@ def pack_gguf_linears(model: nn.Module, path: str | Path) -> int:
     from octavo.model_loader.gguf_loader import quantized_linear_blocks
 
     blocks = quantized_linear_blocks(path)
-    method = GGUFCpuLinearMethod(keep_float32=_float32_copy_fits(sum(q.numel() for q, _, _ in blocks.values())))
+    method = GGUFCpuLinearMethod(copy=_copy_kind(sum(q.numel() for q, _, _ in blocks.values())))
     packed = 0
     for module_name, module in list(model.named_modules()):
         if not _is_float_linear(module) or module_name.endswith("lm_head"):
@@ -250,6 +308,6 @@ def pack_gguf_linears(model: nn.Module, path: str | Path) -> int:
     if packed and lm_head is not None and _is_float_linear(lm_head) and lm_head.bias is None:
         model.lm_head = BFloat16OutputHead(model.lm_head.weight)  # a tied embedding keeps its float rows
     logger.info("kept %d linear layers in GGUF 4-bit blocks%s", packed,
-                " (and a float32 copy for steps of more than %d rows)" % PACKED_MAX_ROWS_WITH_GEMM
-                if method.keep_float32 and packed else "")
+                " (and a %s copy for steps of more than %d rows)" % (method.copy, method.max_packed_rows)
+                if method.copy and packed else "")
     return packed
