@@ -36,16 +36,64 @@ def cpu_flags() -> str:
         return ""
 
 
-def available_memory_bytes() -> Optional[int]:
-    """The kernel's estimate of memory available without swapping (MemAvailable); None off Linux.
+def available_memory_bytes(meminfo: str = "/proc/meminfo", cgroup_root: str = "/sys/fs/cgroup",
+                           own_cgroup: str = "/proc/self/cgroup") -> Optional[int]:
+    """Memory available without swapping: the kernel's estimate (MemAvailable), or less where this
+    process's cgroup (v2: a container's memory limit) leaves less below its limit; None off Linux.
     The packed weight copies of the CPU fast paths are kept only where they fit in a share of it."""
+    available = None
     try:
-        with open("/proc/meminfo") as handle:
+        with open(meminfo) as handle:
             for line in handle:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
+    headroom = _cgroup_headroom_bytes(cgroup_root, own_cgroup)
+    if headroom is not None:
+        available = headroom if available is None else min(available, headroom)
+    return available
+
+
+def _cgroup_headroom_bytes(root: str, own_cgroup: str) -> Optional[int]:
+    """How far this process's cgroup (v2, or v1's memory controller) is below its memory limit,
+    counting reclaimable page cache (inactive files) as free, as container runtimes do; None
+    without a limit or a readable cgroup."""
+    try:
+        with open(own_cgroup) as handle:
+            entries = [line.strip().split(":", 2) for line in handle if line.count(":") >= 2]
+    except OSError:
+        return None
+    layouts = []  # (folder candidates, limit file, usage file)
+    for _, controllers, path in entries:
+        relative = path.lstrip("/")
+        if controllers == "":
+            layouts.append(([os.path.join(root, relative), root], "memory.max", "memory.current"))
+        elif "memory" in controllers.split(","):
+            base = os.path.join(root, "memory")
+            layouts.append(([os.path.join(base, relative), base], "memory.limit_in_bytes", "memory.usage_in_bytes"))
+    for folders, limit_file, usage_file in layouts:
+        # inside a cgroup namespace the process's own cgroup is the mount's root
+        folder = next((f for f in folders if os.path.exists(os.path.join(f, limit_file))), None)
+        if folder is None:
+            continue
+        try:
+            with open(os.path.join(folder, limit_file)) as handle:
+                limit = handle.read().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a page-rounded 2**63
+                continue
+            with open(os.path.join(folder, usage_file)) as handle:
+                usage = int(handle.read().strip())
+            inactive_file = 0
+            with open(os.path.join(folder, "memory.stat")) as handle:
+                for line in handle:
+                    name, _, value = line.partition(" ")
+                    if name in ("inactive_file", "total_inactive_file"):
+                        inactive_file = int(value)
+            return max(0, int(limit) - (usage - inactive_file))
+        except (OSError, ValueError):
+            continue
     return None
 
 
