@@ -7,8 +7,9 @@ Times one decode step's linears (per layer the fused qkv, o, gate/up and down pr
 ``--layers`` copies of each, so that, as in a real step, no weight is still in cache when it
 comes round again) through ``F.linear`` on the plain weight, oneDNN on its reordered weight,
 ``cpu_gemm``'s AVX-512 kernel on its packed weight, MKL's packed GEMM at the row count it is
-packed for (64), and torch's int4 kernel on GGUF-style 4-bit blocks of the same shapes (what a
-GGUF model's layers run at few rows, ``gguf_cpu``). Random weights and inputs; the fastest of
+packed for (64), torch's int4 kernel on GGUF-style 4-bit blocks of the same shapes (what a
+GGUF model's layers run at few rows, ``gguf_cpu``) and, on CPUs with AMX, oneDNN's bfloat16 GEMM
+on the weight rounded to bfloat16 (what they run at more rows there). Random weights and inputs; the fastest of
 ``--repeats`` passes; every form is checked against ``F.linear`` first. Defaults: SmolLM2-135M
 (the embedded default model).
 """
@@ -74,6 +75,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         int4 = [[_random_q4(out, inp) for out, inp in shapes] for _ in range(args.layers)]
         forms["int4 (GGUF Q4)"] = lambda layer, j, x: gguf_cpu._int4pack_mm(
             x.to(torch.bfloat16), int4[layer][j][0], gguf_cpu.GROUP_SIZE, int4[layer][j][1]).float()
+    if gguf_cpu.bfloat16_copy_enabled():  # the GGUF layers' bfloat16 copy (CPUs with AMX), activations rounded too
+        bf16 = [[torch.ops.mkldnn._reorder_linear_weight(w.to(torch.bfloat16), gguf_cpu.BFLOAT16_REORDER_ROWS)
+                 for w in layer] for layer in weights]
+        forms["bfloat16 (oneDNN)"] = lambda layer, j, x: torch.ops.mkldnn._linear_pointwise(
+            x.to(torch.bfloat16), bf16[layer][j], None, "none", [], "").float()
     mkl = None
     if cpu_linear.mkl_packed_available():
         mkl = [[torch.ops.mkl._mkl_reorder_linear_weight(w, cpu_linear.MKL_PACKED_ROWS) for w in layer]
@@ -94,8 +100,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                 cells.append(f"{'':>20}")
                 continue
             for j, (_, inp) in enumerate(shapes):  # correct before fast
-                if name.startswith("int4"):  # bfloat16 activations: a dot product's relative error ~2**-8
-                    want = torch.nn.functional.linear(inputs[inp], int4[0][j][2])
+                if name.startswith(("int4", "bfloat16")):  # bfloat16 activations: relative error ~2**-8
+                    want = torch.nn.functional.linear(inputs[inp], int4[0][j][2] if name.startswith("int4")
+                                                      else weights[0][j])
                     assert (form(0, j, inputs[inp]) - want).abs().max() <= 2e-2 * want.abs().max()
                     continue
                 want = torch.nn.functional.linear(inputs[inp], weights[0][j])

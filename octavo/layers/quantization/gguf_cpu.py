@@ -57,9 +57,10 @@ PACKED_MAX_TOKENS = 128
 # GEMM 18.7 / 25.1 / 27.3 / 35.6 / 57.4.
 PACKED_MAX_ROWS_WITH_GEMM = 16
 # With AMX, a layer holds its weight in bfloat16 instead (oneDNN's reordered layout) and steps of
-# more rows than this go there. Same machine, 2 threads, the 120 linears, ms: int4 4.9 / 13.6 /
-# 24.7 / 46.6 / 89.9 at 1 / 8 / 16 / 32 / 64 rows, the bfloat16 copy 13.4 / 14.4 / 15.3 / 19.2 /
-# 23.8, and 80 at 512 rows against the float32 GEMM's 354.
+# more rows than this go there. The same benchmark on a 2-core machine with AMX, ms: int4 4.8 /
+# 13.5 / 18.9 / 24.6 / 46.5 / 89.4 at 1 / 8 / 9 / 16 / 32 / 64 rows, bfloat16 through oneDNN 12.8 /
+# 13.1 / 13.1 / 13.9 / 16.3 / 19.9 (activations rounded and results widened included), and 83.3
+# at 512 rows against the AVX-512 float32 GEMM's 368.1.
 PACKED_MAX_ROWS_WITH_BFLOAT16 = 8
 BFLOAT16_REORDER_ROWS = 16  # the row count oneDNN's layout of the bfloat16 copy is chosen for
 BFLOAT16_ENV_SWITCH = "OCTAVO_CPU_GGUF_BF16"
