@@ -64,7 +64,7 @@ PACKED_MAX_ROWS_WITH_GEMM = 16
 PACKED_MAX_ROWS_WITH_BFLOAT16 = 8
 BFLOAT16_REORDER_ROWS = 16  # the row count oneDNN's layout of the bfloat16 copy is chosen for
 BFLOAT16_ENV_SWITCH = "OCTAVO_CPU_GGUF_BF16"
-FLOAT32_COPY_MAX_SHARE = 0.25  # of the memory available at load, at most, for the decoded copy
+COPY_MAX_SHARE = 0.25  # of the memory available at load, at most, for the decoded copy
 COPY_BYTES = {"float32": 4, "bfloat16": 2}  # per weight
 GGUF_WEIGHT_MODES = ("auto", "packed", "float32")
 
@@ -100,15 +100,12 @@ class GGUFCpuLinearMethod:
     ``int4_scales_zeros`` bf16 [in / 32, out, 2], and for long steps ``nibbles`` uint8
     [out, in / 2] with ``scales`` / ``zeros`` float32 [out, in / 32], and the weight those give
     decoded as ``copy`` says (see ``_copy_kind``): ``gemm_weight`` (float32, ``cpu_gemm``'s layout)
-    or ``bf16_weight`` (bfloat16, oneDNN's). ``keep_float32=True`` is ``copy="float32"``."""
+    or ``bf16_weight`` (bfloat16, oneDNN's)."""
 
-    def __init__(self, keep_float32: bool = False, copy: Optional[str] = None) -> None:
-        if copy is None and keep_float32:
-            copy = "float32"
+    def __init__(self, copy: Optional[str] = None) -> None:
         if copy not in (None, *COPY_BYTES):
             raise ValueError(f"copy must be None, 'float32' or 'bfloat16', got {copy!r}.")
         self.copy = copy  # also hold each weight decoded for a GEMM (see above)
-        self.keep_float32 = copy == "float32"
 
     @property
     def max_packed_rows(self) -> int:
@@ -163,16 +160,17 @@ class GGUFCpuLinearMethod:
         return weight.reshape(out_features, in_features)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        bf16_weight = getattr(layer, "bf16_weight", None)
-        if bf16_weight is not None and x.shape[0] > PACKED_MAX_ROWS_WITH_BFLOAT16:
-            out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), bf16_weight, None, "none",
-                                                     [], "").to(x.dtype)
-            return out if bias is None else out + bias
-        gemm_weight = getattr(layer, "gemm_weight", None)
-        if gemm_weight is not None and x.shape[0] > PACKED_MAX_ROWS_WITH_GEMM:
-            out = cpu_gemm.linear(x.to(torch.float32), gemm_weight, layer.out_features,
-                                  None if bias is None else bias.to(torch.float32))
-            return out.to(x.dtype)
+        if self.copy is not None and x.shape[0] > self.max_packed_rows:
+            bf16_weight = getattr(layer, "bf16_weight", None)  # the copies exist only on the CPU
+            if bf16_weight is not None:
+                out = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).contiguous(), bf16_weight, None,
+                                                         "none", [], "").to(x.dtype)
+                return out if bias is None else out + bias
+            gemm_weight = getattr(layer, "gemm_weight", None)
+            if gemm_weight is not None:
+                out = cpu_gemm.linear(x.to(torch.float32), gemm_weight, layer.out_features,
+                                      None if bias is None else bias.to(torch.float32))
+                return out.to(x.dtype)
         if x.shape[0] > PACKED_MAX_TOKENS:
             return nn.functional.linear(x, self.dequantize(layer).to(x.dtype), bias)
         out = _int4pack_mm(x.to(torch.bfloat16), layer.int4_weight, GROUP_SIZE, layer.int4_scales_zeros).to(x.dtype)
@@ -254,10 +252,10 @@ def bfloat16_copy_enabled() -> bool:
 
 
 def _copy_fits(kind: str, num_weights: int) -> bool:
-    """Whether a decoded copy of ``kind`` takes at most FLOAT32_COPY_MAX_SHARE of the memory
+    """Whether a decoded copy of ``kind`` takes at most COPY_MAX_SHARE of the memory
     available now (a 7B model's float32 copy would be 28 GB: such models keep their blocks alone)."""
     available, needed = cpu_extension.available_memory_bytes(), COPY_BYTES[kind] * num_weights
-    if available is None or needed > FLOAT32_COPY_MAX_SHARE * available:
+    if available is None or needed > COPY_MAX_SHARE * available:
         logger.info("the 4-bit layers keep no %s copy: it would take %.1f GiB of %s available", kind,
                     needed / 2**30, "an unknown amount" if available is None else f"{available / 2**30:.1f} GiB")
         return False

@@ -3,8 +3,9 @@ per-token activation quantization for FP8 and INT8 W8A8.
 
 The GEMM reads the packed weight once per output tile and unpacks it in registers, so a decode
 step moves a quarter (4-bit) of the bytes a 16-bit weight would. Its tile shape, or unpacking the
-whole weight for one cuBLAS matmul instead, is picked per (token bucket, N, K) by timing the
-candidates on first use (outside CUDA-graph capture).
+whole weight for one cuBLAS matmul instead, is picked per (token count, rounded as
+``_tuning_tokens`` says; N; K) by timing the candidates, for every count when the layer loads
+(``pretune``), else on first use (never inside a CUDA-graph capture).
 """
 
 from __future__ import annotations
